@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import CachefitError
+
+logger = logging.getLogger(__name__)
 
 TB = 1e12
 GB = 1e9
@@ -21,7 +25,14 @@ class Hardware:
                         off-chip level (GPU L2 microbenchmarks: about 0.66-0.8 on H100).
     onchip_bw / offchip_bw: bytes/s when the working set is resident / spills.
     peak_flops:         dtype name -> FLOP/s (dense).
-    link_bw, link_latency: device-to-device transfer (bytes/s, seconds).
+    link_bw, link_latency: device-to-device transfer (bytes/s, seconds). For NVLink presets
+                        ``link_bw`` is the datasheet figure (900 GB/s on H100 SXM counts both
+                        directions; one direction is half of it): the cost model uses it as the
+                        bandwidth of one transfer, so pass a lower figure for a conservative estimate.
+    offchip_bytes:      off-chip memory capacity (HBM, or RAM for a CPU); 0 when unknown.
+    launch_overhead:    fixed seconds added per layer (kernel launches, VM dispatch); 0 for
+                        the GPU presets, measured by ``cachefit calibrate`` for the CPU.
+    source:             where the figures come from (``preset``, ``defaults``, ``calibrated ...``).
     """
 
     name: str
@@ -32,6 +43,9 @@ class Hardware:
     link_bw: float = 0.0
     link_latency: float = 0.0
     usable_fraction: float = 1.0
+    offchip_bytes: int = 0
+    launch_overhead: float = 0.0
+    source: str = "preset"
 
     @property
     def capacity_bytes(self) -> int:
@@ -47,7 +61,49 @@ class Hardware:
         return max(self.peak_flops.values()) if self.peak_flops else 1.0
 
     def with_usable_fraction(self, fraction: float) -> "Hardware":
+        if not 0.0 < fraction <= 1.0:
+            raise CachefitError(
+                f"usable fraction {fraction} of {self.name}'s on-chip memory is out of range: "
+                "give a number in (0, 1], e.g. 0.7"
+            )
         return replace(self, usable_fraction=fraction)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "onchip_bytes": int(self.onchip_bytes),
+            "onchip_bw": float(self.onchip_bw),
+            "offchip_bw": float(self.offchip_bw),
+            "peak_flops": {str(k): float(v) for k, v in self.peak_flops.items()},
+            "link_bw": float(self.link_bw),
+            "link_latency": float(self.link_latency),
+            "usable_fraction": float(self.usable_fraction),
+            "offchip_bytes": int(self.offchip_bytes),
+            "launch_overhead": float(self.launch_overhead),
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Hardware":
+        try:
+            return cls(
+                name=str(d["name"]),
+                onchip_bytes=int(d["onchip_bytes"]),
+                onchip_bw=float(d["onchip_bw"]),
+                offchip_bw=float(d["offchip_bw"]),
+                peak_flops={str(k): float(v) for k, v in dict(d.get("peak_flops", {})).items()},
+                link_bw=float(d.get("link_bw", 0.0)),
+                link_latency=float(d.get("link_latency", 0.0)),
+                usable_fraction=float(d.get("usable_fraction", 1.0)),
+                offchip_bytes=int(d.get("offchip_bytes", 0)),
+                launch_overhead=float(d.get("launch_overhead", 0.0)),
+                source=str(d.get("source", "file")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CachefitError(
+                f"malformed hardware description: {exc!r}; expected the keys name, onchip_bytes, "
+                "onchip_bw, offchip_bw (see `cachefit calibrate` for an example file)"
+            ) from None
 
 
 MB = 1_000_000
@@ -63,6 +119,7 @@ PRESETS: dict[str, Hardware] = {
                     "int8": 1979e12, "float8": 1979e12},
         link_bw=900 * GB,
         link_latency=2e-6,
+        offchip_bytes=80 * GB,
     ),
     "h200": Hardware(
         name="h200",
@@ -73,6 +130,7 @@ PRESETS: dict[str, Hardware] = {
                     "int8": 1979e12, "float8": 1979e12},
         link_bw=900 * GB,
         link_latency=2e-6,
+        offchip_bytes=141 * GB,
     ),
     "a100": Hardware(
         name="a100",
@@ -83,6 +141,7 @@ PRESETS: dict[str, Hardware] = {
                     "int8": 624e12},
         link_bw=600 * GB,
         link_latency=2e-6,
+        offchip_bytes=80 * GB,
     ),
 }
 
@@ -101,10 +160,31 @@ def _cpu_l2_bytes() -> int:
     return 1 << 20
 
 
+def _cpu_model_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), to tell calibration files of other machines."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _ram_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def cpu_preset() -> Hardware:
     """This machine's CPU, one core as one device: per-core L2 as the on-chip capacity.
 
-    Bandwidths and FLOPS here are rough defaults; ``cachefit calibrate`` measures them.
+    Bandwidths and FLOPS here are rough defaults; ``cachefit calibrate`` measures them and
+    ``get_hardware("cpu")`` prefers the measured file (see :func:`cpu_preset_path`).
     """
     return Hardware(
         name="cpu",
@@ -114,17 +194,88 @@ def cpu_preset() -> Hardware:
         peak_flops={"float32": 50e9, "float16": 50e9, "bfloat16": 50e9},
         link_bw=10 * GB,
         link_latency=5e-6,
+        offchip_bytes=_ram_bytes(),
+        source="defaults (run `cachefit calibrate` to measure this CPU)",
     )
 
 
+CPU_PRESET_ENV = "CACHEFIT_CPU_PRESET"
+
+
+def cpu_preset_path() -> Path:
+    """Where ``cachefit calibrate`` stores this CPU's measured preset and ``get_hardware`` reads it.
+
+    ``$CACHEFIT_CPU_PRESET`` if set, else ``$XDG_CACHE_HOME/cachefit/cpu.json`` (``~/.cache``).
+    """
+    env = os.environ.get(CPU_PRESET_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cachefit" / "cpu.json"
+
+
+def save_hardware(hw: Hardware, path: str | os.PathLike, *, extra: dict | None = None) -> Path:
+    """Write ``hw`` as JSON (plus ``extra`` measurements, ignored when read back)."""
+    out = Path(path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = hw.to_dict()
+    doc["cpu_model"] = _cpu_model_name() if hw.name == "cpu" else None
+    if extra:
+        doc["measurements"] = extra
+    out.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def load_hardware(path: str | os.PathLike) -> Hardware:
+    """Read a hardware description written by :func:`save_hardware` (or by hand)."""
+    p = Path(path).expanduser()
+    try:
+        doc = json.loads(p.read_text())
+    except OSError as exc:
+        raise CachefitError(f"cannot read hardware file {str(p)!r}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise CachefitError(f"hardware file {str(p)!r} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(doc, dict):
+        raise CachefitError(f"hardware file {str(p)!r} must hold a JSON object")
+    return Hardware.from_dict(doc)
+
+
+def calibrated_cpu() -> Hardware | None:
+    """The measured CPU preset if a calibration file for *this* processor exists, else None."""
+    path = cpu_preset_path()
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        hw = Hardware.from_dict(doc)
+    except (OSError, json.JSONDecodeError, CachefitError) as exc:
+        logger.warning("ignoring unreadable CPU calibration %s: %s", path, exc)
+        return None
+    model = doc.get("cpu_model")
+    if model and model != _cpu_model_name():
+        logger.warning(
+            "ignoring CPU calibration %s: it was measured on %r, this machine is %r", path, model, _cpu_model_name()
+        )
+        return None
+    return hw
+
+
 def get_hardware(name: str) -> Hardware:
+    """A preset by name (``h100``, ``h200``, ``a100``, ``cpu``) or a hardware JSON file's path.
+
+    ``cpu`` is the calibrated preset of this machine when ``cachefit calibrate`` has stored one,
+    else :func:`cpu_preset`'s defaults.
+    """
     key = name.strip().lower()
     if key == "cpu":
-        return cpu_preset()
+        return calibrated_cpu() or cpu_preset()
     if key in PRESETS:
         return PRESETS[key]
+    if key.endswith(".json") or os.sep in name:
+        return load_hardware(name)
     raise CachefitError(
-        f"unknown hardware preset {name!r}; known: {', '.join(sorted([*PRESETS, 'cpu']))}"
+        f"unknown hardware preset {name!r}; known: {', '.join(sorted([*PRESETS, 'cpu']))}, "
+        "or the path of a hardware .json file"
     )
 
 
