@@ -1,0 +1,242 @@
+"""The cost model on hand-computed cases: one matmul layer, a two-stage plan, a TP all-reduce."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cachefit.errors import CachefitError, PlanError
+from cachefit.partition.records import LayerRecord
+from cachefit.perf.baselines import (
+    Baseline,
+    default_allreduces,
+    estimate_tensor_pipeline,
+    even_groups,
+    parse_baselines,
+    shard_layer,
+)
+from cachefit.perf.costmodel import CostModel, estimate_pipeline, rebatch, stage_footprint
+from cachefit.perf.hardware import Hardware
+
+# A toy device with round numbers: 1 GFLOP/s, 1 GB/s on chip, 0.1 GB/s off chip, 1 MB on chip,
+# a 10 MB/s link with 1 ms latency.
+TOY = Hardware(
+    name="toy", onchip_bytes=1_000_000, onchip_bw=1e9, offchip_bw=1e8,
+    peak_flops={"float32": 1e9}, link_bw=1e7, link_latency=1e-3,
+)
+
+
+def matmul_layer(m=8, k=256, n=256, name="layers.0") -> LayerRecord:
+    """x[m,k] @ W[k,n] in float32: FLOPs 2mkn, weights 4kn, traffic = weights + x + y."""
+    w, x, y = 4 * k * n, 4 * m * k, 4 * m * n
+    return LayerRecord(name=name, weight_bytes=w, activation_bytes=x + y, in_bytes=x, out_bytes=y,
+                       params={f"{name}.w": w}, flops=2 * m * k * n, bytes_moved=w + x + y,
+                       weight_bits=32, batch=m)
+
+
+def test_single_matmul_resident_is_compute_bound():
+    """A resident 8x256x256 matmul: 1,048,576 FLOPs at 1 GFLOP/s = 1.048576 ms; its 278,528 bytes at
+    1 GB/s take 0.278528 ms, so compute bounds it."""
+    layer = matmul_layer()
+    model = CostModel(TOY)
+    cost = model.layer_cost(layer, resident=True)
+    assert cost.compute_s == pytest.approx(1_048_576 / 1e9)
+    assert cost.memory_s == pytest.approx(278_528 / 1e9)
+    assert cost.bound == "compute"
+    assert model.layer_time(layer, True) == pytest.approx(1.048576e-3)
+
+
+def test_single_matmul_spilling_reads_weights_off_chip():
+    """Capacity 100 kB < the 278,528-byte footprint: the 262,144 weight bytes stream at 0.1 GB/s
+    (2.62144 ms) while the 16,384 activation bytes (working set within capacity) stay at 1 GB/s
+    (0.016384 ms): 2.637824 ms, memory-bound."""
+    small = Hardware(**{**TOY.to_dict(), "onchip_bytes": 100_000})
+    model = CostModel(small)
+    layer = matmul_layer()
+    est = estimate_pipeline([layer], [(0, 0)], model, tokens_per_microbatch=8)
+    stage = est.stages[0]
+    assert not stage.resident
+    assert stage.footprint.total_bytes == 262_144 + 16_384 + 8_192 + 8_192
+    assert stage.resident_fraction == pytest.approx(100_000 / 294_912)
+    assert stage.time_s == pytest.approx(262_144 / 1e8 + 16_384 / 1e9)
+    assert stage.bound == "memory"
+    assert stage.transfer_s == 0.0               # the first stage reads its inputs locally
+    assert est.tokens_per_s == pytest.approx(8 / stage.time_s)
+
+
+def test_two_stage_plan_by_hand():
+    """Two resident matmul layers on two devices. Stage 0: 1.048576 ms. Stage 1: 1.048576 ms + the
+    8,192-byte boundary tensor over the link: 1 ms + 8,192 / 1e7 s = 1.8192 ms -> 2.867776 ms.
+    Bottleneck = stage 1; 8 tokens per micro-batch -> 8 / 2.867776 ms tokens/s; with two micro-batches
+    in flight TPOT = max(sum, 2 x bottleneck) = 5.735552 ms."""
+    layers = [matmul_layer(name="layers.0"), matmul_layer(name="layers.1")]
+    est = estimate_pipeline(layers, [(0, 0), (1, 1)], CostModel(TOY), tokens_per_microbatch=8)
+    s0, s1 = est.stages
+    assert s0.time_s == pytest.approx(1.048576e-3)
+    assert s1.transfer_s == pytest.approx(1e-3 + 8_192 / 1e7)
+    assert s1.time_s == pytest.approx(2.867776e-3)
+    assert est.bottleneck_stage == 1
+    assert est.latency_s == pytest.approx(1.048576e-3 + 2.867776e-3)
+    assert est.tpot_s == pytest.approx(2 * 2.867776e-3)
+    assert est.tokens_per_s == pytest.approx(8 / 2.867776e-3)
+    assert est.resident_stages == 2
+
+
+def test_one_micro_batch_in_flight_waits_for_the_whole_pipeline():
+    """With a single micro-batch in flight nothing overlaps: throughput = tokens / latency."""
+    layers = [matmul_layer(name="layers.0"), matmul_layer(name="layers.1")]
+    est = estimate_pipeline(layers, [(0, 0), (1, 1)], CostModel(TOY), tokens_per_microbatch=8,
+                            microbatches_in_flight=1)
+    assert est.tpot_s == pytest.approx(est.latency_s)
+    assert est.tokens_per_s == pytest.approx(8 / est.latency_s)
+
+
+def test_overlapped_transfer_hides_behind_compute():
+    layers = [matmul_layer(name="layers.0"), matmul_layer(name="layers.1")]
+    est = estimate_pipeline(layers, [(0, 0), (1, 1)], CostModel(TOY, overlap_transfers=True),
+                            tokens_per_microbatch=8)
+    assert est.stages[1].time_s == pytest.approx(max(1.048576e-3, 1.8192e-3))
+
+
+def test_ring_allreduce_by_hand():
+    """Ring all-reduce of 1 MB over 4 devices: 2(4-1) = 6 steps of 1 ms latency plus
+    2 x 3/4 x 1e6 B / 1e7 B/s = 0.15 s: 0.156 s. One device: free."""
+    model = CostModel(TOY)
+    assert model.allreduce_time(1_000_000, 4) == pytest.approx(6e-3 + 0.15)
+    assert model.allreduce_time(1_000_000, 1) == 0.0
+    assert model.allreduce_time(0, 8) == 0.0
+
+
+def test_tensor_parallel_stage_by_hand():
+    """tp=2, pp=1 on one 8x256x256 matmul block: each device does half the FLOPs (0.524288 ms),
+    holds half the weights, and pays two all-reduces of the 8,192-byte output:
+    2 x (2 x 1 ms + 2 x 1/2 x 8,192 / 1e7 s) = 2 x 2.8192 ms = 5.6384 ms."""
+    layer = matmul_layer()
+    est = estimate_tensor_pipeline([layer], CostModel(TOY), tp=2, pp=1, tokens_per_microbatch=8)
+    (stage,) = est.stages
+    assert est.devices == 2 and stage.tp == 2
+    assert stage.compute_s == pytest.approx(524_288 / 1e9)
+    assert stage.footprint.weight_bytes == 131_072
+    assert stage.comm_s == pytest.approx(2 * (2e-3 + 8_192 / 1e7))
+    # per device traffic: half the weights, half the activations, + the 2 all-reduced tensors read & written
+    shard = shard_layer(layer, 2, 2)
+    assert shard.bytes_moved == 131_072 + 16_384 // 2 + 2 * 2 * 8_192
+    assert stage.time_s == pytest.approx(524_288 / 1e9 + 5.6384e-3)
+    assert est.tokens_per_s == pytest.approx(8 / stage.time_s)
+
+
+def test_tp_pp_splits_layers_evenly_and_transfers_between_stages():
+    layers = [matmul_layer(name=f"layers.{i}") for i in range(4)]
+    est = estimate_tensor_pipeline(layers, CostModel(TOY), tp=2, pp=2, tokens_per_microbatch=8)
+    assert [(s.first_layer, s.last_layer) for s in est.stages] == [(0, 1), (2, 3)]
+    assert est.devices == 4
+    assert est.stages[0].transfer_s == 0.0
+    assert est.stages[1].transfer_s == pytest.approx(1e-3 + 8_192 / 1e7)
+    assert est.stages[0].comm_s == pytest.approx(2 * 2 * (2e-3 + 8_192 / 1e7))
+
+
+def test_even_pipeline_baseline_equals_the_plan_with_the_same_groups():
+    layers = [matmul_layer(name=f"layers.{i}") for i in range(5)]
+    model = CostModel(TOY)
+    base = estimate_tensor_pipeline(layers, model, tp=1, pp=2, tokens_per_microbatch=8)
+    plan = estimate_pipeline(layers, [(0, 2), (3, 4)], model, tokens_per_microbatch=8)
+    assert base.name == "pp2"
+    assert base.stage_times == pytest.approx(plan.stage_times)
+
+
+def test_allreduce_counts_by_layer_kind():
+    assert default_allreduces(matmul_layer(name="layers.3")) == 2
+    assert default_allreduces(matmul_layer(name="embed")) == 1
+    assert default_allreduces(matmul_layer(name="head")) == 1
+    assert default_allreduces(LayerRecord(name="cut_2", weight_bytes=0, activation_bytes=10)) == 0
+
+
+def test_parse_baselines():
+    assert parse_baselines("tp8pp2, pp16,tp16") == [Baseline(8, 2), Baseline(1, 16), Baseline(16, 1)]
+    assert [b.name for b in parse_baselines("tp8pp2,pp16,tp16")] == ["tp8pp2", "pp16", "tp16pp1"]
+    with pytest.raises(CachefitError, match="unknown baseline 'dp4'"):
+        parse_baselines("tp8pp2,dp4")
+
+
+def test_even_groups():
+    assert even_groups(5, 2) == [(0, 2), (3, 4)]
+    assert even_groups(16, 16) == [(i, i) for i in range(16)]
+    with pytest.raises(CachefitError, match="at least 4 layers"):
+        even_groups(3, 4)
+
+
+def test_footprint_counts_shared_weights_once_and_peaks_working_sets():
+    a = LayerRecord("embed", weight_bytes=100, activation_bytes=30, buffer_bytes=5, in_bytes=4, out_bytes=7,
+                    params={"tied": 100})
+    b = LayerRecord("head", weight_bytes=150, activation_bytes=20, buffer_bytes=1, in_bytes=7, out_bytes=9,
+                    params={"tied": 100, "norm": 50})
+    fp = stage_footprint([a, b])
+    assert (fp.weight_bytes, fp.working_set_bytes, fp.boundary_bytes) == (150, 35, 4 + 9)
+
+
+def test_bad_groups_are_refused():
+    layers = [matmul_layer(name=f"layers.{i}") for i in range(3)]
+    with pytest.raises(PlanError, match="contiguous"):
+        estimate_pipeline(layers, [(0, 0), (2, 2)], CostModel(TOY), tokens_per_microbatch=1)
+    with pytest.raises(PlanError, match="cover them all"):
+        estimate_pipeline(layers, [(0, 1)], CostModel(TOY), tokens_per_microbatch=1)
+
+
+def test_efficiency_out_of_range_is_refused():
+    with pytest.raises(CachefitError, match="compute_efficiency"):
+        CostModel(TOY, compute_efficiency=0.0)
+
+
+def test_rebatch_scales_everything_but_weights():
+    layer = matmul_layer(m=8)
+    half = rebatch(layer, 4)
+    direct = matmul_layer(m=4)
+    for f in ("flops", "weight_bytes", "activation_bytes", "in_bytes", "out_bytes", "bytes_moved", "batch"):
+        assert getattr(half, f) == getattr(direct, f), f
+
+
+def test_dtype_from_weight_bits():
+    hw = Hardware(name="g", onchip_bytes=1, onchip_bw=1, offchip_bw=1,
+                  peak_flops={"float32": 1e9, "bfloat16": 4e9})
+    layer16 = LayerRecord("l", weight_bytes=0, activation_bytes=0, flops=4_000, weight_bits=16)
+    layer32 = LayerRecord("l", weight_bytes=0, activation_bytes=0, flops=4_000, weight_bits=32)
+    model = CostModel(hw)
+    assert model.layer_cost(layer16, True).compute_s == pytest.approx(1e-6)
+    assert model.layer_cost(layer32, True).compute_s == pytest.approx(4e-6)
+    assert CostModel(hw, dtype="bfloat16").layer_cost(layer32, True).compute_s == pytest.approx(1e-6)
+
+
+layer_st = st.builds(
+    matmul_layer,
+    m=st.integers(1, 64), k=st.integers(1, 512), n=st.integers(1, 512),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer=layer_st, cap=st.integers(1, 3_000_000))
+def test_residency_never_slows_a_layer(layer, cap):
+    """Reading from on-chip memory (faster than off-chip) can never make a layer slower."""
+    model = CostModel(Hardware(**{**TOY.to_dict(), "onchip_bytes": cap}))
+    assert model.layer_time(layer, True) <= model.layer_time(layer, False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layers=st.lists(layer_st, min_size=2, max_size=6), k=st.integers(1, 6))
+def test_throughput_is_tokens_over_bottleneck_and_tpot_at_least_latency(layers, k):
+    k = min(k, len(layers))
+    layers = [LayerRecord(**{**l.to_dict(), "name": f"layers.{i}"}) for i, l in enumerate(layers)]
+    est = estimate_pipeline(layers, even_groups(len(layers), k), CostModel(TOY), tokens_per_microbatch=8)
+    assert est.tokens_per_s == pytest.approx(8 / est.bottleneck_s)
+    assert est.tpot_s >= est.latency_s * (1 - 1e-12)
+    assert math.isclose(est.latency_s, sum(est.stage_times))
+
+
+@settings(max_examples=40, deadline=None)
+@given(layer=layer_st, tp=st.integers(2, 16))
+def test_sharding_divides_compute_and_weights(layer, tp):
+    shard = shard_layer(layer, tp, 2)
+    assert shard.flops * tp >= layer.flops and (shard.flops - 1) * tp < layer.flops
+    assert shard.weight_bytes * tp >= layer.weight_bytes and (shard.weight_bytes - 1) * tp < layer.weight_bytes
