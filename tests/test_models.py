@@ -292,7 +292,7 @@ def test_bfloat16_tiny_materialises_weights():
 @pytest.mark.parametrize("name", TINY)
 def test_tvm_matches_onnxruntime(name):
     """TVM 0.27's Relax ONNX importer + LLVM build computes what onnxruntime computes (TopK included)."""
-    tvm = pytest.importorskip("tvm")
+    import tvm
     import tvm.relax.frontend.onnx  # noqa: F401
     from tvm import relax
 
