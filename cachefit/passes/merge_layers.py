@@ -1,0 +1,87 @@
+"""Merge adjacent layers of a layered module into a given number of layers."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from ..errors import CachefitError
+from . import layering
+
+
+@tvm.transform.module_pass(opt_level=0, name="MergeLayers")
+class MergeLayers:
+    """Merge the layers of a layered module into ``count`` contiguous groups (``--layers N``).
+
+    The groups balance the weight bytes (smallest possible largest group, exact DP over the layer
+    sizes); a merged layer is named ``first..last`` after the layers it holds. ``groups`` (a list of
+    (first, last) layer indices) fixes the grouping instead. Asking for more layers than there are
+    is an error; asking for as many leaves the module unchanged.
+    """
+
+    def __init__(self, count: int | None = None, groups: list[tuple[int, int]] | None = None):
+        if count is None and groups is None:
+            raise CachefitError("MergeLayers needs a layer count or explicit groups")
+        self.count = count
+        self.groups = groups
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:  # noqa: ARG002
+        layers = layering.layer_functions(mod)
+        n = len(layers)
+        if self.groups is not None:
+            groups = list(self.groups)
+        else:
+            if self.count < 1:
+                raise CachefitError(f"--layers must be at least 1, got {self.count}")
+            if self.count > n:
+                raise CachefitError(f"--layers {self.count} asks for more layers than the model has ({n} found)")
+            if self.count == n:
+                return mod
+            sizes = [sum(_bytes(p.ty) for p in fn.params) for _, fn in layers]
+            groups = balanced_groups(sizes, self.count)
+        flat = layering.flatten(mod)
+        names = flat.layer_names
+        # binding ranges per group
+        segs = []
+        for a, b in groups:
+            ks = [k for k, l in enumerate(flat.layer_of) if a <= l <= b]
+            if not ks:
+                raise CachefitError(f"layers {a}..{b} hold no operations")
+            segs.append((min(ks), max(ks)))
+        seg_names = [names[a] if a == b else f"{names[a]}..{names[b]}" for a, b in groups]
+        out = layering.outline(flat, segs, seg_names)
+        return layering.copy_module_attrs(mod, out)
+
+
+def _bytes(ty) -> int:
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return 0
+    n = 1
+    for d in ty.shape.values:
+        n *= int(d)
+    return n
+
+
+def balanced_groups(sizes: list[int], k: int) -> list[tuple[int, int]]:
+    """Contiguous groups of ``sizes`` into exactly ``k`` non-empty groups minimising the largest sum."""
+    n = len(sizes)
+    pre = [0]
+    for s in sizes:
+        pre.append(pre[-1] + s)
+    INF = float("inf")
+    best = [[INF] * (n + 1) for _ in range(k + 1)]
+    arg = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0
+    for g in range(1, k + 1):
+        for j in range(g, n + 1):
+            for i in range(g - 1, j):
+                v = max(best[g - 1][i], pre[j] - pre[i])
+                if v < best[g][j]:
+                    best[g][j], arg[g][j] = v, i
+    out = []
+    j = n
+    for g in range(k, 0, -1):
+        i = arg[g][j]
+        out.append((i, j - 1))
+        j = i
+    return out[::-1]
