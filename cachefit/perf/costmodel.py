@@ -415,3 +415,23 @@ def rebatch(layer: LayerRecord, batch: int) -> LayerRecord:
         bytes_moved=moved,
         batch=batch,
     )
+
+
+def requantize(layer: LayerRecord, bits: int) -> LayerRecord:
+    """The same layer with its weights stored at ``bits`` per element (weight-only quantization:
+    scales and zero points not counted, compute dtype unchanged). Weight bytes, itemised params
+    and the weight part of the traffic scale by ``bits / weight_bits``."""
+    if bits not in (4, 8, 16, 32):
+        raise CachefitError(f"weight bits must be 4, 8, 16 or 32, got {bits}")
+    if bits == layer.weight_bits:
+        return layer
+    f = bits / layer.weight_bits
+    weights = round(layer.weight_bytes * f)
+    moved = weights + activation_traffic(layer) if layer.bytes_moved > 0 else 0
+    return replace(
+        layer,
+        weight_bytes=weights,
+        params={k: round(v * f) for k, v in layer.params.items()},
+        bytes_moved=moved,
+        weight_bits=bits,
+    )
