@@ -62,8 +62,8 @@ class EstimateReport:
         lines = [
             f"cachefit estimate: {self.model} on {self.devices} x {hw.name} "
             f"(on-chip {format_bytes(hw.onchip_bytes)}, usable {hw.usable_fraction:.0%} = "
-            f"{format_bytes(hw.capacity_bytes)}; on-chip {hw.onchip_bw / 1e12:.3g} TB/s, off-chip "
-            f"{hw.offchip_bw / 1e12:.3g} TB/s, link {hw.link_bw / 1e9:.3g} GB/s)",
+            f"{format_bytes(hw.capacity_bytes)}; on-chip {_fmt_rate(hw.onchip_bw)}, off-chip "
+            f"{_fmt_rate(hw.offchip_bw)}, link {_fmt_rate(hw.link_bw)})",
             f"plan ({self.plan_strategy}), {len(self.plan.stages)} stages, micro-batch "
             f"{self.micro_batches.get(self.plan.name, self.samples_per_batch)} "
             f"({_fmt_count(self.plan.tokens_per_microbatch)} tokens):",
@@ -88,7 +88,8 @@ class EstimateReport:
             lines.append(
                 f"{est.name}: bottleneck stage {s.index} (layers {s.first_layer}..{s.last_layer}, {s.tp}-way TP): "
                 f"compute {_fmt_time(s.compute_s)}, memory {_fmt_time(s.memory_s)}, all-reduce {_fmt_time(s.comm_s)}, "
-                f"transfer {_fmt_time(s.transfer_s)}, footprint {format_bytes(s.footprint.total_bytes)} per device"
+                f"transfer {_fmt_time(s.transfer_s)}, footprint {format_bytes(s.footprint.total_bytes)} per device "
+                f"({'resident' if s.resident else 'spills'})"
             )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -123,6 +124,10 @@ def _fmt_time(t: float) -> str:
     if t >= 1e-3:
         return f"{t * 1e3:.3f} ms"
     return f"{t * 1e6:.2f} us"
+
+
+def _fmt_rate(bps: float) -> str:
+    return format_bytes(bps) + "/s"
 
 
 def _fmt_count(x: float) -> str:

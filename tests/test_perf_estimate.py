@@ -1,0 +1,162 @@
+"""`cachefit estimate`: cachefit's plan against the baselines, on hand-built records and reference models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cachefit.cli import main
+from cachefit.errors import CachefitError
+from cachefit.partition.records import LayerRecord
+from cachefit.perf.analytic import preset_records, transformer_records
+from cachefit.perf.costmodel import CostModel, requantize
+from cachefit.perf.estimate import balanced_time_groups, estimate_layers
+from cachefit.perf.hardware import Hardware
+
+# 1 GFLOP/s, on chip 10 GB/s, off chip 1 GB/s, 1 MB on chip, a fast link
+HW = Hardware(name="toy", onchip_bytes=1_000_000, onchip_bw=1e10, offchip_bw=1e9,
+              peak_flops={"float32": 1e9}, link_bw=1e12, link_latency=0.0)
+
+
+def weighty(name: str, weight_bytes: int, batch: int = 4) -> LayerRecord:
+    """A memory-bound layer: few FLOPs, ``weight_bytes`` of weights, 1 kB of activations."""
+    return LayerRecord(name=name, weight_bytes=weight_bytes, activation_bytes=1_000, in_bytes=400,
+                       out_bytes=400, params={name: weight_bytes}, flops=1_000, bytes_moved=weight_bytes + 800,
+                       weight_bits=32, batch=batch)
+
+
+def test_cache_aware_plan_beats_the_even_split_when_it_keeps_stages_resident():
+    """Layers of 0.9, 0.1, 0.1, 0.1, 0.1, 0.1 MB on 2 devices of 1 MB. The even split puts
+    0.9+0.1+0.1 MB on device 0: it spills and streams 1.1 MB at 1 GB/s (1.1 ms). cachefit's plan keeps
+    0.9 MB alone (resident, 0.09 ms) and 0.5 MB together (resident): about 10x the throughput."""
+    sizes = [900_000, 100_000, 100_000, 100_000, 100_000, 50_000]
+    layers = [weighty(f"layers.{i}", s) for i, s in enumerate(sizes)]
+    report = estimate_layers(layers, hardware=HW, devices=2, tokens_per_batch=4, compare="pp2")
+    assert [(s.first_layer, s.last_layer) for s in report.plan.stages] == [(0, 0), (1, 5)]
+    assert report.plan.resident_stages == 2
+    (base,) = report.baselines
+    assert base.name == "pp2" and base.resident_stages == 1
+    assert base.stages[0].time_s == pytest.approx(1_100_000 / 1e9 + 2_400 / 1e10)
+    ratio = report.ratios()["pp2"]["throughput"]
+    assert ratio == pytest.approx(base.bottleneck_s / report.plan.bottleneck_s)
+    assert ratio > 5
+    text = report.format_table()
+    assert "spills" in text and "pp2" in text
+
+
+def test_in_flight_gives_every_plan_the_same_concurrency():
+    """With 16 samples in flight, a 2-stage plan runs micro-batches of 8 and a 4-stage one of 4."""
+    layers = [weighty(f"layers.{i}", 100_000, batch=16) for i in range(4)]
+    report = estimate_layers(layers, hardware=HW, devices=4, tokens_per_batch=16, compare="pp2,tp2pp2",
+                             in_flight=16)
+    assert report.micro_batches == {"cachefit": 4, "pp2": 8, "tp2pp2": 8}
+    assert report.plan.tokens_per_microbatch == 4
+    assert report.plan.stages[0].layer_costs[0].compute_s == pytest.approx(1_000 * 4 / 16 / 1e9)
+
+
+def test_given_groups_and_bad_requests():
+    layers = [weighty(f"layers.{i}", 100_000) for i in range(3)]
+    report = estimate_layers(layers, hardware=HW, devices=3, tokens_per_batch=4, groups=[(0, 1), (2, 2)])
+    assert report.plan_strategy == "given stages"
+    assert "uses 2 of the 3 devices" in " ".join(report.notes)
+    with pytest.raises(CachefitError, match="at least 4 layers"):
+        estimate_layers(layers, hardware=HW, devices=3, tokens_per_batch=4, compare="pp4")
+    with pytest.raises(CachefitError, match="no layers"):
+        estimate_layers([], hardware=HW, devices=3, tokens_per_batch=4)
+
+
+def test_time_balanced_fallback_is_optimal_on_a_small_case():
+    """Compute-bound layers of 1, 2, 3, 4 ms on 2 devices: the best split is {1,2,3} | {4}."""
+    layers = [LayerRecord(f"l{i}", weight_bytes=0, activation_bytes=0, flops=f * 1_000_000)
+              for i, f in enumerate([1, 2, 3, 4])]
+    assert balanced_time_groups(layers, CostModel(HW), 2) == [(0, 2), (3, 3)]
+
+
+def test_requantize_scales_weights_only():
+    layer = weighty("layers.0", 1_000_000)
+    q = requantize(layer, 8)
+    assert q.weight_bytes == 250_000 and q.params == {"layers.0": 250_000}
+    assert q.bytes_moved == 250_000 + 800 and q.flops == layer.flops and q.weight_bits == 8
+
+
+def test_paper_dense_weights_cannot_be_resident():
+    """paper-dense holds 12.9 B parameters in FP16 (25.8 GB); one layer alone is 1.6 GB, 32x an H100's
+    50 MB of L2, so no stage of any plan on 16 H100s is resident, even with INT4 weights."""
+    layers = preset_records("paper-dense")
+    assert sum(x.weight_bytes for x in layers) == pytest.approx(25.77e9, rel=1e-3)
+    for bits in (None, 4):
+        report = estimate_layers(layers, hardware="h100", devices=16, tokens_per_batch=1024,
+                                 compare="tp8pp2,pp16", weight_bits=bits)
+        assert report.plan.resident_stages == 0
+        assert all(b.resident_stages == 0 for b in report.baselines)
+
+
+def test_paper_dense_pp16_over_tp8pp2_by_hand():
+    """paper-dense, batch 1024 x seq 1, H100 presets. Per layer: 1.6498e12 FLOPs -> 1.6681 ms at
+    989 TFLOP/s; weights + activations at HBM/L2 speed stay below that, so each layer is compute-bound.
+    pp16: one layer per device, the stage-to-stage transfer of 16.8 MB adds 2 us + 18.6 us.
+    tp8pp2: 8 layers / 8 devices (1.6681 ms) + 16 ring all-reduces of 16.8 MB over 8 devices:
+    16 x (14 x 2 us + 14/8 x 16,777,216 B / 900 GB/s) = 16 x 60.62 us = 0.970 ms, + the transfer."""
+    layers = preset_records("paper-dense")
+    report = estimate_layers(layers, hardware="h100", devices=16, tokens_per_batch=1024, compare="tp8pp2,pp16")
+    flops = layers[0].flops
+    compute = flops / 989e12
+    xfer = 2e-6 + 16_777_216 / 900e9
+    allreduce = 14 * 2e-6 + 14 / 8 * 16_777_216 / 900e9
+    tp = next(b for b in report.baselines if b.name == "tp8pp2")
+    assert tp.bottleneck_s == pytest.approx(compute + 16 * allreduce + xfer, rel=1e-3)
+    assert report.plan.bottleneck_s == pytest.approx(compute + xfer, rel=1e-3)
+    assert report.ratios()["pp16"]["throughput"] == pytest.approx(1.0)
+    assert report.ratios()["tp8pp2"]["throughput"] == pytest.approx(
+        (compute + 16 * allreduce + xfer) / (compute + xfer), rel=1e-3)
+    # TPOT: 16 stages in flight vs 2
+    assert report.plan.tpot_s == pytest.approx(16 * report.plan.bottleneck_s)
+    assert tp.tpot_s == pytest.approx(2 * tp.bottleneck_s)
+
+
+def test_sparse_moe_halves_the_flops_of_paper_moe():
+    from cachefit.models.presets import resolve
+
+    p = resolve("paper-moe")
+    dense_gated = transformer_records(p, sparse_moe=False)[0]
+    sparse = transformer_records(p, sparse_moe=True)[0]
+    assert sparse.weight_bytes == dense_gated.weight_bytes
+    # attention 8Th^2 + router; experts 2 of 8 instead of 8 of 8
+    assert sparse.flops < 0.55 * dense_gated.flops
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    from cachefit.models import export
+
+    return str(export("dense-tiny", tmp_path_factory.mktemp("m") / "dense-tiny.onnx"))
+
+
+@pytest.mark.slow
+def test_cli_estimate_json_on_a_reference_model(tiny_onnx):
+    r = CliRunner().invoke(main, ["estimate", tiny_onnx, "--hardware", "h100", "--devices", "4",
+                                  "--compare", "tp2pp2,pp4", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert [b["name"] for b in doc["baselines"]] == ["tp2pp2", "pp4"]
+    assert set(doc["ratios"]) == {"tp2pp2", "pp4"}
+    assert doc["plan"]["stages"] and all("resident" in s for s in doc["plan"]["stages"])
+    # dense-tiny (float32, 4 layers of ~1.2 MB) is tiny against 50 MB: every stage is resident
+    assert doc["plan"]["resident_stages"] == len(doc["plan"]["stages"])
+
+
+def test_cli_estimate_analytic_table_and_errors(tiny_onnx, tmp_path):
+    from cachefit.models import export
+
+    paper = str(export("paper-moe", tmp_path / "paper-moe.onnx"))
+    r = CliRunner().invoke(main, ["estimate", paper, "--records", "analytic", "--compare", "tp8pp2"])
+    assert r.exit_code == 0, r.output
+    assert "tp8pp2" in r.output and "cachefit" in r.output and "spills" in r.output
+    bad = CliRunner().invoke(main, ["estimate", tiny_onnx, "--compare", "dp2"])
+    assert bad.exit_code == 2 and "unknown baseline 'dp2'" in bad.output
+    notref = tmp_path / "x.onnx"
+    notref.write_bytes(b"not an onnx file")
+    bad = CliRunner().invoke(main, ["estimate", str(notref), "--records", "analytic"])
+    assert bad.exit_code == 2 and "cannot read ONNX model" in bad.output
