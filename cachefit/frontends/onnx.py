@@ -742,7 +742,10 @@ def _import_layered(m: onnx.ModelProto, types, assignment, input_names, output_n
     gvs = []
     for i, (fn, extras) in enumerate(layer_funcs):
         if extras:
-            raise ModelError(f"layer {assignment.names[i]!r}: the importer emitted helper functions {sorted(extras)}; not supported")
+            # helper PrimFuncs the importer emitted for this layer (e.g. ``tile``): add them under
+            # unique names and point the layer's calls at them
+            renamed = {name: bb.add_func(f, f"layer{i}_{name}") for name, f in extras.items()}
+            fn = _rename_globals(fn, renamed)
         gvs.append(bb.add_func(fn, f"layer_{i}"))
     env: dict[str, relax.Expr] = {}
     in_vars = []
@@ -782,3 +785,15 @@ def _import_layered(m: onnx.ModelProto, types, assignment, input_names, output_n
         bb.emit_func_output(res)
     # drop the alias binding of the output (``gv = lv2``)
     return relax.transform.CanonicalizeBindings()(bb.get())
+
+
+def _rename_globals(fn, renamed: dict):
+    """``fn`` with every call to a GlobalVar named in ``renamed`` pointing at the new GlobalVar."""
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class _Rename(PyExprMutator):
+        def visit_global_var_(self, op):  # noqa: N802
+            return renamed.get(op.name_hint, op)
+
+    return _Rename().visit_expr(fn)

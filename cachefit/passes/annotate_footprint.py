@@ -100,8 +100,10 @@ class AnnotateFootprint:
         self._matmul = tvm.ir.Op.get("relax.matmul")
         self._conv2d = tvm.ir.Op.get("relax.nn.conv2d")
         self._cache: dict = {}
+        self._mod = None
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:  # noqa: ARG002
+        self._mod = mod
         layers = layering.layer_functions(mod)
         if not layers:
             raise CachefitError("AnnotateFootprint needs a layered module (run DiscoverLayers first)")
@@ -203,7 +205,12 @@ class AnnotateFootprint:
 
     def _lower(self, fn: relax.Function) -> tvm.IRModule:
         f = fn.without_attr("cachefit.layer").with_attr("global_symbol", "main")
-        mod = tvm.IRModule({"main": f})
+        funcs = {tvm.ir.GlobalVar("main"): f}
+        # TIR helpers the layer calls (the importer emits some, e.g. ``tile``)
+        for gv, g in (self._mod.functions.items() if self._mod is not None else []):
+            if isinstance(g, tvm.tirx.PrimFunc):
+                funcs[gv] = g
+        mod = tvm.IRModule(funcs)
         seq = tvm.transform.Sequential([
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
