@@ -1,0 +1,411 @@
+"""The exact partition searches, on group-cost oracles (:class:`~.footprint.GroupCost`).
+
+Layers ``0 .. n-1`` are cut into contiguous groups ``[a, b)`` (half-open, cut positions).
+Some layers may be *forced singletons* (an oversized layer placed alone on a spilling
+device); they split the sequence into independent *segments* of ordinary layers.
+
+A *bound* is a pair ``(cost, limit)``: a group is allowed when ``cost.cost(a, b) <= limit``
+for every bound. Everything here is exact for costs of the form ``core(a, b) + x[a] + y[b-1]``
+with ``core`` monotone under inclusion and ``x, y >= 0`` (see docs/partitioning.md):
+
+- when every cost is monotone under inclusion, the farthest-reach greedy is optimal for the
+  fewest groups and runs in O(groups * log(group length)) cost queries;
+- otherwise an exact dynamic programme over cut positions with dominance pruning
+  (``_dp_fewest``) is used: O(n * window) in the worst case, about O(n) in practice.
+
+The bottleneck searches (``min_bottleneck``) bisect over the bound of one cost with the
+fewest-groups test, tightening the upper end to the bottleneck actually reached and, in the
+greedy case, leaping the lower end to the smallest cost that would change a greedy group.
+``reference_balanced`` is the O(n^2 k) dynamic programme kept as the reference.
+"""
+
+from __future__ import annotations
+
+import heapq
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .footprint import GroupCost
+
+INF = float("inf")
+
+Bound = tuple  # (GroupCost, limit)
+Group = tuple  # (a, b): layers a .. b-1
+
+
+@dataclass
+class Segment:
+    """Ordinary layers ``start .. end-1`` between forced singletons."""
+
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def segments_between(n: int, singletons: Sequence[int]) -> list[Segment]:
+    """The non-empty runs of layers of ``0..n-1`` that are not in ``singletons``."""
+    out, start = [], 0
+    for s in sorted(singletons):
+        if s > start:
+            out.append(Segment(start, s))
+        start = s + 1
+    if start < n:
+        out.append(Segment(start, n))
+    return out
+
+
+@dataclass
+class Fewest:
+    """Result of a fewest-groups test: ``groups`` (None when impossible or over ``limit``)."""
+
+    groups: list | None
+    count: int
+    # Greedy only, on failure: no bound of the varied cost below ``leap`` can succeed (INF:
+    # none can, a fixed bound blocks every group that could change).
+    leap: object = None
+
+
+def _all_monotone(bounds: Sequence[Bound]) -> bool:
+    return all(c.monotone for c, _ in bounds)
+
+
+def fewest_groups(
+    bounds: Sequence[Bound],
+    segments: Sequence[Segment],
+    limit: int | None = None,
+    varied: GroupCost | None = None,
+    force_dp: bool = False,
+) -> Fewest:
+    """Fewest groups covering every segment, each group within every bound.
+
+    ``limit``: stop early (``groups=None``) once more than ``limit`` groups are needed.
+    ``varied``: the cost whose bound a caller is searching over (for the greedy's leap).
+    """
+    groups: list = []
+    if not force_dp and _all_monotone(bounds):
+        leap = INF
+        for seg in segments:
+            pos, end = seg.start, seg.end
+            while pos < end:
+                r = min(c.reach(pos, end, lim) for c, lim in bounds)
+                if varied is not None and r < end:
+                    # With the same groups before it, a larger bound of the varied cost changes
+                    # this group only if it lets it take one more layer; monotone costs make
+                    # the greedy trace identical for every bound below the smallest such cost.
+                    if all(c.cost(pos, r + 1) <= lim for c, lim in bounds if c is not varied):
+                        leap = min(leap, varied.cost(pos, r + 1))
+                if r == pos:
+                    return Fewest(None, len(groups), leap=leap)
+                groups.append((pos, r))
+                pos = r
+                if limit is not None and len(groups) > limit:
+                    return Fewest(None, len(groups), leap=leap)
+        return Fewest(groups, len(groups))
+    for seg in segments:
+        part = _dp_fewest(bounds, seg.start, seg.end)
+        if part is None:
+            return Fewest(None, len(groups))
+        groups.extend(part)
+        if limit is not None and len(groups) > limit:
+            return Fewest(None, len(groups))
+    return Fewest(groups, len(groups))
+
+
+def _dp_fewest(bounds: Sequence[Bound], start: int, end: int) -> list | None:
+    """Exact fewest groups covering layers ``start .. end-1`` (any costs of the GroupCost form).
+
+    ``f[b]`` = fewest groups covering ``start .. b-1``; ``f[b] = 1 + min f[a]`` over cuts ``a``
+    with ``[a, b)`` allowed. Two facts keep the candidate set small:
+    - a cut ``a`` whose core already exceeds a bound for ``[a, b)`` exceeds it for every later
+      ``b`` (core monotone, x, y >= 0): a pointer ``lo`` drops such cuts for good;
+    - a later cut ``a2 > a`` with ``f[a2] <= f[a]`` and ``x[a2] <= x[a]`` for every cost is at
+      least as good as ``a`` for every future group end (its core is smaller): ``a`` is dropped.
+    """
+    n = end - start
+    f = [INF] * (n + 1)
+    parent = [-1] * (n + 1)
+    f[0] = 0
+    cand: deque[int] = deque()
+    xs = [c.x for c, _ in bounds]
+    lo = start
+    for b in range(start + 1, end + 1):
+        a_new = b - 1
+        fa = f[a_new - start]
+        if fa < INF:
+            while cand:
+                back = cand[-1]
+                if f[back - start] >= fa and all(x[a_new] <= x[back] for x in xs):
+                    cand.pop()
+                else:
+                    break
+            cand.append(a_new)
+        while lo < b and any(c.core(lo, b) > lim for c, lim in bounds):
+            lo += 1
+        while cand and cand[0] < lo:
+            cand.popleft()
+        best, arg = INF, -1
+        for a in cand:
+            fa = f[a - start]
+            if fa + 1 < best and all(c.cost(a, b) <= lim for c, lim in bounds):
+                best, arg = fa + 1, a
+        f[b - start] = best
+        parent[b - start] = arg
+    if f[n] == INF:
+        return None
+    out = []
+    b = end
+    while b > start:
+        a = parent[b - start]
+        out.append((a, b))
+        b = a
+    out.reverse()
+    return out
+
+
+def _allowed_edges(bounds: Sequence[Bound], b: int, start: int):
+    """Cuts ``a`` in ``[start, b)`` with ``[a, b)`` within every bound, nearest first."""
+    a = b - 1
+    while a >= start and all(c.core(a, b) <= lim for c, lim in bounds):
+        if all(c.cost(a, b) <= lim for c, lim in bounds):
+            yield a
+        a -= 1
+
+
+def _counts_bitsets(bounds: Sequence[Bound], seg: Segment, cap: int) -> list[int]:
+    """``bits[b]``: bit ``t`` set when layers ``start .. b-1`` split into exactly ``t`` allowed groups."""
+    mask = (1 << (cap + 1)) - 1
+    bits = [0] * (seg.length + 1)
+    bits[0] = 1
+    for b in range(seg.start + 1, seg.end + 1):
+        acc = 0
+        for a in _allowed_edges(bounds, b, seg.start):
+            acc |= bits[a - seg.start]
+        bits[b - seg.start] = (acc << 1) & mask
+    return bits
+
+
+def _dp_exact_count(bounds: Sequence[Bound], seg: Segment, count: int, bits: list[int]) -> list:
+    """Groups of ``seg`` into exactly ``count`` allowed groups (``bits`` says it is possible)."""
+    out, b, t = [], seg.end, count
+    while b > seg.start:
+        for a in _allowed_edges(bounds, b, seg.start):
+            if bits[a - seg.start] >> (t - 1) & 1:
+                out.append((a, b))
+                b, t = a, t - 1
+                break
+        else:  # pragma: no cover - bits guarantees an edge
+            raise AssertionError("inconsistent count table")
+    out.reverse()
+    return out
+
+
+def _greedy_exact_count(bounds: Sequence[Bound], seg: Segment, count: int) -> list:
+    """Farthest-reach greedy that leaves at least one layer for each group still to come.
+
+    With costs monotone under inclusion and some allowed partition into at most ``count``
+    groups, this yields exactly ``count`` allowed groups (``count <= seg.length``): the greedy
+    position after ``t`` groups never falls behind that of an exactly-``count`` partition.
+    """
+    out, pos = [], seg.start
+    for t in range(count):
+        cap = seg.end - (count - t - 1)
+        r = min(min(c.reach(pos, seg.end, lim) for c, lim in bounds), cap)
+        if r <= pos:  # pragma: no cover - excluded by the argument above
+            raise AssertionError("greedy spread failed")
+        out.append((pos, r))
+        pos = r
+    if pos != seg.end:  # pragma: no cover
+        raise AssertionError("greedy spread did not cover the segment")
+    return out
+
+
+def spread(
+    bounds: Sequence[Bound], segments: Sequence[Segment], groups: int, force_dp: bool = False
+) -> list:
+    """As many allowed groups as possible, but at most ``groups``, over all segments.
+
+    Used by ``balanced`` to occupy every device it is given when that does not raise the
+    bottleneck (it never does when the costs are monotone under inclusion).
+    """
+    if not segments:
+        return []
+    if not force_dp and _all_monotone(bounds):
+        base = fewest_groups(bounds, segments).groups
+        assert base is not None
+        counts = []
+        for seg in segments:
+            counts.append(sum(1 for a, _ in base if seg.start <= a < seg.end))
+        extra = min(groups, sum(s.length for s in segments)) - sum(counts)
+        # Give extra groups to the segment whose groups are longest on average.
+        heap = [(-s.length / c, i) for i, (s, c) in enumerate(zip(segments, counts)) if c < s.length]
+        heapq.heapify(heap)
+        while extra > 0 and heap:
+            _, i = heapq.heappop(heap)
+            counts[i] += 1
+            extra -= 1
+            if counts[i] < segments[i].length:
+                heapq.heappush(heap, (-segments[i].length / counts[i], i))
+        out = []
+        for seg, c in zip(segments, counts):
+            out.extend(_greedy_exact_count(bounds, seg, c))
+        return out
+    tables = [_counts_bitsets(bounds, seg, groups) for seg in segments]
+    # Knapsack over segments: reach[i] = set of totals achievable with segments 0..i-1.
+    reach = [1]
+    for table in tables:
+        own, total, t = table[-1], 0, 0
+        prev = reach[-1]
+        while own >> t:
+            if own >> t & 1:
+                total |= prev << t
+            t += 1
+        reach.append(total & ((1 << (groups + 1)) - 1))
+    best = reach[-1].bit_length() - 1
+    if best <= 0:
+        raise AssertionError("spread called on an infeasible instance")
+    counts = [0] * len(segments)
+    need = best
+    for i in range(len(segments) - 1, -1, -1):
+        own = tables[i][-1]
+        for t in range(need + 1):
+            if own >> t & 1 and reach[i] >> (need - t) & 1:
+                counts[i] = t
+                need -= t
+                break
+    out = []
+    for seg, c, table in zip(segments, counts, tables):
+        out.extend(_dp_exact_count(bounds, seg, c, table))
+    return out
+
+
+def float_key(x: float) -> int:
+    """An integer with the order of non-negative floats (their IEEE-754 bit pattern)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def key_float(k: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", k))[0]
+
+
+@dataclass
+class Bottleneck:
+    """An optimal partition: ``groups``, the bottleneck ``value`` and the number of tests run."""
+
+    groups: list
+    value: object
+    tests: int = 0
+    notes: list = field(default_factory=list)
+
+
+def min_bottleneck(
+    varied: GroupCost,
+    fixed: Sequence[Bound],
+    segments: Sequence[Segment],
+    max_groups: int,
+    lo,
+    hi,
+    floor=0,
+    integer: bool = True,
+    force_dp: bool = False,
+) -> Bottleneck | None:
+    """Smallest bound ``B`` of ``varied`` such that at most ``max_groups`` groups, each within
+    ``B`` and within every ``fixed`` bound, cover the segments; ``None`` if even ``hi`` fails.
+
+    ``lo`` must be a lower bound of the optimum and ``hi`` an upper bound to try. ``floor`` is
+    a value the bottleneck cannot go below whatever the groups (spilling stages' costs); the
+    result's value is ``max(floor, largest varied cost of a group)``. Integer bounds are
+    bisected as integers, float bounds over their bit patterns, so the result is the exact
+    optimum of the costs as computed.
+    """
+
+    def test(bound):
+        return fewest_groups([(varied, bound), *fixed], segments, max_groups, varied, force_dp)
+
+    def value_of(groups):
+        return max([floor, *(varied.cost(a, b) for a, b in groups)])
+
+    def to_key(v):
+        return int(v) if integer else float_key(v)
+
+    def from_key(k):
+        return k if integer else key_float(k)
+
+    tests = 1
+    first = test(hi)
+    if first.groups is None:
+        return None
+    best = first.groups
+    hi_k = to_key(value_of(best))
+    lo_k = min(to_key(max(lo, floor)), hi_k)
+    while lo_k < hi_k:
+        mid = (lo_k + hi_k) // 2
+        r = test(from_key(mid))
+        tests += 1
+        if r.groups is not None:
+            best = r.groups
+            hi_k = to_key(value_of(best))
+        else:
+            nxt = mid + 1
+            if r.leap == INF:
+                nxt = hi_k  # no bound below the one that succeeded can do better
+            elif r.leap is not None:
+                nxt = max(nxt, to_key(r.leap))
+            lo_k = min(nxt, hi_k)
+    return Bottleneck(best, from_key(hi_k), tests)
+
+
+def reference_balanced(
+    cost: Callable[[int, int], object],
+    n: int,
+    max_groups: int,
+    capacity,
+    spill: Sequence[int] = (),
+) -> tuple[list, object] | None:
+    """The seed's dynamic programme, given the group count: O(n^2 k) cost evaluations.
+
+    ``best[t][b]`` = smallest bottleneck covering layers ``0 .. b-1`` with exactly ``t`` groups,
+    every group within ``capacity``, except that a layer in ``spill`` may form a group alone
+    (contributing nothing to the bottleneck). Returns the groups and the bottleneck of the
+    best ``t <= max_groups`` (the largest such ``t`` on ties), or None if none is feasible.
+    """
+    spill = set(spill)
+    k = min(max_groups, n)
+    best = [[INF] * (n + 1) for _ in range(k + 1)]
+    parent = [[-1] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0
+    for t in range(1, k + 1):
+        prev, row, par = best[t - 1], best[t], parent[t]
+        for b in range(t, n + 1):
+            bb, arg = INF, -1
+            for a in range(t - 1, b):
+                pa = prev[a]
+                if pa == INF:
+                    continue
+                c = cost(a, b)
+                if c <= capacity:
+                    v = c if c > pa else pa
+                elif b == a + 1 and a in spill:
+                    v = pa
+                else:
+                    continue
+                if v < bb:
+                    bb, arg = v, a
+            row[b], par[b] = bb, arg
+    value, t_best = INF, -1
+    for t in range(1, k + 1):
+        if best[t][n] <= value:
+            value, t_best = best[t][n], t
+    if t_best < 0 or value == INF:
+        return None
+    groups, b = [], n
+    for t in range(t_best, 0, -1):
+        a = parent[t][b]
+        groups.append((a, b))
+        b = a
+    groups.reverse()
+    return groups, value

@@ -1,0 +1,339 @@
+"""Every partitioner against brute force over all 2^(n-1) partitions, for n <= 12.
+
+Rule checked: each strategy is optimal for its own objective (greedy: fewest groups;
+balanced / balanced-reference: smallest largest footprint with at most k groups; min-time:
+smallest largest stage time with at most k groups), its groups are contiguous, in order,
+cover every layer exactly once and are within capacity; infeasible requests raise the
+documented errors. The brute force computes footprints and times on its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from cachefit.errors import PlanError
+from cachefit.partition import (
+    DeviceCountError,
+    FootprintCost,
+    LayerRecord,
+    OversizedLayerError,
+    RooflineCostModel,
+    StageTime,
+    make_plan,
+    partition,
+    solve,
+)
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------- brute force
+def all_partitions(n):
+    """Every partition of layers 0..n-1 into contiguous groups, as half-open (a, b) pairs."""
+    for mask in range(1 << (n - 1)):
+        cuts = [0] + [i + 1 for i in range(n - 1) if mask >> i & 1] + [n]
+        yield list(zip(cuts, cuts[1:]))
+
+
+def brute_footprint(group, mode):
+    if mode == "sum":
+        return sum(l.weight_bytes + l.activation_bytes + l.buffer_bytes for l in group)
+    params, private = {}, 0
+    for l in group:
+        params.update(l.params)
+        private += max(0, l.weight_bytes - sum(l.params.values()))
+    peak = max(l.activation_bytes + l.buffer_bytes for l in group)
+    return private + sum(params.values()) + peak + group[0].in_bytes + group[-1].out_bytes
+
+
+def brute_time(layers, a, b, model, resident=True):
+    return math.fsum(model.layer_time(l, resident) for l in layers[a:b]) + model.transfer_time(layers[a].in_bytes)
+
+
+class Brute:
+    """All the optima of one instance, by enumeration."""
+
+    def __init__(self, layers, capacity, mode, allow_spill=False, model=None):
+        n = len(layers)
+        self.n = n
+        fp = {(a, b): brute_footprint(layers[a:b], mode) for a in range(n) for b in range(a + 1, n + 1)}
+        self.fp = fp
+        self.unplaceable = [l for l in range(n) if not any(fp[a, b] <= capacity for (a, b) in fp if a <= l < b)]
+        self.spill = set(self.unplaceable) if allow_spill else set()
+        self.feasible = []
+        for part in all_partitions(n):
+            ok = True
+            for a, b in part:
+                if fp[a, b] <= capacity:
+                    continue
+                if b == a + 1 and a in self.spill:
+                    continue
+                ok = False
+                break
+            if ok:
+                self.feasible.append(part)
+        self.min_groups = min((len(p) for p in self.feasible), default=None)
+        self.model = model
+        self.layers = layers
+        self.capacity = capacity
+
+    def resident_groups(self, part):
+        return [(a, b) for a, b in part if self.fp[a, b] <= self.capacity]
+
+    def balanced(self, k):
+        return min(
+            (max([0, *(self.fp[g] for g in self.resident_groups(p))]) for p in self.feasible if len(p) <= k),
+            default=None,
+        )
+
+    def min_time(self, k):
+        def stage(a, b):
+            if self.fp[a, b] <= self.capacity:
+                return brute_time(self.layers, a, b, self.model)
+            return brute_time(self.layers, a, b, self.model, resident=False)
+
+        return min((max(stage(a, b) for a, b in p) for p in self.feasible if len(p) <= k), default=None)
+
+
+def check_groups(groups, n):
+    """Contiguous, in order, every layer exactly once (inclusive (first, last) pairs)."""
+    assert groups, "no groups"
+    assert groups[0][0] == 0 and groups[-1][1] == n - 1
+    for (a, b), (c, d) in zip(groups, groups[1:]):
+        assert c == b + 1
+    for a, b in groups:
+        assert a <= b
+
+
+# ---------------------------------------------------------------- plain sizes
+@st.composite
+def size_instances(draw):
+    n = draw(st.integers(1, 12))
+    sizes = draw(st.lists(st.integers(0, 20), min_size=n, max_size=n))
+    capacity = draw(st.integers(0, 60))
+    devices = draw(st.one_of(st.none(), st.integers(1, 14)))
+    return sizes, capacity, devices
+
+
+@SETTINGS
+@given(size_instances())
+def test_sizes_all_strategies_optimal(inst):
+    sizes, capacity, devices = inst
+    n = len(sizes)
+    feasible = [p for p in all_partitions(n) if all(sum(sizes[a:b]) <= capacity for a, b in p)]
+    if not feasible:
+        for strategy in ("greedy", "balanced", "balanced-reference"):
+            with pytest.raises(PlanError, match="exceed the capacity"):
+                partition(sizes, capacity, strategy, devices)
+        return
+    fewest = min(len(p) for p in feasible)
+    if devices is not None and devices < fewest:
+        for strategy in ("greedy", "balanced", "balanced-reference"):
+            with pytest.raises(DeviceCountError) as err:
+                partition(sizes, capacity, strategy, devices)
+            assert err.value.minimum == fewest
+        return
+    k = devices if devices is not None else fewest
+    best = min(max(sum(sizes[a:b]) for a, b in p) for p in feasible if len(p) <= k)
+
+    greedy = partition(sizes, capacity, "greedy", devices)
+    check_groups(greedy, n)
+    assert len(greedy) == fewest
+    assert all(sum(sizes[a:b + 1]) <= capacity for a, b in greedy)
+
+    for strategy in ("balanced", "balanced-reference"):
+        groups = partition(sizes, capacity, strategy, devices)
+        check_groups(groups, n)
+        assert max(sum(sizes[a:b + 1]) for a, b in groups) == best, strategy
+        # Additive sizes: the optimum is reachable with exactly min(k, n) groups, and both use it.
+        assert len(groups) == min(k, n), strategy
+
+
+# ---------------------------------------------------------------- layer records
+@st.composite
+def record_instances(draw, max_n=8, boundary=(0, 40)):
+    n = draw(st.integers(1, max_n))
+    pool = {f"p{i}": draw(st.integers(0, 30)) for i in range(4)}
+    layers = []
+    for i in range(n):
+        names = draw(st.lists(st.sampled_from(sorted(pool)), max_size=2, unique=True))
+        params = {k: pool[k] for k in names}
+        private = draw(st.integers(0, 30))
+        layers.append(LayerRecord(
+            name=f"layers.{i}",
+            weight_bytes=sum(params.values()) + private,
+            activation_bytes=draw(st.integers(0, 30)),
+            buffer_bytes=draw(st.integers(0, 10)),
+            in_bytes=draw(st.integers(*boundary)),
+            out_bytes=draw(st.integers(*boundary)),
+            params=params,
+            flops=draw(st.integers(0, 1000)),
+            bytes_moved=draw(st.integers(0, 200)),
+        ))
+    capacity = draw(st.integers(0, 250))
+    devices = draw(st.one_of(st.none(), st.integers(1, n + 2)))
+    mode = draw(st.sampled_from(["exact", "exact", "sum"]))
+    allow_spill = draw(st.booleans())
+    return layers, capacity, devices, mode, allow_spill
+
+
+MODEL = RooflineCostModel(onchip_bw=40.0, offchip_bw=10.0, peak_flops=100.0, link_bw=8.0, link_latency=0.5)
+
+
+def expect_errors(brute, devices, fn):
+    """If the instance is infeasible for this request, assert the right error and return True."""
+    if brute.unplaceable and not brute.spill:
+        with pytest.raises(OversizedLayerError) as err:
+            fn()
+        assert [o.index for o in err.value.oversized] == brute.unplaceable
+        return True
+    if brute.min_groups is None:
+        with pytest.raises(PlanError, match="no partition"):
+            fn()
+        return True
+    if devices is not None and devices < brute.min_groups:
+        with pytest.raises(DeviceCountError) as err:
+            fn()
+        assert err.value.minimum == brute.min_groups
+        return True
+    return False
+
+
+def check_plan(plan, layers, capacity, brute):
+    check_groups(plan.groups, len(layers))
+    for s in plan.stages:
+        a, b = s.first_layer, s.last_layer + 1
+        assert s.total_bytes == brute.fp[a, b]
+        if s.spilling:
+            assert b == a + 1 and a in brute.spill
+        else:
+            assert s.total_bytes <= capacity
+
+
+@SETTINGS
+@given(record_instances())
+def test_records_greedy_fewest(inst):
+    layers, capacity, devices, mode, allow_spill = inst
+    brute = Brute(layers, capacity, mode, allow_spill)
+    run = lambda: make_plan(layers, capacity, "greedy", devices, mode, allow_spill=allow_spill)  # noqa: E731
+    if expect_errors(brute, devices, run):
+        return
+    plan = run()
+    check_plan(plan, layers, capacity, brute)
+    assert plan.devices_used == brute.min_groups == plan.min_devices
+
+
+@SETTINGS
+@given(record_instances())
+def test_records_balanced_and_reference_optimal(inst):
+    layers, capacity, devices, mode, allow_spill = inst
+    brute = Brute(layers, capacity, mode, allow_spill)
+    for strategy in ("balanced", "balanced-reference"):
+        run = lambda: make_plan(layers, capacity, strategy, devices, mode, allow_spill=allow_spill)  # noqa: E731
+        if expect_errors(brute, devices, run):
+            return
+        plan = run()
+        check_plan(plan, layers, capacity, brute)
+        k = devices if devices is not None else brute.min_groups
+        assert plan.devices_used <= k
+        resident = [s.total_bytes for s in plan.stages if s.resident]
+        assert max([0, *resident]) == brute.balanced(k), strategy
+        if resident:
+            assert plan.bottleneck_value == brute.balanced(k)
+            assert plan.stages[plan.bottleneck].total_bytes == plan.bottleneck_value
+
+
+@SETTINGS
+@given(record_instances())
+def test_records_min_time_optimal(inst):
+    layers, capacity, devices, mode, allow_spill = inst
+    brute = Brute(layers, capacity, mode, allow_spill, MODEL)
+    run = lambda: make_plan(  # noqa: E731
+        layers, capacity, "min-time", devices, mode, allow_spill=allow_spill, cost_model=MODEL
+    )
+    if expect_errors(brute, devices, run):
+        return
+    plan = run()
+    check_plan(plan, layers, capacity, brute)
+    k = devices if devices is not None else brute.min_groups
+    assert plan.devices_used <= k
+    assert math.isclose(plan.bottleneck_value, brute.min_time(k), rel_tol=1e-9, abs_tol=1e-12)
+    for s in plan.stages:
+        a, b = s.first_layer, s.last_layer + 1
+        assert math.isclose(s.predicted_time, brute_time(layers, a, b, MODEL, s.resident), rel_tol=1e-9)
+
+
+@SETTINGS
+@given(record_instances(max_n=10), st.sampled_from(["greedy", "balanced", "min-time"]))
+def test_exact_dp_matches_brute_force_when_forced(inst, strategy):
+    """The dynamic programme (used when the footprint is not monotone) is exact on every
+    instance, monotone ones included: forced here on all of them."""
+    layers, capacity, devices, _, _ = inst
+    brute = Brute(layers, capacity, "exact", False, MODEL)
+    assume(not brute.unplaceable and brute.min_groups is not None)
+    assume(devices is None or devices >= brute.min_groups)
+    cost = FootprintCost(layers)
+    time = StageTime(layers, MODEL)
+    sol = solve(cost, capacity, strategy, devices, time=time, force_dp=True)
+    groups = [(a, b - 1) for a, b in sol.groups]
+    check_groups(groups, len(layers))
+    assert all(brute.fp[a, b] <= capacity for a, b in sol.groups)
+    k = devices if devices is not None else brute.min_groups
+    assert sol.minimum == brute.min_groups
+    if strategy == "greedy":
+        assert len(sol.groups) == brute.min_groups
+    elif strategy == "balanced":
+        assert sol.value == brute.balanced(k)
+        assert max(brute.fp[g] for g in sol.groups) == sol.value
+        assert len(sol.groups) <= k
+    else:
+        assert math.isclose(sol.value, brute.min_time(k), rel_tol=1e-9, abs_tol=1e-12)
+
+
+@SETTINGS
+@given(record_instances(max_n=12, boundary=(0, 5)))
+def test_records_small_boundaries_n12(inst):
+    """Up to 12 layers with small boundary tensors (mostly monotone footprints: the greedy path)."""
+    layers, capacity, devices, mode, allow_spill = inst
+    brute = Brute(layers, capacity, mode, allow_spill)
+    run = lambda: make_plan(layers, capacity, "balanced", devices, mode, allow_spill=allow_spill)  # noqa: E731
+    if expect_errors(brute, devices, run):
+        return
+    plan = run()
+    check_plan(plan, layers, capacity, brute)
+    k = devices if devices is not None else brute.min_groups
+    resident = [s.total_bytes for s in plan.stages if s.resident]
+    assert max([0, *resident]) == brute.balanced(k)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_footprint_oracle_matches_direct_many_shared_params(data):
+    """FootprintCost.cost(a, b) equals the direct footprint for every group, including models
+    where many parameters are shared (the merge-sort-tree path of the repeat sums)."""
+    n = data.draw(st.integers(1, 40))
+    pool = {f"w{i}": data.draw(st.integers(0, 50)) for i in range(6)}
+    layers = []
+    for i in range(n):
+        names = data.draw(st.lists(st.sampled_from(sorted(pool)), max_size=4, unique=True))
+        params = {k: pool[k] for k in names}
+        layers.append(LayerRecord(
+            f"l{i}", sum(params.values()) + data.draw(st.integers(0, 9)), data.draw(st.integers(0, 40)),
+            data.draw(st.integers(0, 5)), data.draw(st.integers(0, 20)), data.draw(st.integers(0, 20)), params,
+        ))
+    cost = FootprintCost(layers)
+    for a in range(n):
+        for b in range(a + 1, n + 1):
+            assert cost.cost(a, b) == brute_footprint(layers[a:b], "exact")
+            assert cost.core(a, b) == brute_footprint(layers[a:b], "exact") - layers[a].in_bytes - layers[b - 1].out_bytes
+    if cost.monotone:
+        for a in range(n):
+            for b in range(a + 1, n + 1):
+                if b < n:
+                    assert cost.cost(a, b + 1) >= cost.cost(a, b)
+                if a > 0:
+                    assert cost.cost(a - 1, b) >= cost.cost(a, b)
