@@ -118,5 +118,123 @@ def calibrate_cmd(output, method, quick, fmt) -> None:
         click.echo(f"stored in {path}")
 
 
+# --- shared options --------------------------------------------------------------------------
+
+def model_options(fn):
+    """Options that say how to read the model: shapes, batch, planning dtype, layer grouping."""
+    opts = [
+        click.option("--input-shapes", default=None, help='Static input shapes, tvmc-style: "x:[8,256] mask:[8,1]".'),
+        click.option("--batch", type=int, default=None, help="Set the leading (batch) dimension of every input."),
+        click.option("--dtype", default=None, help="Plan as if every float tensor had this dtype (e.g. bf16)."),
+        click.option("--layers", "num_layers", type=int, default=None, help="Merge the discovered layers into N."),
+        click.option("--layer-boundaries", default=None,
+                     help="Comma-separated node names where layers start (overrides discovery)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def capacity_options(fn):
+    opts = [
+        click.option("--cache", default=None, help="On-chip capacity per device, with a unit: 50MB, 2MiB, 40000KB."),
+        click.option("--hardware", default=None, help="Device preset: h100 (default), h200, a100, cpu."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def plan_options(fn):
+    opts = [
+        click.option("--strategy", default="greedy", show_default=True,
+                     type=click.Choice(["greedy", "balanced", "balanced-reference", "min-time", "layout"]),
+                     help="Partitioning strategy."),
+        click.option("--devices", type=int, default=None, help="Number of devices (default: the fewest that fit)."),
+        click.option("--footprint", default="exact", type=click.Choice(["exact", "sum"]), show_default=True,
+                     help="Group footprint: exact (shared weights once, peak working set) or the additive sum."),
+        click.option("--layout", default=None, help="Explicit layout: layers per device (4,4,4,4) or stage-start layer names."),
+        click.option("--allow-spill", is_flag=True, help="Place a layer that fits no device alone, spilling off chip."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _boundaries(text):
+    return [b.strip() for b in text.split(",") if b.strip()] if text else None
+
+
+# --- plan -------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@model_options
+@capacity_options
+@plan_options
+@click.option("--format", "fmt", default="table", type=click.Choice(["table", "json"]), show_default=True)
+@click.option("--plot", default=None, type=click.Path(dir_okay=False), help="Write a memory map (PNG) of the plan.")
+@user_errors
+def plan(model, input_shapes, batch, dtype, num_layers, layer_boundaries, cache, hardware, strategy, devices,
+         footprint, layout, allow_spill, fmt, plot):
+    """Per-layer footprints of MODEL.onnx and a partition over devices."""
+    import json
+
+    from .planning import plan_model
+
+    report = plan_model(model, input_shapes=input_shapes, batch=batch, dtype=dtype, cache=cache, hardware=hardware,
+                        strategy=strategy, devices=devices, footprint=footprint, layout=layout,
+                        allow_spill=allow_spill, layers=num_layers, layer_boundaries=_boundaries(layer_boundaries))
+    if plot:
+        from .perf.plot import plot_plan
+
+        plot_plan(report.plan, plot)
+    if fmt == "json":
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(report.format_table())
+
+
+# --- models -----------------------------------------------------------------------------------
+
+@main.group()
+def models():
+    """Reference models (dense transformer, MoE, MLP chain) written as ONNX."""
+
+
+@models.command("list")
+def models_list():
+    """List the presets."""
+    from .models import PRESETS
+
+    for name, params in PRESETS.items():
+        click.echo(f"{name:18s} " + " ".join(f"{k}={v}" for k, v in params.items()))
+
+
+@models.command("export")
+@click.argument("name")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--layers", type=int, default=None)
+@click.option("--hidden", type=int, default=None)
+@click.option("--heads", type=int, default=None)
+@click.option("--ffn", type=int, default=None)
+@click.option("--seq", type=int, default=None)
+@click.option("--batch", type=int, default=None)
+@click.option("--experts", type=int, default=None)
+@click.option("--top-k", "top_k", type=int, default=None)
+@click.option("--vocab", type=int, default=None)
+@click.option("--dtype", default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--shape-only", is_flag=True, default=None, help="Declare the weights as external data, never written.")
+@user_errors
+def models_export(name, output, **overrides):
+    """Write the reference model NAME (a preset, or a family: dense, moe, mlp) to an ONNX file."""
+    from .models import export
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    path = export(name, output, **overrides)
+    click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
