@@ -98,7 +98,7 @@ class SplitStages:
         if target is None:
             target = {"kind": "llvm"}
         if isinstance(target, str):
-            target = {"kind": target}
+            target = {"kind": target, "arch": "sm_90a"} if target == "cuda" else {"kind": target}
         self.target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
 
     # -- step 1: read main ----------------------------------------------------------------------

@@ -1,0 +1,294 @@
+"""Build an artifact directory: one compiled library and one weights file per stage, plus manifest.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .. import __version__
+from ..errors import ArtifactError, CachefitError, ModelError
+from ..passes.split_stages import stage_names
+from ..runtime.weights import numpy_dtype, save_weights
+from . import cuda as cuda_tools
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "cachefit-artifact"
+FORMAT_VERSION = 1
+TARGETS = ("llvm", "cuda")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_target(target: str, arch: str = "sm_90a") -> tvm.target.Target:
+    """The TVM target for ``"llvm"`` or ``"cuda"`` (with ``arch``, host llvm)."""
+    if target == "llvm":
+        return tvm.target.Target({"kind": "llvm"})
+    if target == "cuda":
+        cuda_tools._arch_number(arch)
+        return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+    raise CachefitError(f"unknown target {target!r}: use 'llvm' (CPU stages) or 'cuda' (GPU stages)")
+
+
+def extract_stage(mod: tvm.IRModule, index: int) -> tvm.IRModule:
+    """Stage ``index`` of a split module on its own: ``stage_<index>`` and every function it calls."""
+    name = f"stage_{index}"
+    try:
+        root = mod.get_global_var(name)
+    except (ValueError, KeyError, tvm.error.TVMError) as exc:  # pragma: no cover - depends on TVM's error type
+        raise CachefitError(f"the module has no function {name}; run SplitStages first") from exc
+    keep = {root}
+    todo = [root]
+    while todo:
+        func = mod[todo.pop()]
+        if not isinstance(func, relax.Function):
+            continue
+        for gv in relax.analysis.all_global_vars(func):
+            if gv not in keep:
+                keep.add(gv)
+                todo.append(gv)
+    sub = tvm.IRModule({gv: mod[gv] for gv in keep}, attrs=mod.attrs)
+    for key, infos in mod.global_infos.items():
+        if key != "vdevice":
+            sub.update_global_info(key, infos)
+    return sub
+
+
+def _compile_relax(mod: tvm.IRModule, target: tvm.target.Target, threads: int | None):
+    """Compile one stage module: the CPU-kernels pipeline when present, else TVM's default pipeline."""
+    try:
+        from .pipeline import compile_relax  # the house pipeline (CPU schedules, dlight for GPUs)
+    except ImportError:
+        compile_relax = None
+    if compile_relax is not None:
+        return compile_relax(mod, target, threads=threads)
+    return tvm.compile(mod, target)
+
+
+def compile_stage(stage_mod: tvm.IRModule, target: str, *, arch: str = "sm_90a", threads: int | None = None):
+    """Compile one extracted stage module for ``target`` (``llvm`` or ``cuda``) -> ``relax.Executable``.
+
+    Layer functions are inlined first (one fused program per stage). For CUDA the kernels are compiled
+    by nvcc into a fatbin for ``arch`` during the build (raises :class:`CudaToolchainError` without a
+    toolkit).
+    """
+    tgt = make_target(target, arch)
+    mod = relax.transform.InlinePrivateFunctions()(stage_mod)
+    if target == "cuda":
+        with cuda_tools.nvcc_device_code(arch), tgt:
+            return _compile_relax(mod, tgt, threads)
+    return _compile_relax(mod, tgt, threads)
+
+
+def _tensor_desc(name: str, ty) -> dict:
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        raise ModelError(f"tensor {name!r} has type {ty}; a stage boundary needs a tensor of static shape")
+    try:
+        shape = [int(d) for d in ty.shape]
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"tensor {name!r} has a dynamic shape {ty.shape}; give static input shapes "
+                         "(--input-shapes) before compiling") from exc
+    return {"name": name, "shape": shape, "dtype": str(ty.dtype)}
+
+
+def _out_types(func: relax.Function) -> list:
+    ret = func.ret_ty
+    if isinstance(ret, relax.TupleType):
+        return list(ret.fields)
+    return [ret]
+
+
+def _nbytes(desc: dict) -> int:
+    return int(np.prod(desc["shape"], dtype=np.int64)) * numpy_dtype(desc["dtype"]).itemsize
+
+
+def build_artifact(
+    mod: tvm.IRModule,
+    params: Mapping[str, np.ndarray],
+    plan: Mapping | None,
+    target: str,
+    out_dir: str | Path,
+    *,
+    arch: str = "sm_90a",
+    model_name: str = "model",
+    model_sha256: str | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Compile every stage of a split module and write the artifact directory (docs/artifact-format.md).
+
+    mod:          the output of :class:`~cachefit.passes.split_stages.SplitStages` (``stage_i`` functions).
+    params:       weight name -> array, for every weight any stage reads (a weight shared by two stages
+                  is written into both stages' weights files).
+    plan:         the partition plan as a plain dict (``Plan.to_dict()``), stored in the manifest; its
+                  ``stages[i].first_layer/last_layer`` must match the stages. ``None``: a minimal plan
+                  made from the stages.
+    target:       ``"llvm"`` (CPU stages) or ``"cuda"`` (GPU stages, device code for ``arch``).
+    input_names / output_names: the model's input and output names as users know them (default: the
+                  IR's names; outputs without a name are ``output_<k>``).
+    threads:      passed to the CPU pipeline (``cachefit.codegen.pipeline.compile_relax``) when present.
+    progress:     called with one line per finished stage.
+    Returns the artifact directory.
+    """
+    if target not in TARGETS:
+        raise CachefitError(f"unknown target {target!r}: use 'llvm' (CPU stages) or 'cuda' (GPU stages)")
+    names = stage_names(mod)
+    if not names:
+        raise CachefitError("the module has no stage functions (cachefit.stage); run SplitStages before build_artifact")
+    k = len(names)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if target == "cuda":
+        cuda_tools.find_nvcc()  # fail before any work without a toolkit
+
+    stages = []
+    funcs = [mod[n] for n in names]
+    for s, func in enumerate(funcs):
+        attrs = func.attrs
+        first, last = int(attrs["cachefit.first_layer"]), int(attrs["cachefit.last_layer"])
+        in_names = [str(x) for x in attrs["cachefit.input_names"]]
+        out_names = [str(x) for x in attrs["cachefit.output_names"]]
+        p_names = [str(x) for x in attrs["cachefit.param_names"]]
+        n_in = len(in_names)
+        ins = [_tensor_desc(n, p.ty) for n, p in zip(in_names, func.params[:n_in])]
+        pars = [_tensor_desc(n, p.ty) for n, p in zip(p_names, func.params[n_in:])]
+        outs = [_tensor_desc(n, t) for n, t in zip(out_names, _out_types(func))]
+        stages.append({"first": first, "last": last, "inputs": ins, "params": pars, "outputs": outs})
+
+    # Model-level names as the user knows them.
+    if input_names is not None:
+        if len(input_names) != len(stages[0]["inputs"]):
+            raise CachefitError(f"input_names has {len(input_names)} names, the model has {len(stages[0]['inputs'])} inputs")
+        for d, n in zip(stages[0]["inputs"], input_names):
+            d["name"] = str(n)
+    if output_names is not None:
+        if len(output_names) != len(stages[-1]["outputs"]):
+            raise CachefitError(f"output_names has {len(output_names)} names, the model has "
+                                f"{len(stages[-1]['outputs'])} outputs")
+        for d, n in zip(stages[-1]["outputs"], output_names):
+            d["name"] = str(n)
+    seen = set()
+    for i, d in enumerate(stages[-1]["outputs"]):
+        if d["name"] in seen:
+            d["name"] = f"output_{i}"
+        seen.add(d["name"])
+    # the chaining rule: stage i+1's inputs are stage i's outputs (names follow the producer)
+    for s in range(k - 1):
+        for d_out, d_in in zip(stages[s]["outputs"], stages[s + 1]["inputs"]):
+            d_in["name"] = d_out["name"]
+
+    if plan is None:
+        plan = {"stages": [{"index": s, "device": s, "first_layer": st["first"], "last_layer": st["last"]}
+                           for s, st in enumerate(stages)]}
+    plan = json.loads(json.dumps(plan, default=_json_default))
+    plan_stages = plan.get("stages", [])
+    if len(plan_stages) != k or any(
+        int(ps.get("first_layer", -1)) != st["first"] or int(ps.get("last_layer", -1)) != st["last"]
+        for ps, st in zip(plan_stages, stages)
+    ):
+        got = [(ps.get("first_layer"), ps.get("last_layer")) for ps in plan_stages]
+        raise CachefitError(f"the plan's stages {got} do not match the module's stages "
+                            f"{[(st['first'], st['last']) for st in stages]}; split with the plan's groups")
+
+    layer_names = {}
+    for gv, f in mod.functions_items():
+        if isinstance(f, relax.Function) and f.attrs is not None and "cachefit.layer" in f.attrs:
+            layer_names[int(f.attrs["cachefit.layer"])] = str(f.attrs.get("cachefit.layer_name", gv.name_hint))
+
+    entries = []
+    total_t0 = time.perf_counter()
+    for s, (name, st) in enumerate(zip(names, stages)):
+        # weights
+        tensors = {}
+        for d in st["params"]:
+            if d["name"] not in params or params[d["name"]] is None:
+                raise ModelError(f"stage {s} reads weight {d['name']!r}, which is missing from params "
+                                 "(a shape-only model cannot be compiled: load the weights)")
+            arr = np.asarray(params[d["name"]])
+            want = numpy_dtype(d["dtype"])
+            if list(arr.shape) != d["shape"] or arr.dtype != want:
+                raise ModelError(f"weight {d['name']!r} is {arr.dtype}{list(arr.shape)} but stage {s} expects "
+                                 f"{d['dtype']}{d['shape']}")
+            tensors[d["name"]] = arr
+        wfile = out / f"{name}.safetensors"
+        save_weights(wfile, tensors, metadata={"format": "cachefit", "stage": str(s)})
+
+        # library
+        t0 = time.perf_counter()
+        ex = compile_stage(extract_stage(mod, s), target, arch=arch, threads=threads)
+        lib = out / f"{name}.so"
+        ex.export_library(str(lib))
+        seconds = time.perf_counter() - t0
+        if target == "cuda":
+            kinds = cuda_tools.device_code_kinds(lib)
+            if kinds["fatbin"] == 0 and kinds["cubin"] == 0:
+                raise cuda_tools.CudaToolchainError(
+                    f"{lib} holds no compiled device code for {arch} (only CUDA source): TVM's CUDA runtime did "
+                    "not take the nvcc build; check the CUDA toolkit installation"
+                )
+        logger.info("stage %d: layers %d..%d compiled for %s in %.1f s", s, st["first"], st["last"], target, seconds)
+        if progress is not None:
+            progress(f"stage {s}: layers {st['first']}..{st['last']} compiled in {seconds:.1f} s")
+        entries.append({
+            "index": s,
+            "name": name,
+            "function": name,
+            "layers": {"first": st["first"], "last": st["last"],
+                       "names": [layer_names.get(i, f"layer_{i}") for i in range(st["first"], st["last"] + 1)]},
+            "device": {"kind": "cpu" if target == "llvm" else "cuda", "index": s},
+            "library": {"file": lib.name, "sha256": sha256_file(lib), "bytes": lib.stat().st_size},
+            "weights": {"file": wfile.name, "sha256": sha256_file(wfile), "bytes": wfile.stat().st_size},
+            "inputs": st["inputs"],
+            "params": st["params"],
+            "outputs": st["outputs"],
+            "compile_seconds": round(seconds, 3),
+        })
+
+    transfers = []
+    for s in range(k - 1):
+        tensors = [dict(d, bytes=_nbytes(d)) for d in stages[s]["outputs"]]
+        transfers.append({"from_stage": s, "to_stage": s + 1, "bytes": sum(t["bytes"] for t in tensors),
+                          "tensors": tensors})
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "cachefit_version": __version__,
+        "model": {"name": model_name, "sha256": model_sha256},
+        "target": {"kind": target, "arch": arch if target == "cuda" else None},
+        "plan": plan,
+        "inputs": stages[0]["inputs"],
+        "outputs": stages[-1]["outputs"],
+        "stages": entries,
+        "transfers": transfers,
+        "compile_seconds": round(time.perf_counter() - total_t0, 3),
+    }
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(out / "manifest.json")
+    return out
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"plan value {obj!r} is not JSON serialisable")
