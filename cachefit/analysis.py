@@ -18,7 +18,7 @@ from tvm import relax
 from .errors import CachefitError
 from .frontends.onnx import ImportedModel, LoadedModel, import_onnx
 from .partition.records import LayerRecord
-from .passes import layering
+from .passes import layering, run_pass
 from .passes.annotate_footprint import AnnotateFootprint, normalize_dtype
 from .passes.discover_layers import DiscoverLayers
 from .passes.merge_layers import MergeLayers
@@ -125,7 +125,7 @@ def analyze_onnx(
     """Import an ONNX model and compute its per-layer records."""
     dtype = normalize_dtype(dtype)
     imported = import_onnx(source, input_shapes=input_shapes, batch=batch, layer_boundaries=layer_boundaries)
-    mod = layer_pipeline(layers, bool(layer_boundaries), dtype)(imported.mod)
+    mod = run_pass(layer_pipeline(layers, bool(layer_boundaries), dtype), imported.mod)
     b, tokens = _batch_and_tokens(mod)
     mod = mod.with_attr("cachefit.batch", b)
     return ModelAnalysis(mod=mod, params=imported.params, layers=layer_records(mod), imported=imported,

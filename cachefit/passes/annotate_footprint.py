@@ -11,7 +11,8 @@ import tvm_ffi
 from tvm import relax
 
 from ..errors import CachefitError
-from . import layering
+from . import keeps_errors, layering
+from .upcast_bf16_norms import UpcastBf16Norms
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class AnnotateFootprint:
         self._cache: dict = {}
         self._mod = None
 
+    @keeps_errors
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:  # noqa: ARG002
         self._mod = mod
         layers = layering.layer_functions(mod)
@@ -212,6 +214,7 @@ class AnnotateFootprint:
                 funcs[gv] = g
         mod = tvm.IRModule(funcs)
         seq = tvm.transform.Sequential([
+            UpcastBf16Norms(),
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),

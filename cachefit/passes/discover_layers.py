@@ -5,7 +5,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from . import layering
+from . import keeps_errors, layering
 
 _HEAVY_OPS = ("relax.matmul", "relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d", "relax.nn.conv2d_transpose",
               "relax.linear", "relax.nn.dense", "relax.take", "relax.einsum")
@@ -33,6 +33,7 @@ class DiscoverLayers:
         self.min_layers = min_layers
         self._heavy = [tvm.ir.Op.get(n) for n in _HEAVY_OPS if _op_exists(n)]
 
+    @keeps_errors
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:  # noqa: ARG002
         if layering.is_layered(mod):
             return mod

@@ -6,7 +6,7 @@ import tvm
 from tvm import relax
 
 from ..errors import CachefitError
-from . import layering
+from . import keeps_errors, layering
 
 
 @tvm.transform.module_pass(opt_level=0, name="MergeLayers")
@@ -25,6 +25,7 @@ class MergeLayers:
         self.count = count
         self.groups = groups
 
+    @keeps_errors
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:  # noqa: ARG002
         layers = layering.layer_functions(mod)
         n = len(layers)
