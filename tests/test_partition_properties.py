@@ -315,7 +315,7 @@ def test_records_small_boundaries_n12(inst):
 def test_footprint_oracle_matches_direct_many_shared_params(data):
     """FootprintCost.cost(a, b) equals the direct footprint for every group, including models
     where many parameters are shared (the merge-sort-tree path of the repeat sums)."""
-    n = data.draw(st.integers(1, 40))
+    n = data.draw(st.integers(1, 30))
     pool = {f"w{i}": data.draw(st.integers(0, 50)) for i in range(6)}
     layers = []
     for i in range(n):

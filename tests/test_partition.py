@@ -1,0 +1,343 @@
+"""Partitioners on hand-made instances: edge cases, errors, diagnosis, layouts and the plan report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cachefit.errors import PlanError
+from cachefit.partition import (
+    DeviceCountError,
+    FootprintCost,
+    LayerRecord,
+    Layout,
+    OversizedLayerError,
+    RooflineCostModel,
+    diagnose,
+    group_footprint,
+    make_plan,
+    parse_layout,
+    partition,
+    resolve_layout,
+)
+from cachefit.perf.hardware import PRESETS
+
+
+def uniform(n, w=100, act=40, buf=10, io=20, **kw):
+    return [
+        LayerRecord(f"layers.{i}", w, act, buf, in_bytes=io, out_bytes=io, flops=10_000, **kw)
+        for i in range(n)
+    ]
+
+
+# ---------------------------------------------------------------- plain integer sizes
+def test_partition_greedy_is_seed_accumulation():
+    """greedy closes a group when the next layer would overflow it."""
+    assert partition([5, 3, 8, 2, 7, 1, 4], 12, "greedy") == [(0, 1), (2, 3), (4, 6)]
+
+
+def test_partition_balanced_uses_the_given_devices():
+    """balanced with k devices returns k groups minimising the largest sum."""
+    groups = partition([1] * 16, 100, devices=4)
+    assert groups == [(0, 3), (4, 7), (8, 11), (12, 15)]
+    sizes = [7, 2, 2, 2, 2, 2, 7]
+    for strategy in ("balanced", "balanced-reference"):
+        groups = partition(sizes, 100, strategy, devices=3)
+        assert len(groups) == 3
+        assert max(sum(sizes[a:b + 1]) for a, b in groups) == 9  # 7+2 | 2+2+2 | 2+7
+
+
+def test_partition_default_devices_is_greedy_minimum():
+    """Without --devices, balanced uses as many groups as greedy and balances them."""
+    sizes = [9, 1, 1, 1, 1, 1, 1, 9]
+    assert partition(sizes, 11, "greedy") == [(0, 2), (3, 6), (7, 7)]
+    assert partition(sizes, 11) == [(0, 0), (1, 6), (7, 7)]  # largest group 9, not 11
+
+
+def test_partition_edge_cases():
+    assert partition([], 10) == []
+    assert partition([7], 7) == [(0, 0)]
+    assert partition([0, 0, 0], 0, "greedy") == [(0, 2)]
+    assert partition([0, 0, 0], 0, devices=3) == [(0, 0), (1, 1), (2, 2)]
+    assert partition([4, 4, 4, 4], 8) == [(0, 1), (2, 3)]
+    # k > n: one layer per group, never an empty group
+    assert partition([3, 1, 2], 10, devices=7) == [(0, 0), (1, 1), (2, 2)]
+
+
+def test_partition_errors_name_the_numbers():
+    with pytest.raises(PlanError, match=r"capacity of 10 bytes alone: layer 1 \(50 bytes\)"):
+        partition([5, 50, 5], 10)
+    with pytest.raises(PlanError, match="exceed the capacity"):
+        partition([5, 6], 4, "greedy")  # C below every layer
+    with pytest.raises(DeviceCountError, match="at least 3 devices") as err:
+        partition([5, 5, 5], 5, devices=2)
+    assert err.value.minimum == 3 and err.value.requested == 2
+    with pytest.raises(PlanError, match="unknown strategy"):
+        partition([1], 1, "min-time")
+    with pytest.raises(PlanError, match="negative"):
+        partition([1, -1], 1)
+
+
+def test_seed_dp_without_group_count_degenerates():
+    """The seed's DP has no k: minimising the largest group alone gives one layer per group,
+    whose bottleneck is the largest layer; given k it balances instead."""
+    sizes = [3, 1, 4, 1, 5, 9, 2, 6]
+    one_per_layer = partition(sizes, 100, "balanced-reference", devices=len(sizes))
+    assert one_per_layer == [(i, i) for i in range(len(sizes))]
+    two = partition(sizes, 100, "balanced-reference", devices=2)
+    assert max(sum(sizes[a:b + 1]) for a, b in two) == 17
+
+
+# ---------------------------------------------------------------- footprints
+def test_exact_footprint_components():
+    """Shared weight counted once, peak (not sum) of working sets, boundaries of the group."""
+    emb = LayerRecord("embed", 1000, 30, 5, in_bytes=8, out_bytes=64, params={"wte": 1000})
+    mid = LayerRecord("layers.0", 400, 50, 20, in_bytes=64, out_bytes=64, params={"w0": 300})
+    head = LayerRecord("head", 1000, 40, 0, in_bytes=64, out_bytes=16, params={"wte": 1000})
+    fp = group_footprint([emb, mid, head])
+    assert fp.weight_bytes == 1000 + 300 + 100  # wte once, w0, mid's 100 unitemised bytes
+    assert (fp.activation_bytes, fp.buffer_bytes) == (50, 20)
+    assert fp.total_bytes == 1400 + 70 + 8 + 16
+    assert group_footprint([emb, mid, head], "sum").total_bytes == 1035 + 470 + 1040
+    cost = FootprintCost([emb, mid, head])
+    assert cost.cost(0, 3) == fp.total_bytes
+    assert cost.cost(1, 2) == 400 + 70 + 64 + 64
+
+
+def test_inconsistent_shared_parameter_refused():
+    a = LayerRecord("a", 10, 0, params={"w": 10})
+    b = LayerRecord("b", 12, 0, params={"w": 12})
+    with pytest.raises(PlanError, match="'w' is recorded as 10 bytes in layer 'a' and 12 bytes in layer 'b'"):
+        FootprintCost([a, b])
+
+
+def test_non_monotone_footprint_greedy_accumulation_would_be_suboptimal():
+    """Cutting after b pays for its 50-byte output on both sides; keeping a, b, c together does
+    not. The seed's accumulation stops at [a] (a+b is over) and needs two devices; the exact
+    search finds that all three fit together."""
+    layers = [
+        LayerRecord("a", 10, 10, 0, in_bytes=0, out_bytes=0),
+        LayerRecord("b", 10, 10, 0, in_bytes=0, out_bytes=50),
+        LayerRecord("c", 10, 10, 0, in_bytes=50, out_bytes=0),
+    ]
+    cost = FootprintCost(layers)
+    assert not cost.monotone
+    assert cost.cost(0, 1) == 20 and cost.cost(0, 2) == 80 and cost.cost(0, 3) == 40
+    plan = make_plan(layers, 60, "greedy")
+    assert plan.groups == [(0, 2)]
+    assert any("not monotone" in n for n in plan.notes)
+    # b alone (70) is over 60 but it fits with a neighbour: not oversized.
+    plan = make_plan(layers, 60, devices=2)
+    assert plan.groups == [(0, 0), (1, 2)] and plan.bottleneck_value == 30  # [a]=20, [b,c]=30
+
+
+def test_no_partition_although_every_layer_fits_somewhere():
+    """a fits only in [a, b], c only in [b, c], and [a, b, c] is over: every layer is
+    placeable, no partition exists, and the error says so (not an oversized layer)."""
+    layers = [
+        LayerRecord("a", 50, 0, out_bytes=60),
+        LayerRecord("b", 10, 0),
+        LayerRecord("c", 50, 0, in_bytes=60),
+    ]
+    cost = FootprintCost(layers)
+    assert [cost.cost(0, 1), cost.cost(1, 2), cost.cost(2, 3)] == [110, 10, 110]
+    assert [cost.cost(0, 2), cost.cost(1, 3), cost.cost(0, 3)] == [60, 60, 110]
+    with pytest.raises(PlanError, match=r"no partition of layers 0 \('a'\) .. 2 \('c'\)") as err:
+        make_plan(layers, 100)
+    assert not isinstance(err.value, OversizedLayerError)
+    assert make_plan(layers, 110, "greedy").groups == [(0, 2)]
+
+
+# ---------------------------------------------------------------- oversized layers
+def test_diagnose_fixes_from_components():
+    layer = LayerRecord("big", 80, 30, 10, in_bytes=5, out_bytes=5, weight_bits=32, batch=4)
+    d = diagnose(layer, 100, index=3)
+    assert (d.index, d.name, d.footprint.total_bytes, d.excess_bytes) == (3, "big", 130, 30)
+    fixes = {f.kind: f for f in d.fixes}
+    assert (fixes["int8"].bytes_after, fixes["int8"].fits) == (70, True)
+    assert (fixes["int4"].bytes_after, fixes["int4"].fits) == (60, True)
+    assert fixes["prune"].value == 0.375 and fixes["prune"].bytes_after == 100 and fixes["prune"].fits
+    assert (fixes["micro-batch"].value, fixes["micro-batch"].bytes_after) == (1, 93)
+    assert (fixes["split"].value, fixes["split"].bytes_after, fixes["split"].fits) == (2, 70, True)
+    text = d.describe()
+    assert "130 B" in text and "capacity 100 B" in text and "INT8" in text
+    json.dumps(d.to_dict())
+
+
+def test_diagnose_when_nothing_single_helps():
+    layer = LayerRecord("huge", 1000, 500, 0, in_bytes=200, out_bytes=200, weight_bits=8, batch=1)
+    d = diagnose(layer, 300)
+    fixes = {f.kind: f for f in d.fixes}
+    assert "int8" not in fixes  # already 8-bit weights
+    assert fixes["int4"].bytes_after == 500 + 500 + 400 and not fixes["int4"].fits
+    assert not fixes["micro-batch"].fits  # weights alone exceed the capacity
+    assert not fixes["prune"].fits  # activations and boundaries alone are 900
+    assert fixes["split"].fits is False and fixes["split"].value == 0  # boundaries 400 > 300
+
+
+def test_oversized_layer_error_and_spill():
+    layers = uniform(4)
+    layers[2] = LayerRecord("layers.2", 900, 40, 10, in_bytes=20, out_bytes=20, batch=2)
+    with pytest.raises(OversizedLayerError, match=r"layer 2 \('layers.2'\) needs 990 B alone") as err:
+        make_plan(layers, 400)
+    assert [o.index for o in err.value.oversized] == [2]
+    assert "--allow-spill" in str(err.value)
+    plan = make_plan(layers, 400, allow_spill=True, devices=3)
+    assert plan.groups == [(0, 1), (2, 2), (3, 3)]
+    spill = plan.stages[1]
+    assert spill.spilling and not spill.resident
+    assert spill.resident_fraction == pytest.approx(400 / 990)
+    assert plan.stages[0].resident and plan.bottleneck == 0
+    assert [o.index for o in plan.oversized] == [2]
+    with pytest.raises(DeviceCountError, match="1 of them for spilling layers") as derr:
+        make_plan(layers, 400, allow_spill=True, devices=2)
+    assert derr.value.minimum == 3
+
+
+def test_capacity_below_every_layer():
+    layers = uniform(3)
+    with pytest.raises(OversizedLayerError) as err:
+        make_plan(layers, 10)
+    assert [o.index for o in err.value.oversized] == [0, 1, 2]
+    plan = make_plan(layers, 10, allow_spill=True)
+    assert plan.groups == [(0, 0), (1, 1), (2, 2)] and all(s.spilling for s in plan.stages)
+
+
+# ---------------------------------------------------------------- devices
+def test_more_devices_than_layers_leaves_idle_devices():
+    plan = make_plan(uniform(3), 10_000, devices=5)
+    assert plan.groups == [(0, 0), (1, 1), (2, 2)]
+    assert plan.idle_devices == [3, 4]
+    assert any("fewer layers than devices" in n for n in plan.notes)
+
+
+def test_greedy_with_spare_devices_reports_them_idle():
+    plan = make_plan(uniform(6), 10_000, "greedy", devices=4)
+    assert plan.devices_used == 1 and plan.idle_devices == [1, 2, 3]
+
+
+def test_too_few_devices_names_the_minimum():
+    with pytest.raises(DeviceCountError, match="at least 3 devices") as err:
+        make_plan(uniform(6), 300, devices=2)  # 2 layers per 300-byte device at most
+    assert err.value.minimum == 3
+
+
+def test_n1_and_equal_layers_and_zero_bytes():
+    assert make_plan(uniform(1), 190).groups == [(0, 0)]
+    plan = make_plan(uniform(8), 10_000, devices=4)
+    assert plan.groups == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    zeros = [LayerRecord(f"z{i}", 0, 0) for i in range(5)]
+    plan = make_plan(zeros, 0, devices=2)
+    assert plan.groups == [(0, 3), (4, 4)] and plan.bottleneck_value == 0
+    assert all(s.utilisation == 0.0 for s in plan.stages)
+
+
+# ---------------------------------------------------------------- min-time
+def test_min_time_balances_time_not_bytes():
+    """Heavy-compute layers get stages of their own even though their bytes are small."""
+    layers = [LayerRecord(f"l{i}", 100, 10, flops=f) for i, f in enumerate([10**6, 10**6, 10, 10, 10, 10])]
+    model = RooflineCostModel(onchip_bw=1e9, offchip_bw=1e8, peak_flops=1e9)
+    by_time = make_plan(layers, 10_000, "min-time", devices=3, cost_model=model)
+    assert by_time.groups == [(0, 0), (1, 1), (2, 5)]
+    assert by_time.objective == "time" and by_time.bottleneck_value == pytest.approx(1e-3)
+    by_bytes = make_plan(layers, 10_000, "balanced", devices=3)
+    assert by_bytes.groups == [(0, 1), (2, 3), (4, 5)]
+
+
+def test_min_time_counts_spilling_and_transfer():
+    layers = uniform(3, w=100)
+    layers[1] = LayerRecord("layers.1", 1000, 40, 10, in_bytes=20, out_bytes=20, bytes_moved=1000)
+    model = RooflineCostModel(onchip_bw=100.0, offchip_bw=10.0, peak_flops=1e12, link_bw=10.0, link_latency=1.0)
+    plan = make_plan(layers, 300, "min-time", allow_spill=True, cost_model=model)
+    spill = plan.stages[1]
+    assert spill.spilling
+    assert spill.predicted_time == pytest.approx(1000 / 10.0 + 1.0 + 20 / 10.0)
+    assert plan.bottleneck == 1
+    assert plan.cuts[0].transfer_time == pytest.approx(1.0 + 2.0)
+
+
+def test_roofline_from_hardware():
+    m = RooflineCostModel.from_hardware(PRESETS["h100"], "bfloat16")
+    assert m.peak_flops == 989e12 and m.onchip_bw == 7.0e12
+    layer = LayerRecord("l", 10**6, 0, flops=2 * 10**9)
+    assert m.layer_time(layer, True) == pytest.approx(max(2e9 / 989e12, 1e6 / 7e12))
+    assert m.layer_time(layer, False) >= m.layer_time(layer, True)
+    assert m.transfer_time(0) == 0.0 and m.transfer_time(900) == pytest.approx(2e-6 + 1e-9)
+
+
+# ---------------------------------------------------------------- layouts
+def test_parse_layout_forms():
+    assert parse_layout("4,4,4,4") == Layout(counts=(4, 4, 4, 4))
+    assert parse_layout(" layers.3 , layers.7") == Layout(starts=("layers.3", "layers.7"))
+    assert parse_layout([2, 2]) == Layout(counts=(2, 2))
+    for bad in ("", "4,,4", "4,0,4"):
+        with pytest.raises(PlanError):
+            parse_layout(bad)
+
+
+def test_resolve_layout_by_counts_and_names():
+    layers = uniform(8)
+    assert resolve_layout(parse_layout("3,3,2"), layers) == [(0, 2), (3, 5), (6, 7)]
+    assert resolve_layout(parse_layout("layers.3,layers.6"), layers) == [(0, 2), (3, 5), (6, 7)]
+    assert resolve_layout(parse_layout("layers.0,layers.4"), layers) == [(0, 3), (4, 7)]
+    with pytest.raises(PlanError, match="places 7 layers but the model has 8.*3,3,2"):
+        resolve_layout(parse_layout("3,3,1"), layers)
+    with pytest.raises(PlanError, match="does not have"):
+        resolve_layout(parse_layout("layers.3,layers.99"), layers)
+    with pytest.raises(PlanError, match="model order"):
+        resolve_layout(parse_layout("layers.5,layers.2"), layers)
+
+
+def test_layout_plan_validated_against_capacity():
+    layers = uniform(8)  # one layer: 100 + 50 + 20 + 20 = 190; two: 200 + 50 + 40 = 290
+    plan = make_plan(layers, 300, layout="2,2,2,2")
+    assert plan.strategy == "layout" and plan.groups == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert plan.layout == "2,2,2,2" and plan.min_devices is None
+    with pytest.raises(PlanError) as err:
+        make_plan(layers, 300, layout="3,1,4")
+    msg = str(err.value)
+    assert "stage 0: layers 'layers.0' .. 'layers.2' (3 layers) need 390 B" in msg
+    assert "stage 2" in msg and "stage 1" not in msg
+    with pytest.raises(PlanError, match="4 stages but only 3 devices"):
+        make_plan(layers, 300, layout="2,2,2,2", devices=3)
+    idle = make_plan(layers, 300, layout="2,2,2,2", devices=6)
+    assert idle.idle_devices == [4, 5]
+
+
+def test_layout_single_oversized_stage_needs_allow_spill():
+    layers = uniform(3)
+    with pytest.raises(PlanError, match="does not fit alone"):
+        make_plan(layers, 150, layout="1,1,1")
+    with pytest.raises(PlanError, match="3 layers"):
+        make_plan(layers, 150, layout="3", allow_spill=True)  # only single layers may spill
+    plan = make_plan(layers, 150, layout="1,1,1", allow_spill=True)
+    assert all(s.spilling for s in plan.stages) and len(plan.oversized) == 3
+
+
+# ---------------------------------------------------------------- report
+def test_plan_report_fields_and_json():
+    layers = uniform(6)
+    model = RooflineCostModel(onchip_bw=1e9, offchip_bw=1e8, peak_flops=1e9, link_bw=1e9)
+    plan = make_plan(layers, 400, "balanced", devices=4, cost_model=model)
+    d = json.loads(json.dumps(plan.to_dict()))
+    assert d["strategy"] == "balanced" and d["footprint"] == "exact"
+    assert d["groups"] == [[a, b] for a, b in plan.groups] and d["devices_used"] == 4
+    assert d["min_devices"] == 2 and d["idle_devices"] == []
+    stage = d["stages"][0]
+    for key in ("weight_bytes", "activation_bytes", "buffer_bytes", "in_bytes", "out_bytes", "total_bytes",
+                "utilisation", "resident", "resident_fraction", "spilling", "predicted_time", "layer_names"):
+        assert key in stage
+    assert len(d["cuts"]) == 3 and all(c["bytes"] == 20 for c in d["cuts"])
+    assert d["stages"][d["bottleneck_stage"]]["total_bytes"] == d["bottleneck_value"]
+    assert stage["utilisation"] == pytest.approx(stage["total_bytes"] / 400)
+    text = plan.format_table()
+    assert "bottleneck: stage" in text and "layers.0 .. layers.1" in text and "cuts:" in text
+
+
+def test_sum_footprint_is_additive():
+    layers = uniform(4)
+    plan = make_plan(layers, 10_000, devices=2, footprint="sum")
+    assert [s.total_bytes for s in plan.stages] == [300, 300]
+    with pytest.raises(PlanError, match="unknown footprint mode"):
+        make_plan(layers, 10_000, footprint="max")
