@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 FATBIN_MAGIC = (0xBA55ED50).to_bytes(4, "little")
 EM_CUDA = 190
+DEFAULT_NVCC = "/usr/local/cuda/bin/nvcc"
 
 # Driver entry points libtvm_runtime_cuda.so links (nm -D --undefined-only); each returns
 # CUDA_ERROR_NO_DEVICE (100) in the stub.
@@ -48,7 +49,7 @@ def find_nvcc() -> str:
     which = shutil.which("nvcc")
     if which:
         candidates.append(Path(which))
-    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
+    candidates.append(Path(DEFAULT_NVCC))
     for c in candidates:
         if c.is_file() and os.access(c, os.X_OK):
             return str(c)

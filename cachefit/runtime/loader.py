@@ -190,7 +190,7 @@ class Pipeline:
             if arr.dtype != want:
                 raise InputError(f"input {name!r} has dtype {arr.dtype}, the model expects {d['dtype']}; "
                                  f"convert it (e.g. array.astype('{d['dtype']}'))")
-            arrays.append(np.ascontiguousarray(arr))
+            arrays.append(np.asarray(arr, order="C"))
         return arrays
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

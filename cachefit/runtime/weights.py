@@ -59,7 +59,7 @@ def save_weights(path: str | Path, tensors: Mapping[str, np.ndarray], metadata: 
     offset = 0
     arrays = []
     for name, value in tensors.items():
-        arr = np.ascontiguousarray(value)
+        arr = np.asarray(value, order="C")
         dname = dtype_name(arr.dtype)
         if dname not in _CODES:
             raise ArtifactError(

@@ -1,0 +1,196 @@
+"""codegen.build_artifact: per-stage libraries, weights files and the manifest (docs/artifact-format.md)."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+from cachefit.codegen import build_artifact, extract_stage
+from cachefit.codegen import cuda as cuda_tools
+from cachefit.errors import CachefitError, ModelError
+from cachefit.passes.split_stages import SplitStages
+from cachefit.runtime.weights import load_weights
+
+
+@I.ir_module
+class TiedResidual:
+    """embed (tied weight) -> layers.0 -> layers.1 (+ residual from embed) -> head (tied weight)."""
+
+    @R.function(private=True)
+    def layer_0(ids: R.Tensor((2, 16), "float32"), emb: R.Tensor((16, 16), "float32")) -> R.Tensor((2, 16), "float32"):
+        R.func_attr({"cachefit.layer": 0, "cachefit.layer_name": "embed"})
+        with R.dataflow():
+            gv = R.matmul(ids, emb)
+            R.output(gv)
+        return gv
+
+    @R.function(private=True)
+    def layer_1(h: R.Tensor((2, 16), "float32"), w1: R.Tensor((16, 16), "float32")) -> R.Tensor((2, 16), "float32"):
+        R.func_attr({"cachefit.layer": 1, "cachefit.layer_name": "layers.0"})
+        with R.dataflow():
+            gv = R.nn.relu(R.matmul(h, w1))
+            R.output(gv)
+        return gv
+
+    @R.function(private=True)
+    def layer_2(a: R.Tensor((2, 16), "float32"), h: R.Tensor((2, 16), "float32"), w2: R.Tensor((16, 16), "float32")) -> R.Tensor((2, 16), "float32"):
+        R.func_attr({"cachefit.layer": 2, "cachefit.layer_name": "layers.1"})
+        with R.dataflow():
+            gv = R.add(R.matmul(a, w2), h)
+            R.output(gv)
+        return gv
+
+    @R.function(private=True)
+    def layer_3(z: R.Tensor((2, 16), "float32"), emb: R.Tensor((16, 16), "float32")) -> R.Tensor((2, 16), "float32"):
+        R.func_attr({"cachefit.layer": 3, "cachefit.layer_name": "head"})
+        with R.dataflow():
+            gv = R.matmul(z, R.permute_dims(emb))
+            R.output(gv)
+        return gv
+
+    @R.function
+    def main(ids: R.Tensor((2, 16), "float32"), emb: R.Tensor((16, 16), "float32"), w1: R.Tensor((16, 16), "float32"), w2: R.Tensor((16, 16), "float32")) -> R.Tensor((2, 16), "float32"):
+        R.func_attr({"num_input": 1})
+        cls = TiedResidual
+        with R.dataflow():
+            h = cls.layer_0(ids, emb)
+            a = cls.layer_1(h, w1)
+            z = cls.layer_2(a, h, w2)
+            out = cls.layer_3(z, emb)
+            R.output(out)
+        return out
+
+
+def tied_params(seed=0):
+    rng = np.random.default_rng(seed)
+    return {n: rng.standard_normal((16, 16)).astype("float32") for n in ("emb", "w1", "w2")}
+
+
+GROUPS = [(0, 0), (1, 2), (3, 3)]
+
+
+@pytest.fixture(scope="module")
+def llvm_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("art")
+    plan = {"strategy": "test", "capacity_bytes": 1000,
+            "stages": [{"index": i, "device": i, "first_layer": a, "last_layer": b, "weight_bytes": 1024 * (i + 1)}
+                       for i, (a, b) in enumerate(GROUPS)]}
+    build_artifact(SplitStages(GROUPS)(TiedResidual), tied_params(), plan, "llvm", out,
+                   model_name="tied", model_sha256="ab" * 32, output_names=["logits"])
+    return out
+
+
+def test_manifest_describes_stages_and_files(llvm_artifact):
+    """The manifest lists each stage's layers, device, files with their sha256, and the tensor signatures."""
+    m = json.loads((llvm_artifact / "manifest.json").read_text())
+    assert m["format"] == "cachefit-artifact" and m["format_version"] == 1
+    assert m["model"] == {"name": "tied", "sha256": "ab" * 32}
+    assert m["target"] == {"kind": "llvm", "arch": None}
+    assert m["plan"]["strategy"] == "test" and m["plan"]["stages"][1]["weight_bytes"] == 2048
+    assert m["inputs"] == [{"name": "ids", "shape": [2, 16], "dtype": "float32"}]
+    assert m["outputs"] == [{"name": "logits", "shape": [2, 16], "dtype": "float32"}]
+    assert [(s["layers"]["first"], s["layers"]["last"]) for s in m["stages"]] == GROUPS
+    assert [s["layers"]["names"] for s in m["stages"]] == [["embed"], ["layers.0", "layers.1"], ["head"]]
+    assert [s["device"] for s in m["stages"]] == [{"kind": "cpu", "index": i} for i in range(3)]
+    for s in m["stages"]:
+        for key, suffix in (("library", ".so"), ("weights", ".safetensors")):
+            f = llvm_artifact / s[key]["file"]
+            assert s[key]["file"] == f"stage_{s['index']}{suffix}"
+            assert hashlib.sha256(f.read_bytes()).hexdigest() == s[key]["sha256"]
+            assert f.stat().st_size == s[key]["bytes"]
+    # the residual (embed:0) crosses the first cut with nothing else; after stage 1 only layers.1:0 is live
+    assert [d["name"] for d in m["stages"][0]["outputs"]] == ["embed:0"]
+    assert [d["name"] for d in m["stages"][1]["outputs"]] == ["layers.1:0"]
+    assert m["stages"][1]["inputs"] == m["stages"][0]["outputs"]
+    assert m["stages"][2]["outputs"] == m["outputs"]
+
+
+def test_transfers_have_the_bytes_of_the_cut(llvm_artifact):
+    m = json.loads((llvm_artifact / "manifest.json").read_text())
+    assert [(t["from_stage"], t["to_stage"]) for t in m["transfers"]] == [(0, 1), (1, 2)]
+    for t, s in zip(m["transfers"], m["stages"]):
+        assert [x["name"] for x in t["tensors"]] == [d["name"] for d in s["outputs"]]
+        assert t["bytes"] == sum(x["bytes"] for x in t["tensors"]) == 2 * 16 * 4
+
+
+def test_each_stage_stores_only_its_weights_and_a_tied_weight_in_both(llvm_artifact):
+    """A stage's weights file holds the weights its layers read; the tied embedding is in stages 0 and 2."""
+    params = tied_params()
+    stored = [load_weights(llvm_artifact / f"stage_{i}.safetensors") for i in range(3)]
+    assert [sorted(w) for w in stored] == [["emb"], ["w1", "w2"], ["emb"]]
+    for w in stored:
+        for name, arr in w.items():
+            np.testing.assert_array_equal(arr, params[name])
+    m = json.loads((llvm_artifact / "manifest.json").read_text())
+    assert [[p["name"] for p in s["params"]] for s in m["stages"]] == [["emb"], ["w1", "w2"], ["emb"]]
+
+
+def test_extract_stage_keeps_only_its_functions():
+    split = SplitStages(GROUPS)(TiedResidual)
+    sub = extract_stage(split, 1)
+    assert sorted(gv.name_hint for gv in sub.get_global_vars()) == ["layer_1", "layer_2", "stage_1"]
+
+
+def test_plan_that_does_not_match_the_stages_is_refused(tmp_path):
+    plan = {"stages": [{"first_layer": 0, "last_layer": 1}, {"first_layer": 2, "last_layer": 3}]}
+    with pytest.raises(CachefitError, match=r"do not match the module's stages"):
+        build_artifact(SplitStages(GROUPS)(TiedResidual), tied_params(), plan, "llvm", tmp_path)
+
+
+def test_missing_or_misshapen_weight_is_a_model_error(tmp_path):
+    params = tied_params()
+    del params["w2"]
+    with pytest.raises(ModelError, match="'w2'"):
+        build_artifact(SplitStages(GROUPS)(TiedResidual), params, None, "llvm", tmp_path)
+    params = tied_params()
+    params["w1"] = params["w1"].astype("float16")
+    with pytest.raises(ModelError, match="'w1' is float16"):
+        build_artifact(SplitStages(GROUPS)(TiedResidual), params, None, "llvm", tmp_path)
+
+
+def test_unknown_target_is_refused(tmp_path):
+    with pytest.raises(CachefitError, match="unknown target 'rocm'"):
+        build_artifact(SplitStages(GROUPS)(TiedResidual), tied_params(), None, "rocm", tmp_path)
+
+
+def test_cuda_without_toolkit_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(cuda_tools, "DEFAULT_NVCC", str(tmp_path / "no-nvcc"))
+    with pytest.raises(cuda_tools.CudaToolchainError, match="no nvcc was found"):
+        build_artifact(SplitStages(GROUPS, target="cuda")(TiedResidual), tied_params(), None, "cuda", tmp_path / "o")
+
+
+def test_malformed_arch_is_refused(tmp_path):
+    with pytest.raises(CachefitError, match="malformed CUDA arch"):
+        build_artifact(SplitStages(GROUPS)(TiedResidual), tied_params(), None, "cuda", tmp_path, arch="90")
+
+
+def test_device_code_kinds_reads_fatbin_and_cubin_headers(tmp_path):
+    blob = tmp_path / "x.bin"
+    cubin_header = b"\x7fELF" + bytes(14) + cuda_tools.EM_CUDA.to_bytes(2, "little")
+    host_header = b"\x7fELF" + bytes(14) + (62).to_bytes(2, "little")
+    blob.write_bytes(host_header + b"junk" + cuda_tools.FATBIN_MAGIC + bytes(8) + cubin_header)
+    assert cuda_tools.device_code_kinds(blob) == {"fatbin": 1, "cubin": 1, "source": False}
+    blob.write_bytes(host_header + b'extern "C" __global__ void k() {}')
+    assert cuda_tools.device_code_kinds(blob) == {"fatbin": 0, "cubin": 0, "source": True}
+
+
+@pytest.mark.slow
+def test_cuda_stages_carry_compiled_device_code(tmp_path):
+    """--target cuda: one library per stage, each with a fatbin for sm_90a built by nvcc, no CUDA source."""
+    out = build_artifact(SplitStages([(0, 1), (2, 3)], target="cuda")(TiedResidual), tied_params(), None, "cuda",
+                         tmp_path, arch="sm_90a")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["target"] == {"kind": "cuda", "arch": "sm_90a"}
+    assert [s["device"] for s in m["stages"]] == [{"kind": "cuda", "index": 0}, {"kind": "cuda", "index": 1}]
+    for s in m["stages"]:
+        kinds = cuda_tools.device_code_kinds(out / s["library"]["file"])
+        assert kinds["fatbin"] >= 1, kinds
+        assert not kinds["source"], kinds
