@@ -195,6 +195,21 @@ def plan(model, input_shapes, batch, dtype, num_layers, layer_boundaries, cache,
         click.echo(report.format_table())
 
 
+# --- demo -------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--model", "preset", default="dense-tiny", show_default=True, help="Bundled reference model preset.")
+@click.option("--cache", default="2MB", show_default=True, help="On-chip capacity per (CPU) device.")
+@click.option("-o", "--output", default="build/demo", show_default=True, type=click.Path(file_okay=False))
+@user_errors
+def demo(preset, cache, output):
+    """The main job on a bundled model: export, plan, compile into CPU stages, run, compare with onnxruntime."""
+    from .demo import run_demo
+
+    ok = run_demo(preset=preset, cache=cache, out_dir=output, echo=click.echo)
+    sys.exit(0 if ok else 1)
+
+
 # --- models -----------------------------------------------------------------------------------
 
 @main.group()
@@ -234,6 +249,63 @@ def models_export(name, output, **overrides):
     overrides = {k: v for k, v in overrides.items() if v is not None}
     path = export(name, output, **overrides)
     click.echo(f"wrote {path}")
+
+
+@main.command("run")
+@click.argument("artifact", type=click.Path(exists=False, file_okay=False))
+@click.option("-i", "--inputs", "inputs_path", type=click.Path(dir_okay=False), default=None,
+              help="Inputs as an .npz file (one array per input name); default: generated (--fill-mode).")
+@click.option("-o", "--outputs", "outputs_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the outputs to this .npz file.")
+@click.option("--fill-mode", type=click.Choice(["random", "zeros", "ones"]), default="random", show_default=True,
+              help="How to generate inputs when no -i is given.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--devices", "devices", default=None,
+              help="Comma-separated device per stage (cpu, cuda:0, ...), or one for all stages.")
+@click.option("--print-time", is_flag=True, help="Print per-stage and total run times.")
+@click.option("--repeat", type=int, default=1, show_default=True, help="Runs to time (with --print-time).")
+@click.option("--print-outputs/--no-print-outputs", default=True, show_default=True,
+              help="Print each output's shape, dtype and a few values.")
+@user_errors
+def run_cmd(artifact, inputs_path, outputs_path, fill_mode, seed, devices, print_time, repeat, print_outputs):
+    """Run a compiled artifact directory (from ``cachefit compile``) on its devices."""
+    import numpy as np
+
+    from .runtime import load
+    from .runtime.tools import format_times, make_inputs, read_inputs, time_pipeline
+
+    devs = None
+    if devices:
+        parts = [d.strip() for d in devices.split(",") if d.strip()]
+        devs = parts[0] if len(parts) == 1 else parts
+    pipe = load(artifact, devices=devs)
+    inputs = read_inputs(inputs_path) if inputs_path else make_inputs(pipe.inputs, fill_mode, seed)
+    outputs = pipe.run(inputs)
+    if outputs_path:
+        np.savez(outputs_path, **outputs)
+    if print_outputs:
+        for name, arr in outputs.items():
+            flat = arr.reshape(-1)[:6]
+            click.echo(f"{name}: {arr.dtype}{list(arr.shape)} [{', '.join(f'{v:.6g}' for v in flat.tolist())}"
+                       f"{', ...' if arr.size > 6 else ''}]")
+    if print_time:
+        times = time_pipeline(pipe, inputs, repeat)
+        click.echo(format_times(times, [s.name for s in pipe.stages]))
+
+
+@main.command("inspect")
+@click.argument("artifact", type=click.Path(exists=False, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@user_errors
+def inspect_cmd(artifact, fmt):
+    """Show the plan and the stages of a compiled artifact directory (from its manifest)."""
+    import json
+
+    from .runtime import read_manifest
+    from .runtime.tools import format_manifest
+
+    manifest = read_manifest(artifact)
+    click.echo(json.dumps(manifest, indent=2) if fmt == "json" else format_manifest(manifest))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -319,6 +319,7 @@ def sanitize_names(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, s
 
 _SIDE_EFFECT_OR_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 _MAX_FOLD_ELEMS = 1 << 22
+_MAX_CONST_NODE_ELEMS = 16
 
 
 def fold_constants(model: onnx.ModelProto, weight_names: set[str]) -> onnx.ModelProto:
@@ -343,17 +344,21 @@ def fold_constants(model: onnx.ModelProto, weight_names: set[str]) -> onnx.Model
     opset = {o.domain: o.version for o in m.opset_import}
     keep: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
+    changed = False
     for node in g.node:
         out_vals: list[np.ndarray] | None = None
         if node.domain not in ("", "ai.onnx") or node.op_type in _SIDE_EFFECT_OR_RANDOM:
             keep.append(node)
             continue
         if node.op_type == "Constant":
+            # stays a Constant node (an embedded constant, not a weight); its value feeds folding
             try:
-                out_vals = [_eval_node(ReferenceEvaluator, node, [], opset)[0]]
+                consts[node.output[0]] = _eval_node(ReferenceEvaluator, node, [], opset)[0]
             except Exception:
-                out_vals = None
-        elif node.op_type in ("Shape", "Size") and node.input and node.input[0] not in consts:
+                pass
+            keep.append(node)
+            continue
+        if node.op_type in ("Shape", "Size") and node.input and node.input[0] not in consts:
             shp = shapes.get(node.input[0])
             if shp is not None:
                 if node.op_type == "Size":
@@ -373,11 +378,19 @@ def fold_constants(model: onnx.ModelProto, weight_names: set[str]) -> onnx.Model
         if out_vals is None:
             keep.append(node)
             continue
+        changed = True
         for name, val in zip(node.output, out_vals):
             if name:
-                consts[name] = np.asarray(val)
-                new_inits.append(numpy_helper.from_array(np.asarray(val), name))
-    if len(keep) == len(g.node):
+                val = np.asarray(val)
+                consts[name] = val
+                if val.dtype.kind == "f" and val.size > _MAX_CONST_NODE_ELEMS:
+                    # a computed weight (the zoo's ConstantOfShape-built CNN weights): a parameter
+                    new_inits.append(numpy_helper.from_array(val, name))
+                else:
+                    # shape arithmetic and small scalars: an embedded constant
+                    keep.append(helper.make_node("Constant", [], [name], name=f"{node.name}/folded" if node.name else "",
+                                                 value=numpy_helper.from_array(val)))
+    if not changed:
         return m
     del g.node[:]
     g.node.extend(keep)
