@@ -1,0 +1,242 @@
+"""``cachefit calibrate``: measure this CPU (one core as one device) and store it as the ``cpu`` preset.
+
+What is measured, single-threaded (one pipeline stage owns one core):
+
+* **FLOP/s**: float32 matmuls of a few transformer-like shapes; the median becomes the peak.
+  With ``method="tvm"`` (default) the kernels are compiled by TVM's default Relax pipeline, as
+  cachefit's CPU stages are, so the figure is what *those* kernels reach (untuned LLVM kernels
+  are far below numpy's BLAS); ``method="numpy"`` times numpy instead.
+* **bandwidth**: an element-wise ``c = a + b`` over float32 vectors whose three arrays together
+  are a given working set: below the per-core L2 (on-chip), at 8x L2 (off-chip: the shared L3
+  here) and at 64x L2 (DRAM, recorded for information).
+* **launch overhead**: the extra time of one more tiny kernel in a VM function (per kernel).
+* **link**: a stage-to-stage transfer on one machine is a memory copy handed to another thread:
+  numpy copy bandwidth of a 4 MiB buffer, and the latency of a thread hand-off through a queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import CachefitError
+from .hardware import GB, Hardware, cpu_preset, cpu_preset_path, format_bytes, save_hardware
+
+logger = logging.getLogger(__name__)
+
+MATMUL_SHAPES = [(32, 160, 160), (32, 160, 640), (32, 640, 160), (64, 256, 256), (128, 512, 512)]
+
+
+def _median_time(fn: Callable[[], object], *, min_time: float = 0.05, repeats: int = 5) -> float:
+    """Median over ``repeats`` of the mean time of ``fn`` over at least ``min_time`` seconds."""
+    fn()  # warm up
+    samples = []
+    for _ in range(repeats):
+        n, start = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_time:
+                break
+        samples.append(elapsed / n)
+    return statistics.median(samples)
+
+
+def _tvm_build(func_builder) -> tuple[object, object]:
+    """Compile a one-function Relax module for the host CPU; returns (vm, device)."""
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    func_builder(bb)
+    ex = tvm.compile(bb.get(), tvm.target.Target({"kind": "llvm"}))
+    dev = tvm.cpu()
+    return relax.VirtualMachine(ex, dev), dev
+
+
+def _tvm_time(vm, dev, args, *, min_time: float, repeats: int) -> float:
+    import tvm
+
+    tensors = [tvm.runtime.tensor(a, dev) for a in args]
+    f = vm.time_evaluator("main", dev, number=1, repeat=repeats, min_repeat_ms=int(min_time * 1000))
+    return float(f(*tensors).median)
+
+
+def _matmul_tvm(m: int, k: int, n: int, *, min_time: float, repeats: int) -> float:
+    from tvm import relax
+
+    def build(bb):
+        x = relax.Var("x", relax.TensorType((m, k), "float32"))
+        w = relax.Var("w", relax.TensorType((k, n), "float32"))
+        with bb.function("main", [x, w]):
+            with bb.dataflow():
+                out = bb.emit_output(bb.emit(relax.op.matmul(x, w)))
+            bb.emit_func_output(out)
+
+    vm, dev = _tvm_build(build)
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)]
+    return _tvm_time(vm, dev, args, min_time=min_time, repeats=repeats)
+
+
+def _add_tvm(elems: int, chain: int = 1, *, min_time: float, repeats: int) -> float:
+    from tvm import relax
+
+    def build(bb):
+        a = relax.Var("a", relax.TensorType((elems,), "float32"))
+        b = relax.Var("b", relax.TensorType((elems,), "float32"))
+        with bb.function("main", [a, b]):
+            with bb.dataflow():
+                y = bb.emit(relax.op.add(a, b))
+                for _ in range(chain - 1):
+                    y = bb.emit(relax.op.add(y, b))
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+
+    vm, dev = _tvm_build(build)
+    args = [np.ones(elems, np.float32), np.ones(elems, np.float32)]
+    return _tvm_time(vm, dev, args, min_time=min_time, repeats=repeats)
+
+
+def _handoff_latency(rounds: int = 2000) -> float:
+    """One-way latency of handing a message to another thread through a queue."""
+    q_in: queue.Queue = queue.Queue()
+    q_out: queue.Queue = queue.Queue()
+
+    def echo():
+        while True:
+            item = q_in.get()
+            if item is None:
+                return
+            q_out.put(item)
+
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    start = time.perf_counter()
+    for i in range(rounds):
+        q_in.put(i)
+        q_out.get()
+    elapsed = time.perf_counter() - start
+    q_in.put(None)
+    t.join()
+    return elapsed / rounds / 2
+
+
+def measure_cpu(*, method: str = "tvm", quick: bool = False, progress: Callable[[str], None] | None = None
+                ) -> tuple[Hardware, dict]:
+    """Measure this CPU; returns the preset and the raw measurements."""
+    if method not in ("tvm", "numpy"):
+        raise CachefitError(f"unknown calibration method {method!r}: use tvm or numpy")
+    say = progress or (lambda msg: logger.info("%s", msg))
+    base = cpu_preset()
+    l2 = base.onchip_bytes
+    min_time, repeats = (0.02, 3) if quick else (0.1, 5)
+    meas: dict = {"method": method, "l2_bytes": l2, "matmul": [], "bandwidth": []}
+
+    # compute: matmul FLOP/s over a few shapes
+    shapes = MATMUL_SHAPES[:3] if quick else MATMUL_SHAPES
+    rates = []
+    for m, k, n in shapes:
+        say(f"matmul {m}x{k}x{n}")
+        if method == "tvm":
+            t = _matmul_tvm(m, k, n, min_time=min_time, repeats=repeats)
+        else:
+            a = np.ones((m, k), np.float32)
+            b = np.ones((k, n), np.float32)
+            t = _median_time(lambda: a @ b, min_time=min_time, repeats=repeats)
+        rate = 2 * m * k * n / t
+        rates.append(rate)
+        meas["matmul"].append({"m": m, "k": k, "n": n, "seconds": t, "flops_per_s": rate})
+    peak = statistics.median(rates)
+
+    # memory: c = a + b at working sets below and above L2
+    fractions = [0.125, 0.25, 0.5, 8, 64] if not quick else [0.25, 8]
+    bw: dict[float, float] = {}
+    for frac in fractions:
+        ws = int(l2 * frac)
+        elems = max(1024, ws // 12)  # three float32 arrays
+        say(f"bandwidth at {format_bytes(12 * elems)}")
+        if method == "tvm":
+            t = _add_tvm(elems, min_time=min_time, repeats=repeats)
+        else:
+            a = np.ones(elems, np.float32)
+            b = np.ones(elems, np.float32)
+            c = np.empty_like(a)
+            t = _median_time(lambda: np.add(a, b, out=c), min_time=min_time, repeats=repeats)
+        rate = 12 * elems / t
+        bw[frac] = rate
+        meas["bandwidth"].append({"working_set_bytes": 12 * elems, "fraction_of_l2": frac, "seconds": t,
+                                  "bytes_per_s": rate})
+    onchip = statistics.median([v for f, v in bw.items() if f <= 0.5])
+    offchip = bw[8]
+    meas["dram_bytes_per_s"] = bw.get(64)
+
+    # per-kernel overhead (TVM only): one more tiny kernel in the same VM function
+    overhead = 0.0
+    if method == "tvm":
+        say("kernel launch overhead")
+        t1 = _add_tvm(16, 1, min_time=min_time, repeats=repeats)
+        t20 = _add_tvm(16, 21, min_time=min_time, repeats=repeats)
+        overhead = max(0.0, (t20 - t1) / 20)
+        meas["vm_call_seconds"] = t1
+        meas["per_kernel_seconds"] = overhead
+
+    # link: memory copy to another core + thread hand-off latency
+    say("stage-to-stage copy")
+    src = np.ones(1 << 20, np.float32)
+    dst = np.empty_like(src)
+    t_copy = _median_time(lambda: np.copyto(dst, src), min_time=min_time, repeats=repeats)
+    link_bw = src.nbytes / t_copy
+    latency = _handoff_latency(500 if quick else 2000)
+    meas["copy_bytes_per_s"] = link_bw
+    meas["handoff_seconds"] = latency
+
+    hw = Hardware(
+        name="cpu",
+        onchip_bytes=l2,
+        onchip_bw=onchip,
+        offchip_bw=offchip,
+        peak_flops={"float32": peak, "float16": peak, "bfloat16": peak},
+        link_bw=link_bw,
+        link_latency=latency,
+        offchip_bytes=base.offchip_bytes,
+        launch_overhead=0.0,
+        source=f"calibrated ({method} kernels, {time.strftime('%Y-%m-%d %H:%M')})",
+    )
+    return hw, meas
+
+
+def calibrate(path=None, *, method: str = "tvm", quick: bool = False,
+              progress: Callable[[str], None] | None = None) -> tuple[Hardware, Path, dict]:
+    """Measure this CPU and store the preset where ``get_hardware("cpu")`` finds it (or at ``path``)."""
+    hw, meas = measure_cpu(method=method, quick=quick, progress=progress)
+    target = Path(path) if path else cpu_preset_path()
+    try:
+        out = save_hardware(hw, target, extra=meas)
+    except OSError as exc:
+        raise CachefitError(f"cannot write the CPU preset to {str(target)!r}: {exc.strerror}; pass -o PATH") from None
+    return hw, out, meas
+
+
+def format_calibration(hw: Hardware, meas: dict) -> str:
+    lines = [f"CPU calibration ({meas.get('method')} kernels, one core), per-core L2 {format_bytes(hw.onchip_bytes)}"]
+    for m in meas.get("matmul", []):
+        lines.append(f"  matmul {m['m']}x{m['k']}x{m['n']}: {m['flops_per_s'] / 1e9:.2f} GFLOP/s")
+    for b in meas.get("bandwidth", []):
+        lines.append(f"  c = a + b over {format_bytes(b['working_set_bytes'])}: {b['bytes_per_s'] / GB:.2f} GB/s")
+    if "per_kernel_seconds" in meas:
+        lines.append(f"  VM call {meas['vm_call_seconds'] * 1e6:.1f} us, +{meas['per_kernel_seconds'] * 1e6:.2f} us per kernel")
+    lines.append(f"  copy {meas['copy_bytes_per_s'] / GB:.2f} GB/s, thread hand-off {meas['handoff_seconds'] * 1e6:.1f} us")
+    lines.append(
+        f"preset: peak {hw.flops_for('float32') / 1e9:.2f} GFLOP/s, on-chip {hw.onchip_bw / GB:.2f} GB/s, "
+        f"off-chip {hw.offchip_bw / GB:.2f} GB/s, link {hw.link_bw / GB:.2f} GB/s + {hw.link_latency * 1e6:.1f} us"
+    )
+    return "\n".join(lines)
