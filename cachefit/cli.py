@@ -63,6 +63,8 @@ def main(verbose: int) -> None:
               help="Fraction of the nominal bandwidths reached (memory and link).")
 @click.option("--link-bw", default=None, help="Override the link bandwidth, e.g. 450GB (per second).")
 @click.option("--overlap-transfers", is_flag=True, help="Hide stage-to-stage transfers behind compute.")
+@click.option("--overlap-allreduce", is_flag=True,
+              help="Hide the baselines' tensor-parallel all-reduces behind compute (best case).")
 @click.option("--records", type=click.Choice(["ir", "analytic"]), default="ir", show_default=True,
               help="Layer figures from the Relax IR, or counted by hand from a cachefit reference model's shapes.")
 @click.option("--dense-moe", is_flag=True,
@@ -72,7 +74,7 @@ def main(verbose: int) -> None:
 @user_errors
 def estimate_cmd(model, hardware, devices, compare, fmt, input_shapes, batch, dtype, layers, micro_batch,
                  in_flight, usable_fraction, weight_bits, compute_efficiency, bandwidth_efficiency, link_bw,
-                 overlap_transfers, records, dense_moe, fused_attention) -> None:
+                 overlap_transfers, overlap_allreduce, records, dense_moe, fused_attention) -> None:
     """Predict tokens/s and time per output token of cachefit's plan and of baselines."""
     import dataclasses
     import json
@@ -89,6 +91,7 @@ def estimate_cmd(model, hardware, devices, compare, fmt, input_shapes, batch, dt
         compare=compare, micro_batch=micro_batch, in_flight=in_flight, usable_fraction=usable_fraction,
         weight_bits=int(weight_bits) if weight_bits else None, compute_efficiency=compute_efficiency,
         bandwidth_efficiency=bandwidth_efficiency, overlap_transfers=overlap_transfers,
+        overlap_allreduce=overlap_allreduce,
     )
     if fmt == "json":
         click.echo(json.dumps(report.to_dict(), indent=2))

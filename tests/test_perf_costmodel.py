@@ -240,3 +240,10 @@ def test_sharding_divides_compute_and_weights(layer, tp):
     shard = shard_layer(layer, tp, 2)
     assert shard.flops * tp >= layer.flops and (shard.flops - 1) * tp < layer.flops
     assert shard.weight_bytes * tp >= layer.weight_bytes and (shard.weight_bytes - 1) * tp < layer.weight_bytes
+
+
+def test_overlapped_allreduce_hides_behind_the_layers():
+    """With perfect overlap the tp=2 stage of the hand case takes max(0.524288 ms, 5.6384 ms)."""
+    est = estimate_tensor_pipeline([matmul_layer()], CostModel(TOY, overlap_allreduce=True), tp=2, pp=1,
+                                   tokens_per_microbatch=8)
+    assert est.stages[0].time_s == pytest.approx(max(524_288 / 1e9, 5.6384e-3))

@@ -119,6 +119,9 @@ class CostModel:
     compute_efficiency:  the fraction of peak FLOP/s the kernels reach (1.0 = datasheet peak).
     bandwidth_efficiency: the fraction of the nominal bandwidths reached.
     overlap_transfers:   hide a stage's incoming transfer behind its compute.
+    overlap_allreduce:   hide tensor-parallel all-reduces behind compute (baselines): a stage takes
+                         ``max(layers, all-reduces)`` instead of their sum, the best case of
+                         communication/computation overlap.
     """
 
     hardware: Hardware
@@ -126,6 +129,7 @@ class CostModel:
     compute_efficiency: float = 1.0
     bandwidth_efficiency: float = 1.0
     overlap_transfers: bool = False
+    overlap_allreduce: bool = False
 
     def __post_init__(self) -> None:
         for label, value in (("compute_efficiency", self.compute_efficiency),
@@ -204,6 +208,7 @@ class StageEstimate:
     comm_s: float = 0.0
     tp: int = 1
     overlap_transfers: bool = False
+    overlap_comm: bool = False
 
     @property
     def compute_s(self) -> float:
@@ -219,7 +224,7 @@ class StageEstimate:
 
     @property
     def time_s(self) -> float:
-        work = self.layers_s + self.comm_s
+        work = max(self.layers_s, self.comm_s) if self.overlap_comm else self.layers_s + self.comm_s
         if self.overlap_transfers:
             return max(work, self.transfer_s)
         return work + self.transfer_s
@@ -356,7 +361,7 @@ def estimate_stage(layers: Sequence[LayerRecord], model: CostModel, *, index: in
     return StageEstimate(
         index=index, first_layer=first_layer, last_layer=first_layer + len(layers) - 1, footprint=fp,
         capacity_bytes=model.capacity_bytes, resident=resident, layer_costs=costs, transfer_s=transfer,
-        comm_s=comm_s, tp=tp, overlap_transfers=model.overlap_transfers,
+        comm_s=comm_s, tp=tp, overlap_transfers=model.overlap_transfers, overlap_comm=model.overlap_allreduce,
     )
 
 
@@ -392,6 +397,7 @@ def model_assumptions(model: CostModel) -> dict:
         "compute_efficiency": model.compute_efficiency,
         "bandwidth_efficiency": model.bandwidth_efficiency,
         "overlap_transfers": model.overlap_transfers,
+        "overlap_allreduce": model.overlap_allreduce,
     }
 
 

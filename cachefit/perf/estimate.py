@@ -226,6 +226,7 @@ def estimate_layers(
     compute_efficiency: float = 1.0,
     bandwidth_efficiency: float = 1.0,
     overlap_transfers: bool = False,
+    overlap_allreduce: bool = False,
     strategy: str = "min-time",
     groups: Sequence[tuple[int, int]] | None = None,
     weight_bits: int | None = None,
@@ -256,7 +257,8 @@ def estimate_layers(
     if usable_fraction is not None:
         hw = hw.with_usable_fraction(usable_fraction)
     model = CostModel(hw, dtype=compute_dtype, compute_efficiency=compute_efficiency,
-                      bandwidth_efficiency=bandwidth_efficiency, overlap_transfers=overlap_transfers)
+                      bandwidth_efficiency=bandwidth_efficiency, overlap_transfers=overlap_transfers,
+                      overlap_allreduce=overlap_allreduce)
     samples = layers[0].batch
     per_sample = tokens_per_batch / samples
     baselines = parse_baselines(compare) if isinstance(compare, str) else list(compare)
