@@ -254,6 +254,35 @@ def models_export(name, output, **overrides):
     click.echo(f"wrote {path}")
 
 
+@main.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True,
+              help="llvm: one CPU library per stage; cuda: one GPU library per stage (needs nvcc).")
+@click.option("--arch", default="sm_90a", show_default=True, help="CUDA architecture of the device code.")
+@model_options
+@capacity_options
+@plan_options
+@click.option("--threads", type=int, default=None, help="CPU threads per stage (llvm).")
+@click.option("-o", "--output", "out_dir", default="build", show_default=True, type=click.Path(file_okay=False),
+              help="Artifact directory to write.")
+@user_errors
+def compile_cmd(model, target, arch, input_shapes, batch, dtype, num_layers, layer_boundaries, cache, hardware,
+                strategy, devices, footprint, layout, allow_spill, threads, out_dir):
+    """Compile MODEL.onnx into one library per device plus manifest.json (see docs/artifact-format.md)."""
+    from .compiler import compile_model
+
+    if dtype:
+        raise CachefitError("--dtype only changes how a model is planned (cachefit plan); compile uses the model's "
+                            "own dtypes: leave --dtype out")
+    result = compile_model(model, target=target, arch=arch, out_dir=out_dir, input_shapes=input_shapes, batch=batch,
+                           cache=cache, hardware=hardware, strategy=strategy, devices=devices, footprint=footprint,
+                           layout=layout, allow_spill=allow_spill, layers=num_layers,
+                           layer_boundaries=_boundaries(layer_boundaries), threads=threads,
+                           progress=lambda line: click.echo(line, err=True))
+    click.echo(result.report.plan.format_table())
+    click.echo(f"wrote {result.artifact_dir}")
+
+
 @main.command("run")
 @click.argument("artifact", type=click.Path(exists=False, file_okay=False))
 @click.option("-i", "--inputs", "inputs_path", type=click.Path(dir_okay=False), default=None,
