@@ -383,11 +383,12 @@ def fold_constants(model: onnx.ModelProto, weight_names: set[str]) -> onnx.Model
             if name:
                 val = np.asarray(val)
                 consts[name] = val
-                if val.dtype.kind == "f" and val.size > _MAX_CONST_NODE_ELEMS:
-                    # a computed weight (the zoo's ConstantOfShape-built CNN weights): a parameter
+                if val.dtype.kind != "f" or val.size > _MAX_CONST_NODE_ELEMS:
+                    # shape arithmetic (integer initializers are constants at import) or a computed
+                    # weight (the zoo's ConstantOfShape-built CNN weights: a parameter)
                     new_inits.append(numpy_helper.from_array(val, name))
                 else:
-                    # shape arithmetic and small scalars: an embedded constant
+                    # small float scalars: an embedded constant, not a weight
                     keep.append(helper.make_node("Constant", [], [name], name=f"{node.name}/folded" if node.name else "",
                                                  value=numpy_helper.from_array(val)))
     if not changed:
@@ -695,6 +696,24 @@ def _import_layered(m: onnx.ModelProto, types, assignment, input_names, output_n
     per_layer_nodes: list[list[onnx.NodeProto]] = [[] for _ in range(nlayers)]
     for k, node in enumerate(nodes):
         per_layer_nodes[assignment.node_layer[k]].append(node)
+
+    # Constant nodes are copied into every layer that reads them, never passed between layers
+    # (an importer needs axes/shapes as constants, not as inputs)
+    const_nodes = {n.output[0]: n for n in nodes if n.op_type == "Constant" and n.output}
+    for i in range(nlayers):
+        own_out = {o for n in per_layer_nodes[i] for o in n.output if o}
+        needed = []
+        for n in per_layer_nodes[i]:
+            for x in n.input:
+                if x in const_nodes and x not in own_out and const_nodes[x] not in needed:
+                    needed.append(const_nodes[x])
+        if needed:
+            per_layer_nodes[i] = needed + per_layer_nodes[i]
+    # a Constant's value is live out of its layer only through copies
+    for x in const_nodes:
+        last_use.pop(x, None)
+    for o in output_names:
+        last_use[o] = nlayers
 
     layer_funcs = []
     signatures = []  # (live_in, weights, live_out)
