@@ -1,0 +1,103 @@
+"""End to end: ONNX -> plan -> k stages -> per-stage CPU libraries -> runtime pipeline.
+
+The k-stage pipeline must match onnxruntime within 1e-4 of the output's scale and the unpartitioned
+TVM module (the layered module's ``main`` compiled whole) within 1e-6.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+import cachefit.runtime as rt
+from cachefit.analysis import analyze_onnx
+from cachefit.compiler import compile_model, reference_outputs
+
+DATA = Path(__file__).parent / "data"
+
+
+def _inputs(pipe, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for d in pipe.inputs:
+        if d["dtype"].startswith("int"):
+            out[d["name"]] = rng.integers(0, 50, d["shape"]).astype(d["dtype"])
+        else:
+            out[d["name"]] = rng.standard_normal(d["shape"]).astype(d["dtype"])
+    return out
+
+
+def _scaled_error(got, want):
+    return float(np.abs(got.astype("float64") - want).max() / (np.abs(want).max() + 1e-30))
+
+
+def _unpartitioned(analysis, inputs_in_order):
+    """The layered module's main, compiled as one module and run with the weights."""
+    mod = analysis.mod
+    ex = tvm.compile(mod, tvm.target.Target({"kind": "llvm"}))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    main = mod["main"]
+    n_in = int(main.attrs["num_input"])
+    weights = [tvm.runtime.tensor(np.asarray(analysis.params[p.name])) for p in main.params[n_in:]]
+    res = vm["main"](*[tvm.runtime.tensor(a) for a in inputs_in_order], *weights)
+    return [res.numpy()] if isinstance(res, tvm.runtime.Tensor) else [r.numpy() for r in res]
+
+
+def check_model(path: Path, ks, tmp_path: Path, input_shapes=None):
+    analysis = analyze_onnx(path, input_shapes=input_shapes)
+    baseline = None
+    for k in ks:
+        out = tmp_path / f"k{k}"
+        result = compile_model(path, target="llvm", out_dir=out, cache="1GB", strategy="balanced", devices=k,
+                               input_shapes=input_shapes, analysis=analysis)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert len(manifest["stages"]) == k == result.report.plan.devices_used
+        pipe = rt.load(out)
+        inputs = _inputs(pipe)
+        got = pipe.run(inputs)
+        ref = reference_outputs(path, inputs)
+        assert list(got) == [o for o in ref][: len(got)]
+        for name, arr in got.items():
+            err = _scaled_error(arr, ref[name])
+            assert err <= 1e-4, f"{path.name} k={k} output {name}: error {err:.2e} vs onnxruntime"
+        if baseline is None:
+            baseline = _unpartitioned(analysis, [inputs[d["name"]] for d in pipe.inputs])
+        for (name, arr), want in zip(got.items(), baseline):
+            err = _scaled_error(arr, want)
+            assert err <= 1e-6, f"{path.name} k={k} output {name}: error {err:.2e} vs the unpartitioned module"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["dense-tiny", "moe-tiny"])
+def test_reference_models_k_stages(preset, tmp_path):
+    from cachefit import models
+
+    path = models.export(preset, tmp_path / f"{preset}.onnx")
+    check_model(path, [2, 3, 4], tmp_path)
+
+
+def _exported():
+    meta = json.loads((DATA / "models.json").read_text())
+    return [m["file"] for m in meta["models"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _exported())
+def test_exported_transformers_k_stages(name, tmp_path):
+    ks = [2, 3, 4] if name.startswith("gpt2") else [2]
+    check_model(DATA / name, ks, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["squeezenet", "resnet50", "vgg19"])
+def test_light_zoo_cnns_k_stages(name, tmp_path):
+    import onnx
+
+    from cachefit.codegen.cpu_refmodels import light_model
+
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(light_model(name), str(path))
+    check_model(path, [2, 3, 4] if name == "squeezenet" else [2], tmp_path)
