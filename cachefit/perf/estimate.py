@@ -299,6 +299,16 @@ def estimate_layers(
             _rebatch_all(layers, bm), model, tp=base.tp, pp=base.pp, tokens_per_microbatch=bm * per_sample,
             microbatches_in_flight=binflight))
         micro[base.name] = bm
+    if hw.offchip_bytes:
+        for est in [plan, *estimates]:
+            over = [st for st in est.stages if st.footprint.total_bytes > hw.offchip_bytes]
+            if over:
+                worst = max(over, key=lambda st: st.footprint.total_bytes)
+                notes.append(
+                    f"{est.name}: {len(over)} stage(s) need more than the {format_bytes(hw.offchip_bytes)} of "
+                    f"off-chip memory of one {hw.name} (stage {worst.index}: {format_bytes(worst.footprint.total_bytes)} "
+                    "per device); that plan cannot run at this micro-batch: use a smaller --micro-batch"
+                )
     if plan.resident_stages < len(plan.stages):
         notes.append(
             f"{len(plan.stages) - plan.resident_stages} of {len(plan.stages)} stages spill off chip: their weights "
