@@ -38,7 +38,7 @@ class MergeLayers:
                 raise CachefitError(f"--layers {self.count} asks for more layers than the model has ({n} found)")
             if self.count == n:
                 return mod
-            sizes = [sum(_bytes(p.ty) for p in fn.params) for _, fn in layers]
+            sizes = _weight_elems(mod, layers)
             groups = balanced_groups(sizes, self.count)
         flat = layering.flatten(mod)
         names = flat.layer_names
@@ -52,6 +52,18 @@ class MergeLayers:
         seg_names = [names[a] if a == b else f"{names[a]}..{names[b]}" for a, b in groups]
         out = layering.outline(flat, segs, seg_names)
         return layering.copy_module_attrs(mod, out)
+
+
+def _weight_elems(mod, layers) -> list[int]:
+    """Weight elements each layer reads (its call's arguments that are main's weight parameters)."""
+    main = mod["main"]
+    weights = set(main.params[layering.num_input(main):])
+    bindings, _ = layering.main_block(main)
+    args = {}
+    for b in bindings:
+        if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.GlobalVar):
+            args[b.value.op] = [a for a in b.value.args if isinstance(a, relax.Var) and a in weights]
+    return [sum(_bytes(a.ty) for a in args.get(gv, [])) for gv, _ in layers]
 
 
 def _bytes(ty) -> int:
