@@ -242,8 +242,7 @@ def apply_input_shapes(
                 raise ShapeError(f"input {name!r} has no shape in the model: give it with --input-shapes \"{name}:[...]\"")
             new = list(dims)
             if batch is not None and new:
-                if not (isinstance(new[0], int) and new[0] > 0) or True:
-                    new[0] = batch
+                new[0] = batch
             for ax, d in enumerate(new):
                 if not (isinstance(d, int) and d > 0):
                     raise ShapeError(
@@ -506,8 +505,6 @@ def check_operators(model: onnx.ModelProto) -> None:
     """Refuse, by name, an operator TVM's ONNX importer has no converter for."""
     from tvm.relax.frontend.onnx import onnx_frontend as of
 
-    opset = next((o.version for o in model.graph.opset_import if o.domain in ("", "ai.onnx")), 18) \
-        if hasattr(model.graph, "opset_import") else None
     table = of._get_convert_map()
     for node in model.graph.node:
         if node.op_type not in table:
@@ -518,7 +515,6 @@ def check_operators(model: onnx.ModelProto) -> None:
                 + f" at {where}: TVM's ONNX importer has no converter for it. "
                 "Re-export without it, or replace it by standard ONNX operators."
             )
-    del opset
 
 
 # ---------------------------------------------------------------------------------------------
