@@ -51,7 +51,6 @@ LEGACY_OPSET = 17
 DYNAMO_OPSET = 18
 MAX_FILE_BYTES = 5 * 1024 * 1024
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
-CLASS_KEY = "pkg.torch.onnx.class_hierarchy"
 # Python stack traces name files on the exporting machine: dropped to keep the files portable and
 # reproducible. Every other metadata key the dynamo exporter writes is kept.
 DROPPED_METADATA = {"pkg.torch.onnx.stack_trace"}
