@@ -120,23 +120,33 @@ class GroupCost:
     def cost(self, a: int, b: int):
         return self.core(a, b) + self.x[a] + self.y[b - 1]
 
-    def reach(self, a: int, end: int, bound) -> int:
+    def reach(self, a: int, end: int, bound, hint: int = 1) -> int:
         """Largest ``b`` in ``(a, end]`` with ``cost(a, b) <= bound``, or ``a`` if none.
 
-        Valid when ``cost(a, .)`` is nondecreasing in ``b``, which holds whenever ``y`` does
-        not decrease faster than the core grows; callers use it only when ``monotone``.
-        Galloping search: O(log(b - a)) cost evaluations.
+        Valid when ``cost(a, .)`` is nondecreasing in ``b`` (callers use it only when
+        ``monotone``). Exponential search outwards from ``a + hint`` (the caller's guess, e.g.
+        the previous group's length), then bisection: O(log |b - (a + hint)|) cost queries.
         """
         cost = self.cost
-        if a >= end or cost(a, a + 1) > bound:
+        if a >= end:
             return a
-        lo, step = a + 1, 1
-        hi = lo + step
-        while hi <= end and cost(a, hi) <= bound:
-            lo = hi
-            step *= 2
-            hi = lo + step
-        hi = min(hi, end + 1)
+        p = min(max(a + hint, a + 1), end)
+        if cost(a, p) <= bound:
+            lo, step = p, 1  # lo allowed
+            hi = lo + 1
+            while hi <= end and cost(a, hi) <= bound:
+                lo = hi
+                step *= 2
+                hi = lo + step
+            hi = min(hi, end + 1)  # hi refused (or past the end)
+        else:
+            hi, step = p, 1  # hi refused
+            lo = hi - 1
+            while lo > a and cost(a, lo) > bound:
+                hi = lo
+                step *= 2
+                lo = hi - step
+            lo = max(lo, a)  # lo allowed, or a (no allowed end found yet)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if cost(a, mid) <= bound:
@@ -150,6 +160,7 @@ class AdditiveCost(GroupCost):
     """Integer sizes that add up: ``cost(a, b) = sum(values[a:b])`` (the seed's model)."""
 
     def __init__(self, values: Sequence[int]):
+        self.values = values
         self.n = len(values)
         self.prefix = list(accumulate(values, initial=0))
         zeros = [0] * self.n
@@ -163,39 +174,45 @@ class AdditiveCost(GroupCost):
     def cost(self, a: int, b: int) -> int:
         return self.prefix[b] - self.prefix[a]
 
-    def reach(self, a: int, end: int, bound) -> int:
+    def reach(self, a: int, end: int, bound, hint: int = 1) -> int:
         if a >= end:
             return a
         return bisect_right(self.prefix, self.prefix[a] + bound, a + 1, end + 1) - 1
 
 
-class _RangeMax:
-    """Static range maximum (sparse table): O(n log n) set-up, O(1) query on ``[i, j]``."""
+def _floor_log2_table(n: int) -> list[int]:
+    """``t[m] = floor(log2(m))`` for ``1 <= m <= n`` (``t[0] = 0``)."""
+    t = [0] * (n + 1)
+    k = 1
+    while (1 << k) <= n:
+        lo, hi = 1 << k, min(1 << (k + 1), n + 1)
+        t[lo:hi] = [k] * (hi - lo)
+        k += 1
+    return t
+
+
+class _RangeMaxTable:
+    """Sparse table for range maxima: ``rows[k][i] = max(values[i : i + 2**k])``, so the maximum
+    over ``[i, j]`` is ``max(rows[k][i], rows[k][j - 2**k + 1])`` with ``k = floor(log2(j - i + 1))``.
+
+    Rows are built on first use (``grow``): searches that only ask about short groups never pay
+    for the long ones.
+    """
 
     def __init__(self, values: Sequence[int]):
-        n = len(values)
-        try:
-            import numpy as np
+        import numpy as np
 
-            arr = np.asarray(values, dtype=np.int64) if n else None
-        except (ImportError, OverflowError):  # pragma: no cover - numpy is a dependency
-            arr = None
-        rows = [list(values)]
-        width = 1
-        while 2 * width <= n:
-            if arr is not None:
-                arr = np.maximum(arr[:-width], arr[width:])
-                rows.append(arr.tolist())
-            else:
-                prev = rows[-1]
-                rows.append([max(prev[i], prev[i + width]) for i in range(len(prev) - width)])
-            width *= 2
-        self.rows = rows
+        self._np = np
+        self.rows = [list(values)]
+        big = bool(values) and max(values) > 2**62
+        self._arr = np.asarray(values, dtype=object if big else np.int64)
 
-    def query(self, i: int, j: int) -> int:
-        k = (j - i + 1).bit_length() - 1
-        row = self.rows[k]
-        return max(row[i], row[j - (1 << k) + 1])
+    def grow(self, k: int) -> None:
+        np = self._np
+        while len(self.rows) <= k:
+            width = 1 << (len(self.rows) - 1)
+            self._arr = np.maximum(self._arr[:-width], self._arr[width:])
+            self.rows.append(self._arr.tolist())
 
 
 class _RepeatSums:
@@ -214,7 +231,7 @@ class _RepeatSums:
         self.count = len(repeats)
         self.prevs = [r[0] for r in repeats]
         self.repeats = repeats
-        if self.count > self.LINEAR:
+        if self.count > self.LINEAR:  # the tree: queries leaving more than LINEAR repeats use it
             size = 1
             while size < self.count:
                 size *= 2
@@ -230,9 +247,14 @@ class _RepeatSums:
     def query(self, i: int, j: int) -> int:
         if self.count == 0:
             return 0
-        if self.count <= self.LINEAR:
-            return sum(nb for prev, at, nb in self.repeats if prev >= i and at <= j)
-        lo = bisect_right(self.prevs, i - 1) + self.size
+        k = bisect_right(self.prevs, i - 1)  # first repeat with prev >= i
+        if self.count - k <= self.LINEAR:
+            total = 0
+            for _, at, nbytes in self.repeats[k:]:
+                if at <= j:
+                    total += nbytes
+            return total
+        lo = k + self.size
         hi = self.count + self.size
         total = 0
         keys, sums = self.keys, self.sums
@@ -259,44 +281,70 @@ class FootprintCost(GroupCost):
     def __init__(self, layers: Sequence[LayerRecord]):
         n = self.n = len(layers)
         self.layers = layers
-        self.x = [l.in_bytes for l in layers]
-        self.y = [l.out_bytes for l in layers]
-        ws = [l.working_set_bytes for l in layers]
-        own = [layer_weight_bytes(l) for l in layers]
-        self.prefix = list(accumulate(own, initial=0))
-        sizes: dict[str, tuple[int, int]] = {}
-        last_reader: dict[str, int] = {}
+        x = [l.in_bytes for l in layers]
+        y = [l.out_bytes for l in layers]
+        ws = [l.activation_bytes + l.buffer_bytes for l in layers]
+        own = [l.weight_bytes for l in layers]
+        seen: dict[str, tuple[int, int]] = {}  # parameter -> (bytes, last layer reading it)
         repeats: list[tuple[int, int, int]] = []
         for i, l in enumerate(layers):
+            if not l.params:
+                continue
+            itemised = 0
             for name, nbytes in l.params.items():
-                if name in sizes and sizes[name][0] != nbytes:
-                    other = layers[sizes[name][1]]
-                    raise PlanError(
-                        f"parameter {name!r} is recorded as {sizes[name][0]} bytes in layer {other.name!r} "
-                        f"and {nbytes} bytes in layer {l.name!r}: a shared parameter must have one size "
-                        "(regenerate the layer records)"
-                    )
-                sizes.setdefault(name, (nbytes, i))
-                if name in last_reader:
-                    repeats.append((last_reader[name], i, nbytes))
-                last_reader[name] = i
+                itemised += nbytes
+                known = seen.get(name)
+                if known is not None:
+                    if known[0] != nbytes:
+                        first = next(m for m in layers if name in m.params)
+                        raise PlanError(
+                            f"parameter {name!r} is recorded as {first.params[name]} bytes in layer "
+                            f"{first.name!r} and {nbytes} bytes in layer {l.name!r}: a shared "
+                            "parameter must have one size (regenerate the layer records)"
+                        )
+                    repeats.append((known[1], i, nbytes))
+                seen[name] = (nbytes, i)
+            own[i] = itemised + max(0, l.weight_bytes - itemised)  # == layer_weight_bytes(l)
+        if n and min(min(x), min(y), min(ws), min(own)) < 0:
+            bad = next(l for l in layers if min(l.in_bytes, l.out_bytes, l.activation_bytes, l.buffer_bytes,
+                                                 l.weight_bytes, *l.params.values()) < 0)
+            raise PlanError(f"layer {bad.name!r} has a negative byte count: every size must be >= 0")
+        self.x, self.y = x, y
+        self.prefix = list(accumulate(own, initial=0))
+        self.monotone = self._check_monotone(ws, own, repeats)
         self._dup = _RepeatSums(repeats)
-        self._max = _RangeMax(ws) if n else None
-        self.monotone = self._check_monotone(layers, ws, own, sizes, repeats)
+        self._has_dup = bool(repeats)
+        self._table = _RangeMaxTable(ws)
+        self._rows = self._table.rows
+        self._log = _floor_log2_table(n)
 
+    # core() and cost() are the partitioners' inner loop: the range maximum is inlined.
     def core(self, a: int, b: int) -> int:
-        return self.prefix[b] - self.prefix[a] - self._dup.query(a, b - 1) + self._max.query(a, b - 1)
+        k = self._log[b - a]
+        if k >= len(self._rows):
+            self._table.grow(k)
+        row = self._rows[k]
+        m, m2 = row[a], row[b - (1 << k)]
+        c = self.prefix[b] - self.prefix[a] + (m if m >= m2 else m2)
+        if self._has_dup:
+            c -= self._dup.query(a, b - 1)
+        return c
 
     def cost(self, a: int, b: int) -> int:
-        return (
-            self.prefix[b] - self.prefix[a] - self._dup.query(a, b - 1) + self._max.query(a, b - 1)
-            + self.x[a] + self.y[b - 1]
-        )
+        k = self._log[b - a]
+        if k >= len(self._rows):
+            self._table.grow(k)
+        row = self._rows[k]
+        m, m2 = row[a], row[b - (1 << k)]
+        c = self.prefix[b] - self.prefix[a] + (m if m >= m2 else m2) + self.x[a] + self.y[b - 1]
+        if self._has_dup:
+            c -= self._dup.query(a, b - 1)
+        return c
 
     def footprint(self, a: int, b: int) -> Footprint:
         return group_footprint(self.layers[a:b], "exact")
 
-    def _check_monotone(self, layers, ws, own, sizes, repeats) -> bool:
+    def _check_monotone(self, ws, own, repeats) -> bool:
         """A sufficient O(n) condition for ``cost`` to be monotone under inclusion.
 
         Extending ``[i, j]`` by layer ``j+1`` adds at least the weights of ``j+1`` that no
@@ -305,7 +353,7 @@ class FootprintCost(GroupCost):
         fall if ``fresh + that + out[j+1] >= out[j]`` for every ``j``. Symmetrically on the left
         with the weights no later layer reads and ``in``.
         """
-        n = len(layers)
+        n = len(ws)
         if n <= 1:
             return True
         fresh = list(own)
@@ -316,13 +364,13 @@ class FootprintCost(GroupCost):
         prefmax = list(accumulate(ws, max))
         sufmax = list(accumulate(reversed(ws), max))[::-1]
         x, y = self.x, self.y
-        for j in range(n - 1):
-            gain = fresh[j + 1] + max(0, ws[j + 1] - prefmax[j])
-            if gain + y[j + 1] < y[j]:
+        for j in range(n - 1):  # right extension by layer j + 1
+            rise = ws[j + 1] - prefmax[j]
+            if fresh[j + 1] + (rise if rise > 0 else 0) + y[j + 1] < y[j]:
                 return False
-        for i in range(1, n):
-            gain = fresh_left[i - 1] + max(0, ws[i - 1] - sufmax[i])
-            if gain + x[i - 1] < x[i]:
+        for i in range(1, n):  # left extension by layer i - 1
+            rise = ws[i - 1] - sufmax[i]
+            if fresh_left[i - 1] + (rise if rise > 0 else 0) + x[i - 1] < x[i]:
                 return False
         return True
 

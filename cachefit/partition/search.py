@@ -61,12 +61,15 @@ def segments_between(n: int, singletons: Sequence[int]) -> list[Segment]:
 
 @dataclass
 class Fewest:
-    """Result of a fewest-groups test: ``groups`` (None when impossible or over ``limit``)."""
+    """Result of a fewest-groups test: ``groups`` (None when impossible or over ``limit``).
+
+    ``leap`` (when a ``varied`` cost was named and the test failed): no bound of the varied
+    cost below ``leap`` can succeed either, because every allowed/refused decision the test
+    made stays the same for such bounds (INF: no larger bound changes any of them).
+    """
 
     groups: list | None
     count: int
-    # Greedy only, on failure: no bound of the varied cost below ``leap`` can succeed (INF:
-    # none can, a fixed bound blocks every group that could change).
     leap: object = None
 
 
@@ -84,54 +87,95 @@ def fewest_groups(
     """Fewest groups covering every segment, each group within every bound.
 
     ``limit``: stop early (``groups=None``) once more than ``limit`` groups are needed.
-    ``varied``: the cost whose bound a caller is searching over (for the greedy's leap).
+    ``varied``: the cost whose bound a caller is searching over (for ``leap``).
     """
-    groups: list = []
     if not force_dp and _all_monotone(bounds):
-        leap = INF
-        for seg in segments:
-            pos, end = seg.start, seg.end
-            while pos < end:
-                r = min(c.reach(pos, end, lim) for c, lim in bounds)
-                if varied is not None and r < end:
-                    # With the same groups before it, a larger bound of the varied cost changes
-                    # this group only if it lets it take one more layer; monotone costs make
-                    # the greedy trace identical for every bound below the smallest such cost.
-                    if all(c.cost(pos, r + 1) <= lim for c, lim in bounds if c is not varied):
-                        leap = min(leap, varied.cost(pos, r + 1))
-                if r == pos:
-                    return Fewest(None, len(groups), leap=leap)
-                groups.append((pos, r))
-                pos = r
-                if limit is not None and len(groups) > limit:
-                    return Fewest(None, len(groups), leap=leap)
-        return Fewest(groups, len(groups))
+        return _greedy_fewest(bounds, segments, limit, varied)
+    groups: list = []
+    leap = INF
     for seg in segments:
-        part = _dp_fewest(bounds, seg.start, seg.end)
+        part, seg_leap = _dp_fewest(bounds, seg.start, seg.end, varied)
+        leap = min(leap, seg_leap)
         if part is None:
-            return Fewest(None, len(groups))
+            return Fewest(None, len(groups), leap)
         groups.extend(part)
         if limit is not None and len(groups) > limit:
-            return Fewest(None, len(groups))
+            return Fewest(None, len(groups), leap)
     return Fewest(groups, len(groups))
 
 
-def _dp_fewest(bounds: Sequence[Bound], start: int, end: int) -> list | None:
+def _greedy_fewest(bounds, segments, limit, varied) -> Fewest:
+    """Farthest-reach greedy: optimal when every cost is monotone under inclusion.
+
+    The leap: with the same groups before it, a larger bound of the varied cost changes a group
+    only if it lets it take one more layer, so the whole trace is identical for every bound
+    below the smallest ``varied.cost(pos, r + 1)`` over the groups whose growth the varied bound
+    (and not a fixed one) stopped.
+    """
+    groups: list = []
+    leap = INF
+    single = len(bounds) == 1
+    fixed = [(c, lim) for c, lim in bounds if c is not varied]
+    hint = 1
+    for seg in segments:
+        pos, end = seg.start, seg.end
+        while pos < end:
+            if single:
+                c, lim = bounds[0]
+                r = c.reach(pos, end, lim, hint)
+            else:
+                r = min(c.reach(pos, end, lim, hint) for c, lim in bounds)
+            if varied is not None and r < end:
+                if all(c.cost(pos, r + 1) <= lim for c, lim in fixed):
+                    v = varied.cost(pos, r + 1)
+                    if v < leap:
+                        leap = v
+            if r == pos:
+                return Fewest(None, len(groups), leap)
+            groups.append((pos, r))
+            hint = r - pos
+            pos = r
+            if limit is not None and len(groups) > limit:
+                return Fewest(None, len(groups), leap)
+    return Fewest(groups, len(groups))
+
+
+def _dp_fewest(bounds: Sequence[Bound], start: int, end: int, varied: GroupCost | None = None):
     """Exact fewest groups covering layers ``start .. end-1`` (any costs of the GroupCost form).
 
-    ``f[b]`` = fewest groups covering ``start .. b-1``; ``f[b] = 1 + min f[a]`` over cuts ``a``
-    with ``[a, b)`` allowed. Two facts keep the candidate set small:
+    Returns ``(groups or None, leap)``. ``f[b]`` = fewest groups covering ``start .. b-1``;
+    ``f[b] = 1 + min f[a]`` over cuts ``a`` with ``[a, b)`` allowed. Two facts keep the
+    candidate set small:
     - a cut ``a`` whose core already exceeds a bound for ``[a, b)`` exceeds it for every later
       ``b`` (core monotone, x, y >= 0): a pointer ``lo`` drops such cuts for good;
     - a later cut ``a2 > a`` with ``f[a2] <= f[a]`` and ``x[a2] <= x[a]`` for every cost is at
       least as good as ``a`` for every future group end (its core is smaller): ``a`` is dropped.
+    ``leap`` is the smallest value of the varied cost among the comparisons it failed (pointer
+    moves and refused groups) whose fixed bounds held: below it, every comparison comes out
+    the same, and so does the result.
     """
+    if len(bounds) == 1:
+        return _dp_fewest_single(bounds[0], start, end, varied)
     n = end - start
     f = [INF] * (n + 1)
     parent = [-1] * (n + 1)
     f[0] = 0
     cand: deque[int] = deque()
     xs = [c.x for c, _ in bounds]
+    cores = [c.core for c, _ in bounds]
+    costs = [c.cost for c, _ in bounds]
+    lims = [lim for _, lim in bounds]
+    vi = next((i for i, (c, _) in enumerate(bounds) if c is varied), -1)
+    nb = len(bounds)
+
+    def failed(values):
+        """Value of the varied cost in a failed comparison; INF if a fixed bound failed too."""
+        for i in range(nb):
+            if i != vi and values[i] > lims[i]:
+                return INF
+        return values[vi] if vi >= 0 else INF
+
+    leap = INF
     lo = start
     for b in range(start + 1, end + 1):
         a_new = b - 1
@@ -144,19 +188,76 @@ def _dp_fewest(bounds: Sequence[Bound], start: int, end: int) -> list | None:
                 else:
                     break
             cand.append(a_new)
-        while lo < b and any(c.core(lo, b) > lim for c, lim in bounds):
+        while lo < b:
+            values = [core(lo, b) for core in cores]
+            if all(values[i] <= lims[i] for i in range(nb)):
+                break
+            leap = min(leap, failed(values))
             lo += 1
         while cand and cand[0] < lo:
             cand.popleft()
         best, arg = INF, -1
         for a in cand:
             fa = f[a - start]
-            if fa + 1 < best and all(c.cost(a, b) <= lim for c, lim in bounds):
-                best, arg = fa + 1, a
+            if fa + 1 < best:
+                values = [cost(a, b) for cost in costs]
+                if all(values[i] <= lims[i] for i in range(nb)):
+                    best, arg = fa + 1, a
+                else:
+                    leap = min(leap, failed(values))
         f[b - start] = best
         parent[b - start] = arg
     if f[n] == INF:
-        return None
+        return None, leap
+    return _backtrack(parent, start, end), leap
+
+
+def _dp_fewest_single(bound: Bound, start: int, end: int, varied: GroupCost | None):
+    """``_dp_fewest`` for one bound (the common case), with the comparisons written out."""
+    c, lim = bound
+    core, cost, x = c.core, c.cost, c.x
+    track = varied is c
+    n = end - start
+    f = [INF] * (n + 1)
+    parent = [-1] * (n + 1)
+    f[0] = 0
+    cand: deque[int] = deque()
+    leap = INF
+    lo = start
+    for b in range(start + 1, end + 1):
+        a_new = b - 1
+        fa = f[a_new - start]
+        if fa < INF:
+            xa = x[a_new]
+            while cand and f[cand[-1] - start] >= fa and xa <= x[cand[-1]]:
+                cand.pop()
+            cand.append(a_new)
+        while lo < b:
+            v = core(lo, b)
+            if v <= lim:
+                break
+            if track and v < leap:
+                leap = v
+            lo += 1
+        while cand and cand[0] < lo:
+            cand.popleft()
+        best, arg = INF, -1
+        for a in cand:
+            fa = f[a - start] + 1
+            if fa < best:
+                v = cost(a, b)
+                if v <= lim:
+                    best, arg = fa, a
+                elif track and v < leap:
+                    leap = v
+        f[b - start] = best
+        parent[b - start] = arg
+    if f[n] == INF:
+        return None, leap
+    return _backtrack(parent, start, end), leap
+
+
+def _backtrack(parent: list, start: int, end: int) -> list:
     out = []
     b = end
     while b > start:

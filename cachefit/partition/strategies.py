@@ -141,11 +141,20 @@ def solve(
         sol.groups = base.groups
     elif strategy == "balanced":
         if isinstance(cost, AdditiveCost) and segments:
+            # The largest layer and the average load are lower bounds of the bottleneck.
             total = sum(cost.cost(s.start, s.end) for s in segments)
-            lo = max(max(cost.cost(i, i + 1) for s in segments for i in range(s.start, s.end)), -(-total // free))
+            lo = max(max(max(cost.values[s.start:s.end]) for s in segments), -(-total // free))
         else:
             lo = 0
-        res = min_bottleneck(cost, [], segments, free, lo, capacity, integer=True, force_dp=force_dp)
+        # Start the search from an even split when it fits: a much smaller first bound than
+        # the capacity, so the first tests look at groups of about the final length.
+        hi = capacity
+        even = _even_split(segments, free)
+        if even:
+            hi = min(hi, max(cost.cost(a, b) for a, b in even))
+        res = min_bottleneck(cost, [], segments, free, lo, hi, integer=True, force_dp=force_dp)
+        if res is None:  # pragma: no cover - the even split proves `hi` feasible
+            res = min_bottleneck(cost, [], segments, free, lo, capacity, integer=True, force_dp=force_dp)
         assert res is not None  # the greedy at capacity needs at most `minimum` groups
         sol.value = res.value
         sol.groups = spread([(cost, res.value)], segments, free, force_dp=force_dp)
@@ -169,6 +178,19 @@ def solve(
         sol.notes.append(f"bottleneck search: {res.tests} feasibility tests")
     sol.groups = sorted([*sol.groups, *singles])
     return sol
+
+
+def _even_split(segments: Sequence[Segment], groups: int) -> list:
+    """At most ``groups`` groups of about equal layer counts over the segments ([] if impossible)."""
+    total = sum(s.length for s in segments)
+    shares = [min(s.length, max(1, groups * s.length // total)) for s in segments] if total else []
+    if not shares or sum(shares) > groups:
+        return []
+    out = []
+    for seg, share in zip(segments, shares):
+        edges = [seg.start + (seg.length * t) // share for t in range(share + 1)]
+        out.extend(zip(edges, edges[1:]))
+    return out
 
 
 def partition(
