@@ -357,6 +357,14 @@ def fold_constants(model: onnx.ModelProto, weight_names: set[str]) -> onnx.Model
                 pass
             keep.append(node)
             continue
+        if node.op_type == "ConstantOfShape" and node.input and node.input[0] in consts:
+            fill = _large_fill(node, consts[node.input[0]])
+            if fill is not None:
+                # a weight too large to materialise here (VGG's fc6 in the zoo's light models):
+                # declared by shape and fill value, its array made only when asked for
+                changed = True
+                new_inits.append(fill)
+                continue
         if node.op_type in ("Shape", "Size") and node.input and node.input[0] not in consts:
             shp = shapes.get(node.input[0])
             if shp is not None:
@@ -396,6 +404,44 @@ def fold_constants(model: onnx.ModelProto, weight_names: set[str]) -> onnx.Model
     g.node.extend(keep)
     g.initializer.extend(new_inits)
     return _prune_unused(m)
+
+
+_FILL_LOCATION = "cachefit:fill"
+
+
+def _large_fill(node: onnx.NodeProto, shape: np.ndarray) -> onnx.TensorProto | None:
+    """A floating-point ``ConstantOfShape`` output over ``_MAX_FOLD_ELEMS`` elements as a *lazy fill*
+    initializer: dims and type, the value in ``external_data`` (``location = cachefit:fill``);
+    :func:`fill_array` gives its (broadcast, read-only) array. None for anything else."""
+    dims = [int(d) for d in np.asarray(shape).reshape(-1)]
+    if int(np.prod(dims, dtype=np.int64)) <= _MAX_FOLD_ELEMS:
+        return None
+    value = next((a.t for a in node.attribute if a.name == "value"), None)
+    dtype = value.data_type if value is not None else TensorProto.FLOAT
+    if dtype not in FLOAT_TYPES:
+        return None
+    scalar = float(numpy_helper.to_array(value).reshape(-1)[0]) if value is not None else 0.0
+    t = onnx.TensorProto(name=node.output[0], data_type=dtype, dims=dims, data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", _FILL_LOCATION), ("cachefit.fill_value", repr(scalar))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return t
+
+
+def fill_array(t: onnx.TensorProto) -> np.ndarray | None:
+    """The array of a lazy fill initializer (see :func:`_large_fill`), or None for other tensors."""
+    if t.data_location != TensorProto.EXTERNAL:
+        return None
+    kv = {e.key: e.value for e in t.external_data}
+    if kv.get("location") != _FILL_LOCATION:
+        return None
+    if t.data_type == TensorProto.BFLOAT16:
+        import ml_dtypes
+
+        np_dtype = ml_dtypes.bfloat16
+    else:
+        np_dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    return np.broadcast_to(np.array(float(kv["cachefit.fill_value"]), dtype=np_dtype), tuple(t.dims))
 
 
 def _eval_node(RefEval, node, inputs, opset):
@@ -501,20 +547,38 @@ def cleanup(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
     return m, names
 
 
+_KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")
+
+
 def check_operators(model: onnx.ModelProto) -> None:
-    """Refuse, by name, an operator TVM's ONNX importer has no converter for."""
+    """Refuse, by name, an operator TVM's ONNX importer has no converter for.
+
+    TVM's importer looks operators up by type alone, whatever their domain: an operator of a custom
+    domain (``com.example::Relu``) would be translated as the standard one of the same name, so
+    domains other than the standard one and ``com.microsoft`` (whose contrib operators TVM knows
+    by name) are refused too.
+    """
     from tvm.relax.frontend.onnx import onnx_frontend as of
 
     table = of._get_convert_map()
-    for node in model.graph.node:
-        if node.op_type not in table:
-            where = f"node {node.name!r}" if node.name else f"the node producing {list(node.output)}"
-            raise UnsupportedOperatorError(
-                f"unsupported operator {node.op_type!r}"
-                + (f" (domain {node.domain!r})" if node.domain not in ("", "ai.onnx") else "")
-                + f" at {where}: TVM's ONNX importer has no converter for it. "
-                "Re-export without it, or replace it by standard ONNX operators."
-            )
+    bad = [n for n in model.graph.node if n.op_type not in table or n.domain not in _KNOWN_DOMAINS]
+    if not bad:
+        return
+    node = bad[0]
+    where = f"node {node.name!r}" if node.name else f"the node producing {list(node.output)}"
+    if node.domain not in _KNOWN_DOMAINS:
+        why = f"operators of domain {node.domain!r} are not ONNX operators TVM can translate"
+    else:
+        why = "TVM's ONNX importer has no converter for it"
+    others = sorted({f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in bad[1:]}
+                    - {f"{node.domain + '::' if node.domain else ''}{node.op_type}"})
+    raise UnsupportedOperatorError(
+        f"unsupported operator {node.op_type!r}"
+        + (f" (domain {node.domain!r})" if node.domain not in ("", "ai.onnx") else "")
+        + f" at {where}: {why}"
+        + (f"; {len(bad) - 1} more unsupported node(s)" + (f" ({', '.join(others)})" if others else "") if len(bad) > 1 else "")
+        + ". Re-export without it, or replace it by standard ONNX operators."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,6 +646,9 @@ def _to_relax_import(sub: onnx.ModelProto, what: str):
 
 
 def _initializer_array(t: onnx.TensorProto, shape_only: bool) -> np.ndarray | None:
+    fill = fill_array(t)
+    if fill is not None:
+        return fill
     if shape_only and t.data_location == TensorProto.EXTERNAL:
         return None
     if t.data_type == TensorProto.BFLOAT16:
