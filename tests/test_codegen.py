@@ -194,3 +194,48 @@ def test_cuda_stages_carry_compiled_device_code(tmp_path):
         kinds = cuda_tools.device_code_kinds(out / s["library"]["file"])
         assert kinds["fatbin"] >= 1, kinds
         assert not kinds["source"], kinds
+
+
+def _odd_names_module():
+    """Two layers whose input and weights have names that are not C identifiers (zoo-style)."""
+    bb = relax.BlockBuilder()
+    for i, wname in enumerate(["conv1/w:0", "conv2/w:0"]):
+        x = relax.Var("gpu_0/data_0", relax.TensorType((4, 8), "float32"))
+        w = relax.Var(wname, relax.TensorType((8, 8), "float32"))
+        with bb.function(f"layer_{i}", [x, w], {"cachefit.layer": i, "cachefit.layer_name": f"l{i}"}, private=True):
+            with bb.dataflow():
+                y = relax.op.matmul(x, w)
+                o = bb.emit_output(relax.op.nn.relu(y) if i == 0 else relax.op.add(y, x))
+            bb.emit_func_output(o)
+    mod = bb.get()
+    params = [relax.Var(n, relax.TensorType(s, "float32")) for n, s in
+              (("gpu_0/data_0", (4, 8)), ("conv1/w:0", (8, 8)), ("conv2/w:0", (8, 8)))]
+    bb = relax.BlockBuilder(mod)
+    with bb.function("main", params, {"num_input": 1}):
+        with bb.dataflow():
+            a = bb.emit(relax.Call(mod.get_global_var("layer_0"), [params[0], params[1]]))
+            b = bb.emit_output(relax.Call(mod.get_global_var("layer_1"), [a, params[2]]))
+        bb.emit_func_output(b)
+    return bb.get()
+
+
+@pytest.mark.slow
+def test_cuda_build_with_non_identifier_tensor_names(tmp_path):
+    """Names like gpu_0/data_0 and conv1/w:0 reach nvcc only sanitised; the manifest keeps the real names.
+    Without a GPU, loading the CUDA artifact is a clear error naming the device."""
+    import cachefit.runtime as rt
+    from cachefit.errors import ArtifactError
+
+    rng = np.random.default_rng(0)
+    params = {n: rng.standard_normal((8, 8)).astype("float32") for n in ("conv1/w:0", "conv2/w:0")}
+    out = build_artifact(SplitStages([(0, 0), (1, 1)], target="cuda")(_odd_names_module()), params, None, "cuda",
+                         tmp_path)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["inputs"][0]["name"] == "gpu_0/data_0"
+    assert [s["params"][0]["name"] for s in m["stages"]] == ["conv1/w:0", "conv2/w:0"]
+    for s in m["stages"]:
+        assert cuda_tools.device_code_kinds(out / s["library"]["file"])["fatbin"] >= 1
+    assert load_weights(out / "stage_1.safetensors")["conv2/w:0"].tobytes() == params["conv2/w:0"].tobytes()
+    if not tvm.cuda(0).exist:
+        with pytest.raises(ArtifactError, match=r"stage 0 needs device cuda:0.*which this machine does not have"):
+            rt.load(out)
