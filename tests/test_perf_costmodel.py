@@ -247,3 +247,12 @@ def test_overlapped_allreduce_hides_behind_the_layers():
     est = estimate_tensor_pipeline([matmul_layer()], CostModel(TOY, overlap_allreduce=True), tp=2, pp=1,
                                    tokens_per_microbatch=8)
     assert est.stages[0].time_s == pytest.approx(max(524_288 / 1e9, 5.6384e-3))
+
+
+def test_memory_overlap_between_roofline_and_sum():
+    """The spilling matmul of the hand case: compute 1.048576 ms, memory 2.637824 ms. overlap 1:
+    max = 2.637824 ms; overlap 0: the sum 3.6864 ms; overlap 0.5: halfway."""
+    layer = matmul_layer()
+    for overlap, expect in ((1.0, 2.637824e-3), (0.0, 3.6864e-3), (0.5, 2.637824e-3 + 0.5 * 1.048576e-3)):
+        hw = Hardware(**{**TOY.to_dict(), "onchip_bytes": 100_000, "memory_overlap": overlap})
+        assert CostModel(hw).layer_time(layer, False) == pytest.approx(expect)

@@ -6,7 +6,9 @@ Plain Python on :class:`~cachefit.partition.records.LayerRecord`s and a
 The model, in full (every figure is for one micro-batch through one device):
 
 * **Layer time** = ``max(compute, memory) + launch_overhead`` (a roofline per layer, so a stage
-  mixing compute-bound and memory-bound layers is not averaged into one regime).
+  mixing compute-bound and memory-bound layers is not averaged into one regime); with a
+  hardware ``memory_overlap`` below 1 the smaller of the two is partly added
+  (``max + (1 - overlap) * min``: a single CPU core does not hide its cache misses behind compute).
 
   - compute = ``flops / (peak_flops[dtype] * compute_efficiency)``;
   - memory = weight traffic + activation traffic, each at the bandwidth of where it lives:
@@ -47,13 +49,18 @@ _DTYPE_FOR_BITS = {32: "float32", 16: "bfloat16", 8: "bfloat16", 4: "bfloat16"}
 
 @dataclass(frozen=True)
 class LayerCost:
-    """Where one layer's time goes, in seconds, for one micro-batch."""
+    """Where one layer's time goes, in seconds, for one micro-batch.
+
+    ``overlap`` (the hardware's ``memory_overlap``): 1.0 gives the roofline
+    ``max(compute, memory)``, 0.0 the sum; in between ``max + (1 - overlap) * min``.
+    """
 
     name: str
     compute_s: float
     weight_s: float
     activation_s: float
     overhead_s: float = 0.0
+    overlap: float = 1.0
 
     @property
     def memory_s(self) -> float:
@@ -61,7 +68,8 @@ class LayerCost:
 
     @property
     def time_s(self) -> float:
-        return max(self.compute_s, self.memory_s) + self.overhead_s
+        hi, lo = max(self.compute_s, self.memory_s), min(self.compute_s, self.memory_s)
+        return hi + (1.0 - self.overlap) * lo + self.overhead_s
 
     @property
     def bound(self) -> str:
@@ -179,6 +187,7 @@ class CostModel:
             weight_s=layer.weight_bytes / weight_bw,
             activation_s=activation_traffic(layer) / act_bw,
             overhead_s=hw.launch_overhead,
+            overlap=hw.memory_overlap,
         )
 
     def allreduce_time(self, nbytes: int, ranks: int) -> float:

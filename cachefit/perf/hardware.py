@@ -33,6 +33,9 @@ class Hardware:
     launch_overhead:    fixed seconds added per layer (kernel launches, VM dispatch); 0 for
                         the GPU presets, measured by ``cachefit calibrate`` for the CPU.
     source:             where the figures come from (``preset``, ``defaults``, ``calibrated ...``).
+    memory_overlap:     how far memory traffic hides behind compute in one layer: 1.0 is the
+                        roofline ``max(compute, memory)`` (GPUs, many warps in flight); 0.0 adds
+                        them (``compute + memory``). Measured by ``cachefit calibrate`` for the CPU.
     """
 
     name: str
@@ -46,6 +49,7 @@ class Hardware:
     offchip_bytes: int = 0
     launch_overhead: float = 0.0
     source: str = "preset"
+    memory_overlap: float = 1.0
 
     @property
     def capacity_bytes(self) -> int:
@@ -81,6 +85,7 @@ class Hardware:
             "offchip_bytes": int(self.offchip_bytes),
             "launch_overhead": float(self.launch_overhead),
             "source": self.source,
+            "memory_overlap": float(self.memory_overlap),
         }
 
     @classmethod
@@ -98,6 +103,7 @@ class Hardware:
                 offchip_bytes=int(d.get("offchip_bytes", 0)),
                 launch_overhead=float(d.get("launch_overhead", 0.0)),
                 source=str(d.get("source", "file")),
+                memory_overlap=float(d.get("memory_overlap", 1.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CachefitError(
