@@ -107,7 +107,7 @@ def layer_pipeline(layers: int | None = None, boundaries_done: bool = False, dty
         # 1. layers: cut points for models without scopes (a layered module passes through)
         DiscoverLayers(),
         # 2. the user's --layers N: merge adjacent layers into N
-        MergeLayers(layers) if layers else tvm.transform.Sequential([]),
+        MergeLayers(layers) if layers is not None else tvm.transform.Sequential([]),
         # 3. footprints per layer
         AnnotateFootprint(dtype=dtype),
     ], name="cachefit.analysis")

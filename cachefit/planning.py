@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .analysis import ModelAnalysis, analyze_onnx
-from .errors import CachefitError
+from .errors import CachefitError, PlanError
 from .partition import Plan, make_plan
 from .perf.hardware import Hardware, format_bytes, get_hardware, parse_size
 
@@ -105,6 +105,13 @@ def plan_model(
 ) -> PlanReport:
     """Analyse a model (unless ``analysis`` is given) and partition it."""
     cap, hw = resolve_capacity(cache, hardware)
+    if layout is not None and strategy != "layout":
+        if strategy not in ("greedy", "balanced"):
+            raise PlanError(
+                f"--layout {layout} fixes the stages, --strategy {strategy} would choose them: give one of the two "
+                "(--strategy layout is implied by --layout)"
+            )
+        strategy = "layout"  # an explicit layout replaces the default search
     if analysis is None:
         analysis = analyze_onnx(model, input_shapes=input_shapes, batch=batch, dtype=dtype, layers=layers,
                                 layer_boundaries=layer_boundaries)

@@ -135,7 +135,14 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
         base = path.parent if path is not None else Path(".")
         present = {loc: (base / loc).exists() for loc in {_external_location(t) for t in externals}}
         if all(present.values()):
-            onnx.load_external_data_for_model(model, str(base))
+            try:
+                onnx.load_external_data_for_model(model, str(base))
+            except Exception as exc:  # short file, location outside the model's folder, ...
+                raise ModelError(
+                    f"{path or name}: cannot read the external weights ({', '.join(sorted(present))} in {base}): "
+                    f"{str(exc).strip() or type(exc).__name__}. Re-save the model with its data files "
+                    "(onnx.save_model(..., save_as_external_data=True)), or remove them all to plan from shapes only"
+                ) from None
         elif not any(present.values()):
             shape_only = True
             log.info("%s: external data %s absent: shape-only model", name, sorted(present))
@@ -170,6 +177,8 @@ def parse_input_shapes(text: str | None) -> dict[str, list[int]]:
                 "e.g. \"x:[8,256] mask:[8,1]\""
             )
         name, dims = m.group(1), m.group(2)
+        if name in shapes:
+            raise ShapeError(f"--input-shapes gives input {name!r} twice ({text!r}): give each input once")
         try:
             shapes[name] = [int(d) for d in dims.split(",") if d.strip()] if dims.strip() else []
         except ValueError:
@@ -212,6 +221,8 @@ def apply_input_shapes(
     inputs' leading dimension when given explicitly). Every input must end fully static.
     """
     shapes = dict(shapes or {})
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ShapeError(f"--batch must be a positive integer, got {batch!r}")
     m = onnx.ModelProto()
     m.CopyFrom(model)
     ins = {i.name: i for i in graph_inputs(m)}
