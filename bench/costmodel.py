@@ -171,7 +171,8 @@ def cpu(stages: list[int], repeat: int, model: str, method: str) -> str:
     hw, meas = measure_cpu(method=method)
     lines = [f"calibrated: peak {hw.flops_for('float32') / 1e9:.2f} GFLOP/s, on-chip {hw.onchip_bw / 1e9:.1f} GB/s, "
              f"off-chip {hw.offchip_bw / 1e9:.1f} GB/s, link {hw.link_bw / 1e9:.2f} GB/s + "
-             f"{hw.link_latency * 1e6:.0f} us, per-kernel {meas.get('per_kernel_seconds', 0) * 1e6:.1f} us"]
+             f"{hw.link_latency * 1e6:.0f} us, compute/memory overlap {hw.memory_overlap:.2f}, bare matmul "
+             f"{meas['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s"]
     tmp = Path(tempfile.mkdtemp(prefix="cachefit-bench-"))
     path = export(model, tmp / f"{model}.onnx")
     analysis = analyze_onnx(path)
