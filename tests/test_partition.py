@@ -341,3 +341,24 @@ def test_sum_footprint_is_additive():
     assert [s.total_bytes for s in plan.stages] == [300, 300]
     with pytest.raises(PlanError, match="unknown footprint mode"):
         make_plan(layers, 10_000, footprint="max")
+
+
+def test_spread_falls_back_to_exact_count_when_splitting_gets_stuck():
+    """Non-monotone footprint, bound 33: the fewest groups are [0,3) [3,5); splitting them
+    reaches 3 groups, but 4 exist ([0,1) [1,2) [2,4) [4,5)); balanced must find them."""
+    from cachefit.partition.search import Segment, _split_to, fewest_groups, spread
+
+    spec = [(3, 0, 12), (4, 16, 5), (7, 10, 19), (8, 0, 3), (1, 9, 19)]  # weights, in, out
+    layers = [LayerRecord(f"l{i}", w, 0, in_bytes=a, out_bytes=b) for i, (w, a, b) in enumerate(spec)]
+    cost = FootprintCost(layers)
+    bound = [(cost, 33)]
+    base = fewest_groups(bound, [Segment(0, 5)], force_dp=True).groups
+    assert base == [(0, 3), (3, 5)]
+    assert len(_split_to(bound, base, 5)) == 3
+    groups = spread(bound, [Segment(0, 5)], 5)
+    assert groups == [(0, 1), (1, 2), (2, 4), (4, 5)]
+    assert all(cost.cost(a, b) <= 33 for a, b in groups)
+    # Through make_plan: 5 devices, 4 usable without raising the bottleneck (29), one idle.
+    plan = make_plan(layers, 33, devices=5)
+    assert plan.groups == [(0, 0), (1, 1), (2, 3), (4, 4)] and plan.bottleneck_value == 29
+    assert plan.idle_devices == [4]

@@ -84,11 +84,16 @@ class Brute:
     def resident_groups(self, part):
         return [(a, b) for a, b in part if self.fp[a, b] <= self.capacity]
 
+    def bottleneck(self, part):
+        return max([0, *(self.fp[g] for g in self.resident_groups(part))])
+
     def balanced(self, k):
-        return min(
-            (max([0, *(self.fp[g] for g in self.resident_groups(p))]) for p in self.feasible if len(p) <= k),
-            default=None,
-        )
+        return min((self.bottleneck(p) for p in self.feasible if len(p) <= k), default=None)
+
+    def balanced_groups(self, k):
+        """The most groups (<= k) of any partition reaching the balanced optimum."""
+        best = self.balanced(k)
+        return max(len(p) for p in self.feasible if len(p) <= k and self.bottleneck(p) == best)
 
     def min_time(self, k):
         def stage(a, b):
@@ -242,6 +247,8 @@ def test_records_balanced_and_reference_optimal(inst):
         assert plan.devices_used <= k
         resident = [s.total_bytes for s in plan.stages if s.resident]
         assert max([0, *resident]) == brute.balanced(k), strategy
+        # Every device it can use without raising the bottleneck is used.
+        assert plan.devices_used == brute.balanced_groups(k), strategy
         if resident:
             assert plan.bottleneck_value == brute.balanced(k)
             assert plan.stages[plan.bottleneck].total_bytes == plan.bottleneck_value
@@ -289,7 +296,7 @@ def test_exact_dp_matches_brute_force_when_forced(inst, strategy):
     elif strategy == "balanced":
         assert sol.value == brute.balanced(k)
         assert max(brute.fp[g] for g in sol.groups) == sol.value
-        assert len(sol.groups) <= k
+        assert len(sol.groups) == brute.balanced_groups(k)
     else:
         assert math.isclose(sol.value, brute.min_time(k), rel_tol=1e-9, abs_tol=1e-12)
 

@@ -355,6 +355,13 @@ def spread(
         for seg, c in zip(segments, counts):
             out.extend(_greedy_exact_count(bounds, seg, c))
         return out
+    base = fewest_groups(bounds, segments, force_dp=True).groups
+    assert base is not None
+    target = min(groups, sum(s.length for s in segments))
+    split = _split_to(bounds, base, target)
+    if len(split) == target:
+        return split
+    # Splitting the fewest-groups partition got stuck: an exact count table decides.
     tables = [_counts_bitsets(bounds, seg, groups) for seg in segments]
     # Knapsack over segments: reach[i] = set of totals achievable with segments 0..i-1.
     reach = [1]
@@ -382,6 +389,35 @@ def spread(
     for seg, c, table in zip(segments, counts, tables):
         out.extend(_dp_exact_count(bounds, seg, c, table))
     return out
+
+
+def _split_to(bounds: Sequence[Bound], groups: list, target: int) -> list:
+    """Split allowed groups in two (both halves allowed), largest first, until ``target`` groups.
+
+    Each split is at the point that minimises the larger half (by the first bound's cost).
+    Stops early when no group can be split; the caller then falls back to an exact method.
+    """
+    main = bounds[0][0]
+    out = list(groups)
+    heap = [(-main.cost(a, b), a, b) for a, b in out if b - a >= 2]
+    heapq.heapify(heap)
+    while len(out) < target and heap:
+        _, a, b = heapq.heappop(heap)
+        best = None
+        for m in range(a + 1, b):
+            if all(c.cost(a, m) <= lim and c.cost(m, b) <= lim for c, lim in bounds):
+                v = max(main.cost(a, m), main.cost(m, b))
+                if best is None or v < best[0]:
+                    best = (v, m)
+        if best is None:
+            continue
+        m = best[1]
+        out.remove((a, b))
+        out += [(a, m), (m, b)]
+        for g in ((a, m), (m, b)):
+            if g[1] - g[0] >= 2:
+                heapq.heappush(heap, (-main.cost(*g), *g))
+    return sorted(out)
 
 
 def float_key(x: float) -> int:
