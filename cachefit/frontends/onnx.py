@@ -641,19 +641,32 @@ def _value_types(m: onnx.ModelProto) -> dict[str, tuple[list[int], int]]:
 
 
 def _to_relax_import(sub: onnx.ModelProto, what: str):
+    import contextlib
+    import io
+
     import tvm.relax.frontend.onnx as rx_onnx
 
-    with warnings.catch_warnings():
+    printed = io.StringIO()  # the importer prints "Error converting operator X" to stdout
+    with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
         warnings.simplefilter("ignore")
         try:
             return rx_onnx.from_onnx(sub, keep_params_in_input=False, sanitize_input_names=False)
         except Exception as exc:  # the importer's own errors: name the piece that failed
             msg = str(exc).strip().splitlines()
             last = next((line for line in reversed(msg) if line.strip()), type(exc).__name__)
-            ops = sorted({n.op_type for n in sub.graph.node})
+            failed = re.search(r"Error converting operator (\w+)", printed.getvalue())
+            if failed:
+                op = failed.group(1)
+                at = [n.name or f"producing {list(n.output)}" for n in sub.graph.node if n.op_type == op]
+                where = f"{op} ({', '.join(map(repr, at[:3]))}{', ...' if len(at) > 3 else ''})"
+            else:
+                where = "operators: " + ", ".join(sorted({n.op_type for n in sub.graph.node}))
             raise ModelError(
-                f"TVM's ONNX importer failed on {what} (operators: {', '.join(ops)}): {last.strip()}"
+                f"TVM's ONNX importer failed on {what} at {where}: {last.strip()}"
             ) from None
+        finally:
+            if printed.getvalue():
+                log.debug("TVM's ONNX importer printed: %s", printed.getvalue().strip())
 
 
 def _initializer_array(t: onnx.TensorProto, shape_only: bool) -> np.ndarray | None:
