@@ -66,11 +66,6 @@ def _private_bytes(layer: LayerRecord) -> int:
     return max(0, layer.weight_bytes - sum(layer.params.values()))
 
 
-def layer_weight_bytes(layer: LayerRecord) -> int:
-    """The layer's own weights as the exact footprint counts them: itemised params + the rest."""
-    return sum(layer.params.values()) + _private_bytes(layer)
-
-
 def group_footprint(layers: Sequence[LayerRecord], mode: str = "exact") -> Footprint:
     """Footprint of ``layers`` (one contiguous group, in order) placed together on one device."""
     check_mode(mode)
@@ -304,7 +299,7 @@ class FootprintCost(GroupCost):
                         )
                     repeats.append((known[1], i, nbytes))
                 seen[name] = (nbytes, i)
-            own[i] = itemised + max(0, l.weight_bytes - itemised)  # == layer_weight_bytes(l)
+            own[i] = itemised + max(0, l.weight_bytes - itemised)  # params + unitemised rest
         if n and min(min(x), min(y), min(ws), min(own)) < 0:
             bad = next(l for l in layers if min(l.in_bytes, l.out_bytes, l.activation_bytes, l.buffer_bytes,
                                                  l.weight_bytes, *l.params.values()) < 0)
@@ -340,9 +335,6 @@ class FootprintCost(GroupCost):
         if self._has_dup:
             c -= self._dup.query(a, b - 1)
         return c
-
-    def footprint(self, a: int, b: int) -> Footprint:
-        return group_footprint(self.layers[a:b], "exact")
 
     def _check_monotone(self, ws, own, repeats) -> bool:
         """A sufficient O(n) condition for ``cost`` to be monotone under inclusion.

@@ -12,7 +12,7 @@ from typing import Sequence
 from ..errors import PlanError
 from ..perf.hardware import format_bytes
 from .cost import StageTime, default_cost_model
-from .diagnose import OversizedLayer, diagnose
+from .diagnose import diagnose
 from .footprint import check_mode, group_footprint, make_footprint_cost
 from .layout import Layout, parse_layout, resolve_layout
 from .records import LayerRecord, StageCostModel
@@ -284,6 +284,11 @@ def make_plan(
             "the exact footprint of this model is not monotone in a group's extent (cutting at a large "
             "boundary tensor costs more than keeping its producer and consumer together), so the exact "
             "dynamic programme replaced the greedy feasibility test"
+        )
+    elif strategy == "min-time" and not time.monotone:
+        notes.append(
+            "stage times are not monotone in a stage's extent (an input transfer longer than the layer "
+            "before it), so the exact dynamic programme replaced the greedy feasibility test"
         )
     sol = solve(cost, cap, strategy, int(devices) if devices is not None else None, stuck, time, names)
     if devices is None:

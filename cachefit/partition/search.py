@@ -13,9 +13,10 @@ with ``core`` monotone under inclusion and ``x, y >= 0`` (see docs/partitioning.
 - otherwise an exact dynamic programme over cut positions with dominance pruning
   (``_dp_fewest``) is used: O(n * window) in the worst case, about O(n) in practice.
 
-The bottleneck searches (``min_bottleneck``) bisect over the bound of one cost with the
-fewest-groups test, tightening the upper end to the bottleneck actually reached and, in the
-greedy case, leaping the lower end to the smallest cost that would change a greedy group.
+The bottleneck search (``min_bottleneck``) bisects over the bound of one cost with the
+fewest-groups test, tightening the upper end to the bottleneck actually reached and leaping
+the lower end, after a failure, to the smallest cost that would change one of the test's
+decisions. ``spread`` then uses as many of the given devices as the optimum allows.
 ``reference_balanced`` is the O(n^2 k) dynamic programme kept as the reference.
 """
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import heapq
 import struct
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .footprint import GroupCost
@@ -32,7 +33,6 @@ from .footprint import GroupCost
 INF = float("inf")
 
 Bound = tuple  # (GroupCost, limit)
-Group = tuple  # (a, b): layers a .. b-1
 
 
 @dataclass
@@ -436,7 +436,6 @@ class Bottleneck:
     groups: list
     value: object
     tests: int = 0
-    notes: list = field(default_factory=list)
 
 
 def min_bottleneck(
