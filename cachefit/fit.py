@@ -1,0 +1,554 @@
+"""Make oversized layers fit: quantize, prune, micro-batch, in that order (``--fit auto``).
+
+Two halves:
+
+- plain Python on :class:`~cachefit.partition.records.LayerRecord` (no TVM): the escalation ladder
+  (:func:`candidates`), the micro-batch choice (:func:`choose_micro_batch`), the report
+  (:class:`FitReport`);
+- :func:`fit_model`, which applies the choices to a :class:`~cachefit.analysis.ModelAnalysis` with
+  the :class:`~cachefit.passes.quantize_weights.QuantizeWeights` and
+  :class:`~cachefit.passes.prune_weights.PruneWeights` passes (and a re-import at a smaller
+  batch for micro-batching) and measures every result with the footprint analysis, so that what
+  the report says was measured on the rewritten IR, not predicted.
+
+The ladder for one layer over capacity, least aggressive first: INT8 weights; INT4 weights
+(group-wise with ``group_size``); INT4 plus pruning of its MLP hidden units by 5% steps up to
+``max_prune``; then, for the whole model, a smaller micro-batch (the largest divisor of the batch
+with which every layer fits); if nothing fits, the report says an intra-layer split is needed and
+over how many devices (:func:`cachefit.partition.diagnose`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .errors import CachefitError
+from .partition.diagnose import diagnose
+from .partition.footprint import check_mode, group_footprint
+from .partition.records import LayerRecord
+from .perf.hardware import format_bytes
+
+log = logging.getLogger(__name__)
+
+FIT_MODES = ("none", "auto")
+QUANTIZE_MODES = ("none", "int8", "int4")
+#: the pruning ladder's step (fraction of the hidden units)
+PRUNE_STEP = 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What is applied to one layer: weight bits (None: as stored) and the pruned fraction."""
+
+    bits: int | None = None
+    prune: float = 0.0
+
+    def steps(self) -> list[str]:
+        out = []
+        if self.bits:
+            out.append(f"int{self.bits}")
+        if self.prune > 0:
+            out.append(f"prune {self.prune:.0%}")
+        return out
+
+    def rank(self) -> tuple:
+        """Aggressiveness: a later rung of the ladder compares greater."""
+        return ({None: 0, 8: 1, 4: 2}[self.bits], round(self.prune, 6))
+
+
+def candidates(base: Recipe, max_prune: float, step: float = PRUNE_STEP, min_prune: float = 0.0) -> list[Recipe]:
+    """The ladder after ``base`` (the global --quantize/--prune), least aggressive first:
+    INT8, INT4, then INT4 with pruning ``min_prune`` rounded up to ``step``, growing by ``step``
+    up to ``max_prune``. Rungs not more aggressive than ``base`` are left out."""
+    out = [Recipe(8, base.prune), Recipe(4, base.prune)]
+    if max_prune > base.prune:
+        start = max(base.prune + step, min_prune)
+        p = math.ceil(round(start / step, 6)) * step
+        while p < max_prune + 1e-9:
+            out.append(Recipe(4, round(p, 6)))
+            p += step
+        if not out or out[-1].prune < max_prune - 1e-9:
+            out.append(Recipe(4, round(max_prune, 6)))
+    return [r for r in out if r.rank() > base.rank()]
+
+
+def layer_bytes(layer: LayerRecord, footprint: str = "exact") -> int:
+    """The footprint of ``layer`` alone on a device."""
+    return group_footprint([layer], footprint).total_bytes
+
+
+def scaled_bytes(layer: LayerRecord, micro_batch: int, footprint: str = "exact") -> int:
+    """Predicted footprint of ``layer`` at ``micro_batch``: activations, buffers and boundary
+    tensors scale linearly with the batch, weights do not (as in :func:`diagnose`)."""
+    total = layer_bytes(layer, footprint)
+    w = group_footprint([layer], footprint).weight_bytes
+    batch = max(1, layer.batch)
+    return w + math.ceil((total - w) * micro_batch / batch)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def choose_micro_batch(layers: Sequence[LayerRecord], capacity: int, footprint: str = "exact") -> int:
+    """The largest divisor ``m`` of the batch with which every layer fits (linear scaling of the
+    working set). Layers whose weights alone exceed the capacity cannot be helped by a smaller
+    batch and are ignored; when no divisor helps the others, 1."""
+    if not layers:
+        return 1
+    batch = max(1, layers[0].batch)
+    helpable = [l for l in layers if group_footprint([l], footprint).weight_bytes < capacity]
+    for m in sorted(divisors(batch), reverse=True):
+        if all(scaled_bytes(l, m, footprint) <= capacity for l in helpable):
+            return m
+    return 1
+
+
+@dataclass
+class LayerFit:
+    """One layer in the fit report.
+
+    applied:        what was applied to it (``int8``, ``int4``, ``prune 25%``, ``micro-batch 2``).
+    bytes_before / bytes_after: its footprint alone (``footprint`` mode) before anything / at the end.
+    split_devices:  when nothing fits: the devices of an intra-layer split that would.
+    suggestions:    the diagnosis (what would help) when nothing was applied (``--fit none``) or nothing fits.
+    """
+
+    index: int
+    name: str
+    bytes_before: int
+    bytes_after: int
+    weight_bytes_before: int
+    weight_bytes_after: int
+    fits: bool
+    applied: list = field(default_factory=list)
+    split_devices: int | None = None
+    suggestions: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FitReport:
+    """What ``--fit`` / ``--quantize`` / ``--prune`` / ``--micro-batch`` did, per layer."""
+
+    mode: str
+    capacity_bytes: int
+    footprint: str
+    batch: int
+    micro_batch: int
+    quantize: str = "none"
+    group_size: int | None = None
+    prune: float = 0.0
+    max_prune: float = 0.0
+    layers: list = field(default_factory=list)
+    quantized: list = field(default_factory=list)
+    pruned: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return all(l.fits for l in self.layers)
+
+    @property
+    def changed(self) -> list:
+        return [l for l in self.layers if l.applied]
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode, "capacity_bytes": self.capacity_bytes, "footprint": self.footprint,
+            "batch": self.batch, "micro_batch": self.micro_batch, "quantize": self.quantize,
+            "group_size": self.group_size, "prune": self.prune, "max_prune": self.max_prune,
+            "fits": self.fits, "layers": [l.to_dict() for l in self.layers],
+            "quantized": list(self.quantized), "pruned": list(self.pruned), "notes": list(self.notes),
+        }
+
+    def format_table(self) -> str:
+        head = (f"fit {self.mode}: capacity {format_bytes(self.capacity_bytes)}, batch {self.batch}"
+                + (f", micro-batch {self.micro_batch}" if self.micro_batch != self.batch else "")
+                + (f", --quantize {self.quantize}" + (f" --group-size {self.group_size}" if self.group_size else "")
+                   if self.quantize != "none" else "")
+                + (f", --prune {self.prune:g}" if self.prune else ""))
+        lines = [head]
+        shown = [l for l in self.layers if l.applied or not l.fits or l.bytes_before > self.capacity_bytes]
+        if not shown:
+            lines.append("  every layer fits as it is")
+        for l in shown:
+            what = ", ".join(l.applied) if l.applied else "nothing applied"
+            state = "fits" if l.fits else (f"DOES NOT FIT: an intra-layer split over {l.split_devices} devices is needed"
+                                           if l.split_devices else "DOES NOT FIT")
+            lines.append(f"  layer {l.index} ({l.name}): {format_bytes(l.bytes_before)} -> {format_bytes(l.bytes_after)} "
+                         f"(weights {format_bytes(l.weight_bytes_before)} -> {format_bytes(l.weight_bytes_after)}); "
+                         f"{what}; {state}")
+            for s in l.suggestions:
+                lines.append(f"      - {s}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _suggestions(layer: LayerRecord, capacity: int, footprint: str, index: int) -> list[str]:
+    return [f.description for f in diagnose(layer, capacity, footprint, index).fixes]
+
+
+def _split_devices(layer: LayerRecord, capacity: int, footprint: str, index: int) -> int | None:
+    for f in diagnose(layer, capacity, footprint, index).fixes:
+        if f.kind == "split" and f.fits:
+            return int(f.value)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batch: the same model at a smaller batch (ONNX level, before import)
+# ---------------------------------------------------------------------------------------------
+
+_SHAPE_INPUTS = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}
+
+
+def rebatch_onnx(model, batch: int, micro_batch: int):
+    """A copy of a (cleaned, static-shape) ONNX model whose batch dimension is ``micro_batch``.
+
+    The inputs' leading dimension ``batch`` becomes ``micro_batch``; so does the leading entry of
+    every constant shape fed to Reshape / Expand / ConstantOfShape that equals ``batch`` (or, for
+    a Reshape of a batch-led tensor, a multiple of it: ``[B*S, H]``).
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.output}
+    lead: dict = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        for vi in list(inferred.graph.input) + list(inferred.graph.value_info):
+            dims = vi.type.tensor_type.shape.dim
+            if dims and dims[0].HasField("dim_value"):
+                lead[vi.name] = dims[0].dim_value
+    except Exception:  # noqa: BLE001 - only a refinement
+        pass
+    init_names = set(inits)
+    for vi in g.input:
+        if vi.name in init_names:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
+            dims[0].dim_value = micro_batch
+    changed = 0
+    for node in g.node:
+        pos = _SHAPE_INPUTS.get(node.op_type)
+        if pos is None or len(node.input) <= pos:
+            continue
+        name = node.input[pos]
+        if name in inits:
+            arr = numpy_helper.to_array(inits[name])
+        elif name in consts:
+            attr = next((a for a in consts[name].attribute if a.name == "value"), None)
+            if attr is None:
+                continue
+            arr = numpy_helper.to_array(attr.t)
+        else:
+            continue
+        if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
+            continue
+        first = int(arr[0])
+        new_first = None
+        if first == batch:
+            new_first = micro_batch
+        elif (node.op_type == "Reshape" and first > batch and first % batch == 0
+              and lead.get(node.input[0]) == batch):
+            new_first = first // batch * micro_batch
+        if new_first is None:
+            continue
+        new = np.array(arr, copy=True)
+        new[0] = new_first
+        t = numpy_helper.from_array(new.astype(arr.dtype), f"{name}_mb{micro_batch}_{changed}")
+        g.initializer.append(t)
+        node.input[pos] = t.name
+        changed += 1
+    del g.value_info[:]
+    for o in g.output:
+        dims = o.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
+            dims[0].dim_value = micro_batch
+    return m
+
+
+def rebatch_analysis(analysis, micro_batch: int, *, layers: int | None = None,
+                     layer_boundaries: Sequence[str] | None = None):
+    """Analyse the same model at ``micro_batch`` (see :func:`rebatch_onnx`)."""
+    from .analysis import analyze_onnx
+    from .frontends.onnx import LoadedModel
+
+    batch = analysis.layers[0].batch if analysis.layers else 1
+    if micro_batch == batch:
+        return analysis
+    if micro_batch < 1 or batch % micro_batch:
+        raise CachefitError(f"--micro-batch {micro_batch} does not divide the batch {batch}: use one of "
+                            f"{', '.join(map(str, divisors(batch)))}")
+    src = analysis.imported.source
+    model = rebatch_onnx(analysis.imported.onnx_model, batch, micro_batch)
+    loaded = LoadedModel(model=model, path=src.path, sha256=src.sha256, shape_only=src.shape_only, name=src.name)
+    try:
+        new = analyze_onnx(loaded, dtype=analysis.dtype, layers=layers, layer_boundaries=layer_boundaries)
+    except CachefitError as exc:
+        raise CachefitError(
+            f"{analysis.name}: re-importing the model at micro-batch {micro_batch} (batch {batch}) failed: "
+            f"{str(exc).splitlines()[0]}. Its batch dimension seems fixed inside the graph; re-export it with a "
+            "dynamic batch or leave --micro-batch out"
+        ) from None
+    got = new.layers[0].batch if new.layers else 1
+    if got != micro_batch or len(new.layers) != len(analysis.layers):
+        raise CachefitError(f"{analysis.name}: at micro-batch {micro_batch} the model reads as batch {got} with "
+                            f"{len(new.layers)} layers (expected {len(analysis.layers)}); micro-batching is not possible")
+    imported = dataclasses.replace(new.imported, original_names=analysis.imported.original_names)
+    return dataclasses.replace(new, imported=imported)
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying recipes and measuring them
+# ---------------------------------------------------------------------------------------------
+
+
+class _Workbench:
+    """One batch size of the model: builds the module for per-layer recipes and measures it.
+
+    Recipes are applied to the float model in a fixed order (pruning first, it needs the float
+    weights; then quantization), so any combination can be built again from scratch. The
+    footprint pass keeps its per-layer cache across builds: only changed layers are lowered.
+    """
+
+    def __init__(self, analysis, group_size: int | None):
+        from .passes.annotate_footprint import AnnotateFootprint
+
+        self.analysis = analysis
+        self.group_size = group_size
+        self.annotator = AnnotateFootprint(dtype=analysis.dtype)
+        self.n = len(analysis.layers)
+        self._cache: dict = {}
+
+    def build(self, recipes: Sequence[Recipe]):
+        """(module, params, records, quantized, pruned) for one recipe per layer."""
+        key = tuple(recipes)
+        if key in self._cache:
+            return self._cache[key]
+        from .passes.prune_weights import prune_weights
+        from .passes.quantize_weights import quantize_weights
+
+        mod, params = self.analysis.mod, self.analysis.params
+        quantized, pruned = [], []
+        for ratio in sorted({r.prune for r in recipes if r.prune > 0}):
+            sel = [i for i, r in enumerate(recipes) if r.prune == ratio]
+            mod, params, done = prune_weights(mod, params, ratio, layers=sel)
+            pruned += [d.to_dict() for d in done]
+        for bits in (8, 4):
+            sel = [i for i, r in enumerate(recipes) if r.bits == bits]
+            if sel:
+                mod, params, done = quantize_weights(mod, params, bits=bits, group_size=self.group_size, layers=sel)
+                quantized += [d.to_dict() for d in done]
+        if all(r == Recipe() for r in recipes):
+            result = (mod, params, list(self.analysis.layers), quantized, pruned)
+        else:
+            mod, records = self.measure(mod)
+            result = (mod, params, records, quantized, pruned)
+        self._cache[key] = result
+        return result
+
+    def measure(self, mod):
+        """Footprints of a rewritten module: (annotated module, records)."""
+        from tvm import relax
+
+        from .analysis import layer_records
+        from .passes import layering, run_pass
+        from .passes.quantize_weights import FOOTPRINT_ATTRS, dequant_flops
+
+        # strip old figures so identical layers share the footprint pass's cache
+        import tvm
+
+        funcs = {}
+        for gv, f in mod.functions_items():
+            if isinstance(f, relax.Function) and f.attrs is not None and "cachefit.layer" in f.attrs:
+                for k in FOOTPRINT_ATTRS:
+                    if k in f.attrs:
+                        f = f.without_attr(k)
+            funcs[gv] = f
+        clean = tvm.IRModule(funcs, attrs=mod.attrs)
+        for k, infos in mod.global_infos.items():
+            clean.update_global_info(k, infos)
+        annotated = run_pass(self.annotator, clean)
+        records = layer_records(annotated)
+        out = []
+        for (gv, fn), r in zip(layering.layer_functions(annotated), records):
+            true_flops, counted = dequant_flops(annotated, fn)
+            extra = true_flops - counted
+            bits = int(fn.attrs["cachefit.weight_bits"]) if "cachefit.weight_bits" in fn.attrs else r.weight_bits
+            out.append(dataclasses.replace(r, flops=r.flops + extra, weight_bits=bits))
+        return annotated, out
+
+
+def _layer_fit(i, before: LayerRecord, after: LayerRecord, recipe: Recipe, capacity: int, footprint: str,
+               micro: int | None) -> LayerFit:
+    applied = recipe.steps() + ([f"micro-batch {micro}"] if micro else [])
+    b_after = layer_bytes(after, footprint)
+    fits = b_after <= capacity
+    return LayerFit(
+        index=i, name=before.name,
+        bytes_before=layer_bytes(before, footprint), bytes_after=b_after,
+        weight_bytes_before=before.weight_bytes, weight_bytes_after=after.weight_bytes,
+        fits=fits, applied=applied,
+        split_devices=None if fits else _split_devices(after, capacity, footprint, i),
+        suggestions=[] if fits else _suggestions(after, capacity, footprint, i),
+    )
+
+
+def _escalate(bench: _Workbench, base: Recipe, capacity: int, footprint: str, max_prune: float,
+              progress: Callable[[str], None] | None):
+    """Per layer over capacity, the least aggressive rung that fits. Returns (recipes, unresolved)."""
+    n = bench.n
+    recipes = [base] * n
+    _, _, records, _, _ = bench.build(recipes)
+    over = [i for i, r in enumerate(records) if layer_bytes(r, footprint) > capacity]
+    unresolved = []
+    for i in over:
+        chosen = None
+        last = records[i]
+        prunable = None
+        for cand in candidates(base, max_prune):
+            if cand.prune > base.prune:
+                if prunable is None:
+                    prunable = _has_mlp(bench, i)
+                if not prunable:
+                    break
+            trial = list(recipes)
+            trial[i] = cand
+            _, _, recs, _, _ = bench.build(trial)
+            last = recs[i]
+            if progress:
+                progress(f"fit: layer {i} ({records[i].name}) with {', '.join(cand.steps())}: "
+                         f"{format_bytes(layer_bytes(last, footprint))} (capacity {format_bytes(capacity)})")
+            if layer_bytes(last, footprint) <= capacity:
+                chosen = cand
+                break
+        if chosen is None:
+            unresolved.append(i)
+            # keep the most aggressive rung tried: it is the closest to fitting
+            tried = candidates(base, max_prune if prunable else base.prune)
+            recipes[i] = tried[-1] if tried else base
+        else:
+            recipes[i] = chosen
+    return recipes, unresolved
+
+
+def _has_mlp(bench: _Workbench, i: int) -> bool:
+    from .passes.prune_weights import find_mlp_pairs
+
+    return bool(find_mlp_pairs(bench.analysis.mod, layers=[i]))
+
+
+def fit_model(
+    analysis,
+    capacity: int,
+    *,
+    mode: str = "none",
+    quantize: str | None = None,
+    group_size: int | None = None,
+    prune: float = 0.0,
+    max_prune: float = 0.5,
+    micro_batch: int | str | None = None,
+    footprint: str = "exact",
+    layers: int | None = None,
+    layer_boundaries: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+):
+    """Apply ``--quantize``/``--prune`` to every layer, then (``mode="auto"``) escalate on each layer
+    still over ``capacity``; ``micro_batch`` is ``None`` (auto only as a last resort of
+    ``mode="auto"``), ``"auto"`` (the largest divisor of the batch that fits, see
+    :func:`choose_micro_batch`) or a number. ``layers``/``layer_boundaries`` are the ones the model was
+    analysed with (a smaller micro-batch imports it again).
+
+    Returns ``(analysis, report)``: a :class:`~cachefit.analysis.ModelAnalysis` of the rewritten model
+    (module, params, records measured on it) and the :class:`FitReport`.
+    """
+    check_mode(footprint)
+    if mode not in FIT_MODES:
+        raise CachefitError(f"unknown --fit {mode!r}: use auto (apply the fixes) or none (only report)")
+    quantize = (quantize or "none").lower()
+    if quantize not in QUANTIZE_MODES:
+        raise CachefitError(f"unknown --quantize {quantize!r}: use none, int8 or int4")
+    if not 0.0 <= float(prune) < 1.0:
+        raise CachefitError(f"--prune {prune} is not a fraction in [0, 1): e.g. 0.25 removes a quarter of the MLP units")
+    if not 0.0 <= float(max_prune) < 1.0:
+        raise CachefitError(f"--max-prune {max_prune} is not a fraction in [0, 1)")
+    if group_size is not None and int(group_size) < 1:
+        raise CachefitError(f"--group-size {group_size} must be a positive number of rows")
+    if capacity <= 0:
+        raise CachefitError(f"the capacity must be positive, got {capacity}")
+    batch = analysis.layers[0].batch if analysis.layers else 1
+    base = Recipe({"none": None, "int8": 8, "int4": 4}[quantize], float(prune))
+    original = list(analysis.layers)
+    notes: list[str] = []
+
+    def rebatch(m):
+        return rebatch_analysis(analysis, m, layers=layers, layer_boundaries=layer_boundaries)
+
+    micro = batch
+    current = analysis
+    if micro_batch not in (None, "auto"):
+        micro = int(micro_batch)
+        if micro != batch:
+            current = rebatch(micro)
+    bench = _Workbench(current, group_size)
+
+    if mode == "auto":
+        recipes, unresolved = _escalate(bench, base, capacity, footprint, max_prune, progress)
+        if unresolved and micro_batch in (None, "auto") and micro > 1:
+            _, _, recs, _, _ = bench.build(recipes)
+            m = choose_micro_batch(recs, capacity, footprint)
+            if m < micro:
+                if progress:
+                    progress(f"fit: layers {unresolved} still over capacity; trying micro-batch {m}")
+                try:
+                    current = rebatch(m)
+                except CachefitError as exc:
+                    notes.append(str(exc))
+                else:
+                    micro = m
+                    bench = _Workbench(current, group_size)
+                    recipes, unresolved = _escalate(bench, base, capacity, footprint, max_prune, progress)
+    else:
+        recipes = [base] * bench.n
+        if micro_batch == "auto":
+            _, _, recs, _, _ = bench.build(recipes)
+            m = choose_micro_batch(recs, capacity, footprint)
+            if m < micro:
+                current = rebatch(m)
+                micro = m
+                bench = _Workbench(current, group_size)
+
+    mod, params, records, quantized, pruned = bench.build(recipes)
+    report = FitReport(mode=mode, capacity_bytes=int(capacity), footprint=footprint, batch=batch, micro_batch=micro,
+                       quantize=quantize, group_size=group_size, prune=float(prune), max_prune=float(max_prune),
+                       quantized=quantized, pruned=pruned, notes=notes)
+    for i, (before, after) in enumerate(zip(original, records)):
+        rec = recipes[i]
+        changed = rec != Recipe() or micro != batch
+        lf = _layer_fit(i, before, after, rec, capacity, footprint, micro if micro != batch else None)
+        if not changed:
+            lf.applied = []
+        if mode == "none" and not lf.fits:
+            lf.suggestions = _suggestions(after, capacity, footprint, i)
+        report.layers.append(lf)
+    new = dataclasses.replace(current, mod=mod, params=params, layers=list(records))
+    return new, report
