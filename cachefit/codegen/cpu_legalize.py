@@ -1,0 +1,302 @@
+"""CPU-specific lowering of Relax operators before scheduling: conv2d as im2col + GEMM, weight prologues.
+
+- :func:`legalize_conv2d`: ``relax.nn.conv2d`` (NCHW / OIHW, one group) becomes one PrimFunc with the
+  stages ``cachefit_pad`` (zero padding), ``cachefit_im2col`` (the ``[K = CI*KH*KW, P = OH*OW]``
+  column matrix, written row by row so that copies are contiguous along the output width),
+  ``cachefit_conv_gemm`` (``out[co, p] = sum_k W[co, k] * col[k, p]``, the GEMM that
+  :class:`cachefit.codegen.cpu_schedule.GemmRule` tiles) and ``cachefit_conv_crop`` (back to
+  ``[N, CO, OH, OW]``, where element-wise epilogues fuse). ``P`` is padded with zero columns to a
+  multiple of the vector width so that the GEMM has no partial vector. Other convolutions keep
+  TOPI's direct loop nest.
+- :class:`FuseWeightPrologue`: a matmul whose operand is computed element-wise from function
+  parameters only (``permute_dims`` of an ONNX ``Gemm(transB=1)`` weight, a dequantize of an INT8/INT4
+  weight, a cast) is grouped with that computation, so the fused kernel reads the stored weight
+  directly instead of materialising a transposed / dequantised copy on every call (weights are
+  run-time parameters in cachefit's stage functions).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import relax, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+log = logging.getLogger(__name__)
+
+#: relax op patterns (tvm/relax/op_attr_types.h): element-wise, broadcast, injective, reduce, out-ewise-fusable
+_INJECTIVE_MAX = 2
+_OUT_EWISE_FUSABLE = 4
+
+
+# ---------------------------------------------------------------------------------------------
+# conv2d -> im2col + GEMM
+# ---------------------------------------------------------------------------------------------
+
+
+def padded_columns(p: int, lanes: int) -> int:
+    """Columns of the conv GEMM: ``p`` rounded up so that the outer-product kernel tiles it well.
+
+    Candidates are multiples of ``lanes * r`` (``r`` vectors per register tile row); a candidate's
+    cost is its size divided by the relative efficiency of an ``r``-vector tile.
+    """
+    eff = {4: 1.0, 3: 0.98, 2: 0.92, 1: 0.8}
+    best, best_cost = p, None
+    for r, e in eff.items():
+        step = lanes * r
+        cand = -(-p // step) * step
+        cost = cand / e
+        if best_cost is None or cost < best_cost - 1e-9:
+            best, best_cost = cand, cost
+    return best
+
+
+def conv2d_im2col_func(
+    n: int, ci: int, h: int, w: int, co: int, kh: int, kw: int,
+    strides, padding, dilation, dtype: str, out_dtype: str, lanes: int,
+) -> tirx.PrimFunc:
+    """The im2col + GEMM PrimFunc of one conv2d shape (see the module doc)."""
+    sh, sw = strides
+    pt, pl, pb, pr = padding
+    dh, dw = dilation
+    hp, wp = h + pt + pb, w + pl + pr
+    oh = (hp - dh * (kh - 1) - 1) // sh + 1
+    ow = (wp - dw * (kw - 1) - 1) // sw + 1
+    k = ci * kh * kw
+    p = oh * ow
+    pp = padded_columns(p, lanes)
+    # the column matrix holds whole output rows (zeros past OH) up to the padded width, so that one
+    # block writes all of it (the GEMM may then pack panels of it); a row length that is a multiple
+    # of 4 KiB would map every row of a panel to the same L1 sets: add one vector
+    oh_rows = -(-pp // ow)
+    ld = oh_rows * ow
+    if (ld * tvm.runtime.DataType(dtype).bits // 8) % 4096 == 0:
+        ld += lanes
+
+    def i64(x: int) -> str:
+        return f"T.int64({int(x)})"
+
+    needs_pad = any((pt, pl, pb, pr))
+    src_buf = "pad" if needs_pad else "data"
+    acc = "T.Cast(\"{0}\", {1})" if dtype != out_dtype else "{1}"
+    lines = [
+        "# from tvm.script import tirx as T",
+        "@T.prim_func(private=True, s_tir=True)",
+        f"def conv2d_im2col(data: T.Buffer(({i64(n)}, {i64(ci)}, {i64(h)}, {i64(w)}), \"{dtype}\"), "
+        f"weight: T.Buffer(({i64(co)}, {i64(ci)}, {i64(kh)}, {i64(kw)}), \"{dtype}\"), "
+        f"out: T.Buffer(({i64(n)}, {i64(co)}, {i64(oh)}, {i64(ow)}), \"{out_dtype}\")):",
+        "    T.func_attr({\"op_pattern\": 4, \"tirx.noalias\": True})",
+    ]
+    if needs_pad:
+        lines.append(f"    pad = T.sblock_alloc_buffer(({i64(n)}, {i64(ci)}, {i64(hp)}, {i64(wp)}), \"{dtype}\")")
+    lines += [
+        f"    col = T.sblock_alloc_buffer(({i64(n)}, {i64(k)}, {i64(ld)}), \"{dtype}\")",
+        f"    gemm = T.sblock_alloc_buffer(({i64(n)}, {i64(co)}, {i64(pp)}), \"{out_dtype}\")",
+    ]
+    if needs_pad:
+        lines += [
+            f"    for b, c, y, x in T.grid({i64(n)}, {i64(ci)}, {i64(hp)}, {i64(wp)}):",
+            "        with T.sblock(\"cachefit_pad\"):",
+            "            vb, vc, vy, vx = T.axis.remap(\"SSSS\", [b, c, y, x])",
+            f"            pad[vb, vc, vy, vx] = T.if_then_else({i64(pt)} <= vy and vy < {i64(pt + h)} and "
+            f"{i64(pl)} <= vx and vx < {i64(pl + w)}, data[vb, vc, vy - {i64(pt)}, vx - {i64(pl)}], "
+            f"T.{dtype}(0))",
+        ]
+    lines += [
+        f"    for b, c, ry, rx, y, x in T.grid({i64(n)}, {i64(ci)}, {i64(kh)}, {i64(kw)}, {i64(oh_rows)}, {i64(ow)}):",
+        "        with T.sblock(\"cachefit_im2col\"):",
+        "            vb, vc, vry, vrx, vy, vx = T.axis.remap(\"SSSSSS\", [b, c, ry, rx, y, x])",
+        f"            col[vb, vc * {i64(kh * kw)} + vry * {i64(kw)} + vrx, vy * {i64(ow)} + vx] = "
+        + (f"T.if_then_else(vy < {i64(oh)}, " if oh_rows > oh else "")
+        + f"{src_buf}[vb, vc, T.min(vy, {i64(oh - 1)}) * {i64(sh)} + vry * {i64(dh)}, vx * {i64(sw)} + vrx * {i64(dw)}]"
+        + (f", T.{dtype}(0))" if oh_rows > oh else ""),
+    ]
+    lines += [
+        f"    for b, o, q, r in T.grid({i64(n)}, {i64(co)}, {i64(pp)}, {i64(k)}):",
+        "        with T.sblock(\"cachefit_conv_gemm\"):",
+        "            vb, vo, vq, vr = T.axis.remap(\"SSSR\", [b, o, q, r])",
+        "            with T.init():",
+        f"                gemm[vb, vo, vq] = T.{out_dtype}(0)",
+        "            gemm[vb, vo, vq] = gemm[vb, vo, vq] + "
+        + acc.format(out_dtype, f"weight[vo, vr // {i64(kh * kw)}, vr % {i64(kh * kw)} // {i64(kw)}, vr % {i64(kw)}]")
+        + " * "
+        + acc.format(out_dtype, "col[vb, vr, vq]"),
+        f"    for b, o, y, x in T.grid({i64(n)}, {i64(co)}, {i64(oh)}, {i64(ow)}):",
+        "        with T.sblock(\"cachefit_conv_crop\"):",
+        "            vb, vo, vy, vx = T.axis.remap(\"SSSS\", [b, o, y, x])",
+        f"            out[vb, vo, vy, vx] = gemm[vb, vo, vy * {i64(ow)} + vx]",
+    ]
+    return tvm.script.from_source("\n".join(lines) + "\n")
+
+
+def make_conv2d_legalizer(lanes: int):
+    """A ``LegalizeOps`` entry for ``relax.nn.conv2d`` that emits :func:`conv2d_im2col_func`."""
+
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        attrs = call.attrs
+        data, weight = call.args
+        dshape = [_static(d) for d in data.ty.shape] if data.ty.shape is not None else []
+        wshape = [_static(d) for d in weight.ty.shape] if weight.ty.shape is not None else []
+        out_dtype = str(attrs.out_dtype) if str(attrs.out_dtype) not in ("", "None", "void") else str(data.ty.dtype)
+        ok = (
+            int(attrs.groups) == 1
+            and attrs.data_layout == "NCHW" and attrs.kernel_layout == "OIHW"
+            and attrs.out_layout == "NCHW"
+            and len(dshape) == 4 and len(wshape) == 4 and None not in dshape + wshape
+            and str(data.ty.dtype) == str(weight.ty.dtype)
+            and str(data.ty.dtype) in ("float32", "float16", "float64")
+        )
+        if not ok:
+            return _default_legalize(bb, call)
+        n, ci, h, w = dshape
+        co, _, kh, kw = wshape
+        func = conv2d_im2col_func(
+            n, ci, h, w, co, kh, kw,
+            [int(s) for s in attrs.strides], [int(p) for p in attrs.padding],
+            [int(d) for d in attrs.dilation], str(data.ty.dtype), out_dtype, lanes,
+        )
+        gv = bb.add_func(func, "conv2d_im2col")
+        return relax.call_tir(gv, [data, weight], call.ty)
+
+    return legalize
+
+
+def _static(dim) -> int | None:
+    return int(dim) if isinstance(dim, (int, tirx.IntImm)) else None
+
+
+def _default_legalize(bb, call):
+    from tvm.relax.transform.legalize_ops.common import LEGALIZE_MAP  # pylint: disable=import-outside-toplevel
+
+    fn = LEGALIZE_MAP.get("relax.nn.conv2d") if isinstance(LEGALIZE_MAP, dict) else None
+    if fn is None:
+        fn = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
+    return fn(bb, call)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight prologues
+# ---------------------------------------------------------------------------------------------
+
+
+@tvm.transform.module_pass(opt_level=0, name="FuseWeightPrologue")
+class FuseWeightPrologue:
+    """Group ``matmul(x, f(w))`` with ``f`` when ``f`` is injective and reads parameters only.
+
+    Runs after ``LegalizeOps`` and ``AnnotateTIROpPattern``, before ``FuseOps``; ``FuseTIR`` then
+    makes each group one PrimFunc (``op_pattern`` out-ewise-fusable, so epilogues still fuse).
+    """
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        out = _PrologueMutator(mod.clone()).run()
+        return out
+
+
+def _op_pattern(mod: tvm.IRModule, gv) -> int | None:
+    func = mod[gv]
+    if not isinstance(func, tirx.PrimFunc) or func.attrs is None or "op_pattern" not in func.attrs:
+        return None
+    return int(func.attrs["op_pattern"])
+
+
+@mutator
+class _PrologueMutator(PyExprMutator):
+    """Rewrites call_tir bindings of relax functions; see :class:`FuseWeightPrologue`."""
+
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.mod_ = mod
+        self._call_tir = tvm.ir.Op.get("relax.call_tir")
+        self._counter = 0
+        self._use_count: dict = {}
+        self._params: set = set()
+
+    def run(self) -> tvm.IRModule:
+        for gv, func in self.mod_.functions_items():
+            if not isinstance(func, relax.Function) or (func.attrs and "Primitive" in func.attrs):
+                continue
+            self._use_count = _count_uses(func)
+            self._params = {p for p in func.params}
+            new = self.visit_expr(func)
+            self.builder_.update_func(gv, new)
+        return self.builder_.get()
+
+    def _prologue_of(self, var):
+        """The call_tir bound to ``var`` if it is an injective function of params/constants only."""
+        if not isinstance(var, relax.Var) or var in self._params:
+            return None
+        if self._use_count.get(var, 0) != 1:
+            return None
+        value = self.lookup_binding(var)
+        if not isinstance(value, relax.Call) or not value.op.same_as(self._call_tir):
+            return None
+        pat = _op_pattern(self.mod_, value.args[0])
+        if pat is None or pat > _INJECTIVE_MAX:
+            return None
+        for arg in value.args[1].fields:
+            if isinstance(arg, tvm.ir.Constant) or arg in self._params:
+                continue
+            return None
+        return value
+
+    def visit_call_(self, call: relax.Call):  # pylint: disable=arguments-renamed
+        call = super().visit_call_(call)
+        if not call.op.same_as(self._call_tir) or len(call.args) != 2:
+            return call
+        if _op_pattern(self.mod_, call.args[0]) != _OUT_EWISE_FUSABLE:
+            return call
+        args = list(call.args[1].fields)
+        prologues = {n: self._prologue_of(a) for n, a in enumerate(args)}
+        prologues = {n: v for n, v in prologues.items() if v is not None}
+        if not prologues:
+            return call
+        # a private Primitive function: the prologue call_tirs then the matmul call_tir
+        outer_args, params, inner_args = [], [], []
+        bb = relax.BlockBuilder()
+        seen = {}
+
+        def param_for(expr):
+            if isinstance(expr, tvm.ir.Constant):
+                return expr
+            if expr in seen:
+                return seen[expr]
+            pv = relax.Var(f"p{len(params)}", expr.ty)
+            seen[expr] = pv
+            params.append(pv)
+            outer_args.append(expr)
+            return pv
+
+        for n, a in enumerate(args):
+            if n not in prologues:
+                param_for(a)
+        for n in prologues:
+            for a in prologues[n].args[1].fields:
+                param_for(a)
+        with bb.function("fused_prologue", params, {"Primitive": True}, private=True):
+            with bb.dataflow():
+                for n, a in enumerate(args):
+                    if n in prologues:
+                        pro = prologues[n]
+                        lv = bb.emit(relax.call_tir(pro.args[0], [param_for(x) for x in pro.args[1].fields],
+                                                    pro.ty))
+                        inner_args.append(lv)
+                    else:
+                        inner_args.append(seen[a])
+                res = bb.emit_output(relax.call_tir(call.args[0], inner_args, call.ty))
+            bb.emit_func_output(res)
+        fused = bb.get()["fused_prologue"]
+        self._counter += 1
+        gv = self.builder_.add_func(fused, f"fused_prologue_{self._counter}")
+        return relax.Call(gv, outer_args)
+
+
+def _count_uses(func: relax.Function) -> dict:
+    counts: dict = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Var):
+            counts[expr] = counts.get(expr, 0) + 1
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return counts

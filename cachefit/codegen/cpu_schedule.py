@@ -1,0 +1,833 @@
+"""CPU schedules for the fused TIR functions of a Relax module: cache-blocked, vectorised matmul kernels.
+
+TVM 0.27's default LLVM pipeline schedules nothing (``tvm.s_tir.dlight.cpu`` has only GEMV and
+reduction rules), so every kernel runs as the naive loop nest the legalizer wrote. This module holds
+cachefit's own rules in the style of ``tvm.s_tir.dlight`` and the pass that applies them:
+
+- :class:`GemmRule`: any function whose one reduction block is a multiply-accumulate
+  (``C[.., i, j] += A(.., i, k) * B(.., k, j)``: matmul, dense, batched matmul, the GEMM of
+  :func:`cachefit.codegen.cpu_legalize.conv2d_im2col`), with prologues inlined (weight transpose,
+  dequantisation) and element-wise epilogues (bias, activation, residual add, batch-norm) computed on
+  the register tile. Two micro-kernels:
+
+  * *outer product* when ``B`` is contiguous along ``j``: an ``mr x (nr * lanes)`` accumulator tile
+    held in vector registers over the whole ``k`` loop, ``B`` panels packed once per column block
+    and reused by every row block, rows blocked so that ``A``'s block stays in L2;
+  * *dot product* when every operand is contiguous along ``k`` (``x @ W.T``: ONNX ``Gemm`` with
+    ``transB=1``, whose weights arrive untransposed at run time): ``mr x nr`` vector accumulators over
+    ``k`` chunks, reduced across lanes once per tile.
+
+- :class:`ReductionRule`: softmax / layer-norm / RMS-norm style functions (dlight's CPU reduction
+  rule, parallel only when the stage owns several threads) and reductions over a non-innermost axis
+  (pooling), vectorised along the innermost spatial axis.
+- :class:`InjectiveRule`: everything else, block by block: parallel outer loops, vectorised inner loop.
+
+Tile sizes come from :class:`CPUSpec`: vector width from the target's features, L1/L2 from sysfs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+import tvm_ffi
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.target import Target
+
+log = logging.getLogger(__name__)
+
+# Accumulator registers a micro-kernel may use (AVX-512 and AVX2 both have 32 / 16 vector registers;
+# keep a few for the B vectors and the broadcast of A).
+_MAX_ACC = {512: 28, 256: 12, 128: 12}
+# Below this many multiply-adds a kernel is not worth a parallel launch (thread-pool wake-up ~ 5 us).
+_PARALLEL_MIN_WORK = 1 << 17
+# Name prefix of the blocks written by cpu_legalize (their stages stay at the root of the function).
+KEEP_PREFIX = "cachefit_"
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine
+# ---------------------------------------------------------------------------------------------
+
+
+def _sysfs_cache_bytes(level: int, default: int) -> int:
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for idx in sorted(base.glob("index*")):
+            if (idx / "level").read_text().strip() != str(level):
+                continue
+            if (idx / "type").read_text().strip() not in ("Data", "Unified"):
+                continue
+            text = (idx / "size").read_text().strip().upper()
+            mult = {"K": 1024, "M": 1024 * 1024, "G": 1024**3}.get(text[-1:], 1)
+            return int(text.rstrip("KMG")) * mult
+    except (OSError, ValueError):
+        pass
+    return default
+
+
+@dataclass(frozen=True)
+class CPUSpec:
+    """What the CPU rules size their tiles from.
+
+    vector_bits: SIMD width the target may use (512 with AVX-512, 256 with AVX2, else 128).
+    l1_bytes, l2_bytes: per-core data caches (sysfs of this machine unless given).
+    threads: cores the stage owns; 1 emits no parallel loops.
+    """
+
+    vector_bits: int = 512
+    l1_bytes: int = 48 * 1024
+    l2_bytes: int = 2 * 1024 * 1024
+    threads: int = 1
+
+    def lanes(self, dtype: str) -> int:
+        bits = tvm.runtime.DataType(dtype).bits
+        return max(1, self.vector_bits // max(bits, 8))
+
+    @property
+    def max_acc(self) -> int:
+        return _MAX_ACC.get(self.vector_bits, 12)
+
+    @classmethod
+    def for_target(cls, target: Target, threads: int | None = None) -> "CPUSpec":
+        return cls(
+            vector_bits=target_vector_bits(target),
+            l1_bytes=_sysfs_cache_bytes(1, 32 * 1024),
+            l2_bytes=_sysfs_cache_bytes(2, 1024 * 1024),
+            threads=max(1, int(threads if threads is not None else (os.cpu_count() or 1))),
+        )
+
+
+def target_vector_bits(target: Target) -> int:
+    """SIMD width of an llvm target, from its CPU features (AVX-512: 512, AVX2: 256, else 128)."""
+    from tvm.target.codegen import llvm_cpu_has_features  # pylint: disable=import-outside-toplevel
+
+    try:
+        if llvm_cpu_has_features(["avx512f"], target):
+            return 512
+        if llvm_cpu_has_features(["avx2"], target):
+            return 256
+    except Exception:  # pylint: disable=broad-except
+        log.debug("cannot query CPU features of %s", target)
+    return 128
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers on TIR
+# ---------------------------------------------------------------------------------------------
+
+
+def _int(x) -> int | None:
+    return int(x) if isinstance(x, (int, tirx.IntImm)) else None
+
+
+_TensorLoad = tvm.ir.TensorLoad  # tirx.BufferLoad builds these; the buffer is ``.source``
+
+
+def _loads(expr) -> list:
+    found: list = []
+    tvm_ffi.structural_walk(expr, (_TensorLoad, found.append), order="post")
+    return found
+
+
+def _vars(expr) -> set:
+    found: set = set()
+    tvm_ffi.structural_walk(expr, (tirx.Var, found.add), order="post")
+    return found
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    return _int(sch.get(loop).extent)
+
+
+def _prod(xs) -> int:
+    return int(math.prod(xs)) if xs else 1
+
+
+def _root_blocks(sch: s_tir.Schedule) -> list:
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _is_reduction(sch: s_tir.Schedule, block) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def _loops_match_iters(sch: s_tir.Schedule, block) -> list | None:
+    """The block's loops, one per block iter var in the same order, or None if not that simple."""
+    loops = sch.get_loops(block)
+    blk = sch.get(block)
+    if len(loops) != len(blk.iter_vars):
+        return None
+    for loop, iv in zip(loops, blk.iter_vars):
+        if _int(sch.get(loop).extent) != _int(iv.dom.extent) or _int(iv.dom.min) != 0:
+            return None
+    realize = sch.get_sref(block).stmt
+    del realize
+    return list(loops)
+
+
+def _split_vec(sch: s_tir.Schedule, loop, lanes: int):
+    """Vectorise ``loop`` (splitting off ``lanes`` when longer); returns the vectorised loop."""
+    ext = _extent(sch, loop)
+    if ext is None or ext <= 1:
+        return None
+    if ext <= lanes:
+        sch.vectorize(loop)
+        return loop
+    if ext % lanes:
+        # a predicated vector loop is scalarised by TVM: vectorise a divisor instead
+        for cand in (lanes // 2, lanes // 4):
+            if cand >= 4 and ext % cand == 0:
+                lanes = cand
+                break
+        else:
+            return None
+    _, inner = sch.split(loop, [None, lanes])
+    sch.vectorize(inner)
+    return inner
+
+
+def _parallel_prefix(sch: s_tir.Schedule, loops: list, threads: int, work: int) -> None:
+    """Fuse the shortest prefix of ``loops`` with at least ``threads`` iterations and run it parallel."""
+    if threads <= 1 or work < _PARALLEL_MIN_WORK or not loops:
+        return
+    prefix, ext = [], 1
+    for loop in loops:
+        e = _extent(sch, loop)
+        if e is None:
+            break
+        prefix.append(loop)
+        ext *= e
+        if ext >= 2 * threads:
+            break
+    if ext < threads:
+        return
+    fused = sch.fuse(*prefix) if len(prefix) > 1 else prefix[0]
+    sch.parallel(fused)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matmul-like blocks
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GemmForm:
+    """How a multiply-accumulate block maps onto a GEMM.
+
+    kind: ``"nn"`` (outer product, B contiguous along j) or ``"nt"`` (dot product, contiguous along k).
+    batch, i, j, k: positions of the block iter vars (``i`` may be None: one row).
+    mfuse: batch positions that ``B`` does not read (``x[b, s, k] @ W[k, n]``): they are fused
+           with ``i`` into one row loop, so that the weight panel serves all rows at once.
+    b_buffers: buffers read along ``j`` (packing candidates for ``"nn"``).
+    """
+
+    kind: str
+    batch: list
+    i: int | None
+    j: int
+    k: list
+    extents: list
+    dtype: str
+    b_buffers: list
+    mfuse: list
+
+    @property
+    def m(self) -> int:
+        return _prod([self.extents[p] for p in self.mfuse]) * (self.extents[self.i] if self.i is not None else 1)
+
+
+def gemm_form(sch: s_tir.Schedule, block) -> GemmForm | None:
+    """Recognise ``C[..] = C[..] + f(loads)`` with one output index per spatial iter var."""
+    blk = sch.get(block)
+    store = blk.body
+    if not isinstance(store, tirx.BufferStore) or blk.init is None:
+        return None
+    value = store.value
+    if not isinstance(value, tirx.Add):
+        return None
+    acc, rhs = value.a, value.b
+    if not (isinstance(acc, _TensorLoad) and acc.source.same_as(store.buffer)):
+        return None
+    if not isinstance(rhs, (tirx.Mul, tirx.Cast)):
+        return None
+    ivars = [iv.var for iv in blk.iter_vars]
+    pos = {v: n for n, v in enumerate(ivars)}
+    reduce_pos = [n for n, iv in enumerate(blk.iter_vars) if iv.iter_type == tirx.IterVar.CommReduce]
+    spatial_pos = [n for n, iv in enumerate(blk.iter_vars) if iv.iter_type == tirx.IterVar.DataPar]
+    if not reduce_pos or len(reduce_pos) + len(spatial_pos) != len(ivars):
+        return None
+    extents = [_int(iv.dom.extent) for iv in blk.iter_vars]
+    if any(e is None for e in extents):
+        return None
+    out_pos = []
+    for idx in store.indices:
+        if isinstance(idx, tirx.Var) and idx in pos:
+            out_pos.append(pos[idx])
+        elif _int(idx) == 0:
+            continue
+        else:
+            return None
+    if not out_pos or sorted(out_pos) != sorted(spatial_pos) or len(set(out_pos)) != len(out_pos):
+        return None
+    j = out_pos[-1]
+    jv = ivars[j]
+    loads = [ld for ld in _loads(rhs) if not ld.source.same_as(store.buffer)]
+    if not loads:
+        return None
+
+    def last_is(ld, v) -> bool:
+        return ld.indices and isinstance(ld.indices[-1], tirx.Var) and ld.indices[-1].same_as(v)
+
+    def uses(ld, v) -> bool:
+        return any(v in _vars(ix) for ix in ld.indices)
+
+    def only_last(ld, v) -> bool:
+        return last_is(ld, v) and not any(v in _vars(ix) for ix in ld.indices[:-1])
+
+    dtype = str(store.buffer.dtype)
+    i = out_pos[-2] if len(out_pos) >= 2 else None
+    batch = [p for p in out_pos if p not in (i, j)]
+    j_loads = [ld for ld in loads if uses(ld, jv)]
+    mfuse = []
+    if i is not None:
+        # batch dims right before i that the j-operand ignores fold into the rows
+        for p in reversed(out_pos[:-2]):
+            if any(uses(ld, ivars[p]) for ld in j_loads):
+                break
+            mfuse.insert(0, p)
+    batch = [p for p in batch if p not in mfuse]
+    if j_loads and all(only_last(ld, jv) for ld in j_loads):
+        return GemmForm("nn", batch, i, j, reduce_pos, extents, dtype,
+                        _unique_buffers(ld.source for ld in j_loads), mfuse)
+    if len(reduce_pos) == 1:
+        kv = ivars[reduce_pos[0]]
+        k_loads = [ld for ld in loads if uses(ld, kv)]
+        if k_loads and all(only_last(ld, kv) for ld in k_loads):
+            return GemmForm("nt", batch, i, j, reduce_pos, extents, dtype, [], mfuse)
+    return None
+
+
+def _unique_buffers(bufs) -> list:
+    out: list = []
+    for b in bufs:
+        if not any(b.same_as(o) for o in out):
+            out.append(b)
+    return out
+
+
+def _choose_nn_tile(m: int, nv: int, max_acc: int) -> tuple[int, int]:
+    """(mr, nr) for the outer-product kernel: mr divides m, nr divides nv (vectors along j)."""
+    best = (1, 1)
+    best_score = -1.0
+    for nr in (4, 3, 2, 1, 6, 8):
+        if nr > nv or nv % nr:
+            continue
+        for mr in range(min(m, max_acc // nr), 0, -1):
+            if m % mr:
+                continue
+            acc = mr * nr
+            # more accumulators hide the FMA latency; prefer wide nr (fewer broadcasts per FMA)
+            score = min(acc, 24) + 0.1 * nr + (0.5 if nr <= 4 else 0)
+            if score > best_score:
+                best, best_score = (mr, nr), score
+            break
+    return best
+
+
+def _choose_nt_tile(m: int, n: int, max_acc: int) -> tuple[int, int]:
+    """(mr, nr) for the dot-product kernel: mr divides m, nr divides n, mr * nr <= 24."""
+    best, best_score = (1, 1), -1.0
+    cap = min(24, max_acc)
+    for nr in (6, 4, 8, 3, 2, 5, 7, 1):
+        if nr > n or n % nr:
+            continue
+        for mr in range(min(m, cap // nr, 8), 0, -1):
+            if m % mr:
+                continue
+            # loads per k-chunk: mr + nr vectors for mr * nr FMAs
+            score = mr * nr / (mr + nr) + 0.01 * nr
+            if score > best_score:
+                best, best_score = (mr, nr), score
+            break
+    return best
+
+
+class GemmRule(dlight.ScheduleRule):
+    """Register-tiled, cache-blocked matmul with fused prologue and epilogue (see module doc)."""
+
+    def __init__(self, spec: CPUSpec):
+        self.spec = spec
+
+    def apply(self, func, target, _tunable):  # pylint: disable=too-many-locals,too-many-branches
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = _root_blocks(sch)
+        reductions = [b for b in blocks if _is_reduction(sch, b)]
+        if len(reductions) != 1:
+            return None
+        main = reductions[0]
+        main_pos = [sch.get(b).name_hint for b in blocks].index(sch.get(main).name_hint)
+        # prologue: inline what computes an operand element-wise (transpose, dequantize, cast),
+        # keep cachefit's own stages (padding, im2col) at the root
+        for blk in reversed(blocks[:main_pos]):
+            if sch.get(blk).name_hint.startswith(KEEP_PREFIX):
+                continue
+            try:
+                sch.compute_inline(blk)
+            except Exception:  # pylint: disable=broad-except
+                pass
+        form = gemm_form(sch, main)
+        if form is None:
+            return None
+        loops = _loops_match_iters(sch, main)
+        if loops is None:
+            return None
+        # epilogue: inline the chain into its last block
+        def split_at_main():
+            names = [sch.get(b).name_hint for b in _root_blocks(sch)]
+            at = names.index(sch.get(main).name_hint)
+            rb = _root_blocks(sch)
+            return rb[:at], rb[at + 1:]
+
+        _, after = split_at_main()
+        for blk in after[:-1]:
+            try:
+                sch.compute_inline(blk)
+            except Exception:  # pylint: disable=broad-except
+                pass
+        prologue_root, after = split_at_main()
+        # the conv GEMM writes padded columns: its epilogue (crop + element-wise) stays at the root
+        conv = sch.get(main).name_hint.startswith(KEEP_PREFIX)
+        tile_epilogue = after[-1] if len(after) == 1 and not conv else None
+        root_after = after if tile_epilogue is None else []
+        if form.kind == "nn":
+            ok = self._nn(sch, main, form, loops, tile_epilogue)
+        else:
+            ok = self._nt(sch, main, form, loops, tile_epilogue)
+        if not ok:
+            return None
+        for blk in prologue_root + root_after:
+            _schedule_injective(sch, blk, self.spec)
+        return sch
+
+    # -- outer product ----------------------------------------------------------------------
+
+    def _nn(self, sch, main, form: GemmForm, loops, epilogue) -> bool:  # pylint: disable=too-many-locals,too-many-branches,too-many-statements
+        spec = self.spec
+        ext = form.extents
+        lanes = spec.lanes(form.dtype)
+        n = ext[form.j]
+        while lanes > 1 and n % lanes:
+            lanes //= 2
+        if lanes < 4:
+            return False
+        m = form.m
+        kk = _prod([ext[p] for p in form.k])
+        elem = tvm.runtime.DataType(form.dtype).bits // 8
+        work = _prod(ext)
+        batch_ext = _prod([ext[p] for p in form.batch])
+        threads = spec.threads if work >= _PARALLEL_MIN_WORK else 1
+        b_bytes = kk * n * elem
+        streaming = m <= 16 and b_bytes > int(os.environ.get("CF_STREAM", spec.l2_bytes // 2)) and any(kk % kc == 0 for kc in (16, 8))
+        if streaming:
+            mr, nr = _choose_nn_tile(m, n // lanes, 16)
+        else:
+            mr, nr = _choose_nn_tile(m, n // lanes, spec.max_acc)
+        n_panels = n // (nr * lanes)
+        m_tiles = m // mr
+        li, lk, batch_loops = self._canonical_loops(sch, form, loops)
+
+        if streaming:
+            return self._nn_streaming(sch, main, li, loops[form.j], lk, batch_loops, mr, nr, lanes, kk,
+                                      threads, n_panels, epilogue)
+
+        # pack B panels when they are reused by enough row tiles
+        pack = m_tiles >= 4 and bool(form.b_buffers)
+        # row blocking: A's rows of one block (mc x K) stay in half of L2
+        mc_max = max(1, (spec.l2_bytes // 2) // max(1, kk * elem * mr))
+        mc_tiles = max(d for d in range(1, min(mc_max, m_tiles) + 1) if m_tiles % d == 0)
+        row_block = m_tiles > mc_tiles
+        if threads > 1 and batch_ext * n_panels < threads:
+            # too few column panels to share: parallelise over row tiles instead, no packing
+            pack = False
+            row_block = False
+
+        jo, jn, jv = sch.split(loops[form.j], [None, nr, lanes])
+        if li is not None:
+            if row_block:
+                io_o, io, ii = sch.split(li, [None, mc_tiles, mr])
+                order = batch_loops + [io_o, jo, io, lk, ii, jn, jv]
+            else:
+                io_o = None
+                io, ii = sch.split(li, [None, mr])
+                order = batch_loops + [jo, io, lk, ii, jn, jv]
+        else:
+            io_o = io = ii = None
+            order = batch_loops + [jo, lk, jn, jv]
+        sch.reorder(*order)
+        tile_loop = io if io is not None else jo
+
+        # accumulator tile in registers
+        if epilogue is not None:
+            sch.set_scope(main, 0, "local")
+            sch.reverse_compute_at(epilogue, tile_loop, preserve_unit_loops=True)
+            _vectorize_tile(sch, epilogue, lanes)
+        else:
+            cw = sch.cache_write(main, 0, "local")
+            sch.reverse_compute_at(cw, tile_loop, preserve_unit_loops=True)
+            _vectorize_tile(sch, cw, lanes)
+        if pack:
+            self._pack(sch, main, form, jo, lanes)
+        if ii is not None:
+            sch.unroll(ii)
+        sch.unroll(jn)
+        sch.vectorize(jv)
+        sch.decompose_reduction(main, lk)
+        if threads > 1:
+            if io_o is not None:
+                outer = batch_loops + [io_o] + ([jo] if batch_ext * (m_tiles // mc_tiles) < threads else [])
+            elif batch_ext * n_panels >= threads or io is None:
+                outer = batch_loops + [jo]
+            else:
+                outer = batch_loops + [jo, io]
+            _parallel_prefix(sch, outer, threads, work)
+        return True
+
+    def _canonical_loops(self, sch, form: GemmForm, loops):
+        """(row loop with the foldable batch dims fused in, one reduction loop, batch loops)."""
+        ext = form.extents
+        batch_loops = [loops[p] for p in form.batch]
+        li = loops[form.i] if form.i is not None else None
+        if form.mfuse:
+            spatial = batch_loops + [loops[p] for p in form.mfuse] + [li, loops[form.j]]
+            sch.reorder(*spatial)
+            li = sch.fuse(*[loops[p] for p in form.mfuse], li)
+        if len(form.k) > 1:
+            lk = sch.fuse(*[loops[p] for p in form.k])
+        else:
+            lk = loops[form.k[0]]
+        del ext
+        return li, lk, batch_loops
+
+    @staticmethod
+    def _pack(sch, main, form: GemmForm, at_loop, lanes: int) -> None:
+        for buf in form.b_buffers:
+            writers = [b for b in _root_blocks(sch)
+                       if any(w.source.same_as(buf) for w in sch.get(b).writes)]
+            if len(writers) > 1:
+                continue  # the conv's column matrix (im2col + zero tail): already contiguous
+            blk = sch.get(main)
+            idx = [r.source.same_as(buf) for r in blk.reads].index(True)
+            packed = sch.cache_read(main, idx, "global")
+            sch.compute_at(packed, at_loop, preserve_unit_loops=True)
+            pl = sch.get_loops(packed)
+            _split_vec(sch, pl[-1], lanes)
+
+    def _nn_streaming(self, sch, main, li, lj, lk, batch_loops, mr, nr, lanes, kk, threads,
+                      n_panels, epilogue) -> bool:  # pylint: disable=too-many-arguments,too-many-locals
+        """Few rows, a weight larger than L2: stream the weight row-block by row-block.
+
+        ``k`` is split in chunks of ``kc`` rows; for each chunk every column tile loads its
+        accumulators from the output, adds ``kc`` outer products and stores them back, so the
+        weight is read once, ``kc`` contiguous rows at a time (hardware prefetch and TLB friendly),
+        instead of as ``kc``-strided column panels. The epilogue runs afterwards at the root.
+        """
+        kc = 16 if kk % 16 == 0 else 8
+        jo, jn, jv = sch.split(lj, [None, nr, lanes])
+        ko, ki = sch.split(lk, [None, kc])
+        par = None
+        if threads > 1 and n_panels >= threads:
+            par, jo = sch.split(jo, [threads, None]) if n_panels % threads == 0 else (None, jo)
+        if li is not None:
+            io, ii = sch.split(li, [None, mr])
+            inner = [io, ki, ii, jn, jv]
+        else:
+            io = ii = None
+            inner = [ki, jn, jv]
+        order = ([par] if par is not None else []) + batch_loops + [ko, jo] + inner
+        sch.reorder(*order)
+        sch.unroll(ki)
+        if ii is not None:
+            sch.unroll(ii)
+        sch.unroll(jn)
+        sch.vectorize(jv)
+        sch.decompose_reduction(main, ko)
+        if epilogue is not None:
+            _schedule_injective(sch, epilogue, self.spec)
+        if par is not None:
+            sch.parallel(par)
+        return True
+
+    # -- dot product ------------------------------------------------------------------------
+
+    def _nt(self, sch, main, form: GemmForm, loops, epilogue) -> bool:  # pylint: disable=too-many-locals
+        spec = self.spec
+        ext = form.extents
+        lanes = spec.lanes(form.dtype)
+        kk = ext[form.k[0]]
+        while lanes > 1 and kk % lanes:
+            lanes //= 2
+        if lanes < 4:
+            return False
+        m = form.m
+        n = ext[form.j]
+        mr, nr = _choose_nt_tile(m, n, spec.max_acc)
+        work = _prod(ext)
+        threads = spec.threads if work >= _PARALLEL_MIN_WORK else 1
+        batch_ext = _prod([ext[p] for p in form.batch])
+        li, lk, batch_loops = self._canonical_loops(sch, form, loops)
+        del li, batch_loops
+        n_dims = len(sch.get(main).body.indices)
+        ko, kv = sch.split(lk, [None, lanes])
+        rf = sch.rfactor(kv, factor_axis=n_dims)
+        # the rfactor block keeps the loop nest: batch loops, rows, columns, ko, kv
+        rloops = sch.get_loops(rf)
+        ko, kv = rloops[-2], rloops[-1]
+        spatial = rloops[:-2]
+        lj = spatial[-1]
+        li = spatial[-2] if form.i is not None else None
+        batch_loops = spatial[: len(spatial) - (2 if li is not None else 1)]
+        jo, jn = sch.split(lj, [None, nr])
+        if li is not None:
+            io, ii = sch.split(li, [None, mr])
+            sch.reorder(*batch_loops, jo, io, ko, ii, jn, kv)
+            tile_loop = io
+        else:
+            io = ii = None
+            sch.reorder(*batch_loops, jo, ko, jn, kv)
+            tile_loop = jo
+        sch.set_scope(rf, 0, "local")
+        sch.reverse_compute_at(main, tile_loop, preserve_unit_loops=True)
+        if epilogue is not None:
+            sch.set_scope(main, 0, "local")
+            sch.reverse_compute_at(epilogue, tile_loop, preserve_unit_loops=True)
+            _vectorize_tile(sch, epilogue, lanes)
+        if ii is not None:
+            sch.unroll(ii)
+        sch.unroll(jn)
+        sch.vectorize(kv)
+        sch.decompose_reduction(rf, ko)
+        if threads > 1:
+            n_tiles = batch_ext * (n // nr)
+            outer = batch_loops + [jo] if (n_tiles >= threads or io is None) else batch_loops + [jo, io]
+            _parallel_prefix(sch, outer, threads, work)
+        return True
+
+
+def _vectorize_tile(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Vectorise the innermost loop of a tile-level block (write-back or epilogue)."""
+    loops = sch.get_loops(block)
+    if loops:
+        _split_vec(sch, loops[-1], lanes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything else
+# ---------------------------------------------------------------------------------------------
+
+
+def _schedule_injective(sch: s_tir.Schedule, block, spec: CPUSpec) -> None:
+    """Root-level spatial block: vectorise the innermost loop, parallelise the outer ones."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    blk = sch.get(block)
+    dtype = str(blk.writes[0].source.dtype) if blk.writes else "float32"
+    lanes = spec.lanes(dtype)
+    work = _prod([_extent(sch, lp) or 1 for lp in loops])
+    inner = loops[-1]
+    inner_ext = _extent(sch, inner) or 1
+    outer = list(loops[:-1])
+    if inner_ext > 4 * lanes:
+        o, i = sch.split(inner, [None, lanes]) if inner_ext % lanes == 0 else (None, None)
+        if i is not None:
+            sch.vectorize(i)
+            outer.append(o)
+    elif inner_ext >= 4:
+        _split_vec(sch, inner, lanes)
+    _parallel_prefix(sch, outer, spec.threads, work)
+
+
+def _schedule_reduction_block(sch: s_tir.Schedule, block, spec: CPUSpec) -> None:
+    """A root-level reduction (pooling, mean over an outer axis): spatial loops outside, the
+    innermost spatial loop vectorised inside the reduction loops when the output is contiguous."""
+    loops = _loops_match_iters(sch, block)
+    if loops is None:
+        return
+    blk = sch.get(block)
+    kinds = [iv.iter_type for iv in blk.iter_vars]
+    s_loops = [lp for lp, kd in zip(loops, kinds) if kd == tirx.IterVar.DataPar]
+    r_loops = [lp for lp, kd in zip(loops, kinds) if kd == tirx.IterVar.CommReduce]
+    work = _prod([_extent(sch, lp) or 1 for lp in loops])
+    dtype = str(blk.writes[0].source.dtype) if blk.writes else "float32"
+    lanes = spec.lanes(dtype)
+    if not s_loops:
+        return
+    store = blk.body
+    last_out = store.indices[-1] if isinstance(store, tirx.BufferStore) and store.indices else None
+    inner_s = s_loops[-1]
+    inner_var = blk.iter_vars[list(loops).index(inner_s)].var
+    inner_ext = _extent(sch, inner_s) or 1
+    if (r_loops and isinstance(last_out, tirx.Var) and last_out.same_as(inner_var)
+            and inner_ext >= 4):
+        vec_len = lanes if inner_ext % lanes == 0 else (8 if inner_ext % 8 == 0 else (4 if inner_ext % 4 == 0 else 0))
+        if vec_len and inner_ext > vec_len:
+            so, si = sch.split(inner_s, [None, vec_len])
+            sch.reorder(*s_loops[:-1], so, *r_loops, si)
+            sch.vectorize(si)
+            sch.decompose_reduction(block, r_loops[0])
+            _parallel_prefix(sch, s_loops[:-1] + [so], spec.threads, work)
+            return
+        if vec_len:
+            sch.reorder(*s_loops[:-1], *r_loops, inner_s)
+            sch.vectorize(inner_s)
+            sch.decompose_reduction(block, r_loops[0])
+            _parallel_prefix(sch, s_loops[:-1], spec.threads, work)
+            return
+    _parallel_prefix(sch, s_loops, spec.threads, work)
+
+
+class ReductionRule(dlight.ScheduleRule):
+    """Softmax / layer norm / RMS norm: row reductions followed by element-wise blocks.
+
+    Every block shares the leading spatial axes (the rows); they are fused into one loop
+    (parallel when the stage owns several threads) and every block is computed at it, so a row is
+    read from cache by each of its stages. Element-wise blocks are vectorised along the row, the
+    inner reduction loops are split into vector-length chunks and unrolled.
+    """
+
+    def __init__(self, spec: CPUSpec):
+        self.spec = spec
+
+    def apply(self, func, target, _tunable):  # pylint: disable=too-many-return-statements
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or len(infos) < 2:
+            return None
+        if all(bi.is_injective() for bi in infos) or not infos[-1].is_injective():
+            return None
+        lead = None
+        for bi in infos:
+            kinds = bi.dom_kind()
+            n_lead = len(kinds) - len(kinds.lstrip("S"))
+            if n_lead == 0:
+                return None
+            lead = n_lead if lead is None else min(lead, n_lead)
+        last = infos[-1].block_rv
+        dtype = str(sch.get(last).writes[0].source.dtype) if sch.get(last).writes else "float32"
+        lanes = self.spec.lanes(dtype)
+        loops = sch.get_loops(last)
+        rows = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+        work = _prod([_extent(sch, lp) or 1 for lp in sch.get_loops(last)])
+        for bi in reversed(infos[:-1]):
+            sch.compute_at(bi.block_rv, rows, preserve_unit_loops=True)
+        for bi in infos:
+            inner = sch.get_loops(bi.block_rv)[-1]
+            if bi.is_injective():
+                _split_vec(sch, inner, lanes)
+            else:
+                ext = _extent(sch, inner)
+                if ext is not None and ext > lanes and ext % lanes == 0:
+                    _, chunk = sch.split(inner, [None, lanes])
+                    sch.annotate(chunk, "pragma_auto_unroll_max_step", lanes)
+                    sch.annotate(chunk, "pragma_unroll_explicit", 1)
+        row_ext = _extent(sch, rows) or 1
+        if self.spec.threads > 1 and work >= _PARALLEL_MIN_WORK and row_ext >= self.spec.threads:
+            sch.parallel(rows)
+        return sch
+
+
+class InjectiveRule(dlight.ScheduleRule):
+    """Fallback: every root block on its own (parallel outer loops, vectorised inner loop)."""
+
+    def __init__(self, spec: CPUSpec):
+        self.spec = spec
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = _root_blocks(sch)
+        # inline element-wise chains first (fewer passes over memory)
+        for blk in blocks[:-1]:
+            if _is_reduction(sch, blk):
+                continue
+            try:
+                sch.compute_inline(blk)
+            except Exception:  # pylint: disable=broad-except
+                pass
+        for blk in _root_blocks(sch):
+            try:
+                if _is_reduction(sch, blk):
+                    _schedule_reduction_block(sch, blk, self.spec)
+                else:
+                    _schedule_injective(sch, blk, self.spec)
+            except Exception as err:  # pylint: disable=broad-except
+                log.debug("injective schedule of block %s failed: %s", sch.get(blk).name_hint, err)
+        return sch
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+# ---------------------------------------------------------------------------------------------
+
+
+def default_rules(spec: CPUSpec) -> list:
+    """cachefit's CPU rules in the order they are tried."""
+    return [GemmRule(spec), ReductionRule(spec), InjectiveRule(spec)]
+
+
+@tvm.transform.module_pass(opt_level=0, name="ScheduleCPU")
+class ScheduleCPU:
+    """Schedule every unscheduled PrimFunc of a module with cachefit's CPU rules.
+
+    spec: tile sizes and thread count (:meth:`CPUSpec.for_target` by default).
+    A rule that fails on a function (an unexpected block structure) is skipped and the next is
+    tried; a function no rule takes keeps its naive loops. Functions already marked
+    ``tirx.is_scheduled`` (meta-schedule records) are left alone.
+    """
+
+    def __init__(self, target: Target, spec: CPUSpec | None = None):
+        self.target = target
+        self.spec = spec or CPUSpec.for_target(target)
+        self.rules = default_rules(self.spec)
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if func.attrs is not None and int(func.attrs.get("tirx.is_scheduled", 0)) == 1:
+                continue
+            sch = schedule_func(func, self.target, self.rules)
+            if sch is not None:
+                updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        if not updates:
+            return mod
+        out = mod.clone()
+        for gv, func in updates.items():
+            out[gv] = func
+        return out
+
+
+def schedule_func(func: tirx.PrimFunc, target: Target, rules: list):
+    """Apply the first rule that takes ``func``; returns its schedule or None."""
+    for rule in rules:
+        try:
+            sch = rule.apply(func, target, False)
+        except Exception as err:  # pylint: disable=broad-except
+            log.debug("%s failed on %s: %s", type(rule).__name__, func.attrs.get("global_symbol") if func.attrs else "?", err)
+            continue
+        if sch is not None:
+            return sch
+    return None
