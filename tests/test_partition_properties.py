@@ -274,7 +274,7 @@ def test_records_min_time_optimal(inst):
         assert math.isclose(s.predicted_time, brute_time(layers, a, b, MODEL, s.resident), rel_tol=1e-9)
 
 
-@SETTINGS
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(record_instances(max_n=10), st.sampled_from(["greedy", "balanced", "min-time"]))
 def test_exact_dp_matches_brute_force_when_forced(inst, strategy):
     """The dynamic programme (used when the footprint is not monotone) is exact on every
@@ -301,7 +301,7 @@ def test_exact_dp_matches_brute_force_when_forced(inst, strategy):
         assert math.isclose(sol.value, brute.min_time(k), rel_tol=1e-9, abs_tol=1e-12)
 
 
-@SETTINGS
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(record_instances(max_n=12, boundary=(0, 5)))
 def test_records_small_boundaries_n12(inst):
     """Up to 12 layers with small boundary tensors (mostly monotone footprints: the greedy path)."""
@@ -317,7 +317,7 @@ def test_records_small_boundaries_n12(inst):
     assert max([0, *resident]) == brute.balanced(k)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.data())
 def test_footprint_oracle_matches_direct_many_shared_params(data):
     """FootprintCost.cost(a, b) equals the direct footprint for every group, including models
