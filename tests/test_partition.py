@@ -362,3 +362,15 @@ def test_spread_falls_back_to_exact_count_when_splitting_gets_stuck():
     plan = make_plan(layers, 33, devices=5)
     assert plan.groups == [(0, 0), (1, 1), (2, 3), (4, 4)] and plan.bottleneck_value == 29
     assert plan.idle_devices == [4]
+
+
+def test_min_time_refuses_a_cost_model_with_negative_times():
+    class Broken:
+        def layer_time(self, layer, resident):
+            return -1.0
+
+        def transfer_time(self, nbytes):
+            return 0.0
+
+    with pytest.raises(PlanError, match="layer_time returned a negative"):
+        make_plan(uniform(2), 10_000, "min-time", cost_model=Broken())

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Sequence
 
+from ..errors import PlanError
 from .footprint import GroupCost
 from .records import LayerRecord, StageCostModel
 
@@ -79,12 +80,9 @@ class StageTime(GroupCost):
         self.offchip = [float(model.layer_time(l, False)) for l in layers]
         self.x = [float(model.transfer_time(l.in_bytes)) for l in layers]
         self.y = [0.0] * self.n
-        self.out_transfer = [float(model.transfer_time(l.out_bytes)) for l in layers]
         for name, values in (("layer_time", self.onchip), ("layer_time", self.offchip),
                              ("transfer_time", self.x)):
             if any(not (v >= 0.0) or v == float("inf") for v in values):
-                from ..errors import PlanError
-
                 raise PlanError(
                     f"the cost model's {name} returned a negative, infinite or NaN time; "
                     "a stage time must be a finite number of seconds >= 0"
