@@ -90,23 +90,16 @@ class Footprint:
 
 
 def stage_footprint(layers: Sequence[LayerRecord]) -> Footprint:
-    """The group footprint of the partitioner issue: weights summed with a parameter shared by
-    several layers counted once, the peak (not the sum) of the layers' activation + buffer working
-    sets, plus the group's incoming and outgoing boundary tensors."""
+    """The group footprint of the partitioner (:func:`cachefit.partition.group_footprint`, exact
+    mode): weights with a shared parameter counted once, the peak (not the sum) of the layers'
+    activation + buffer working sets, plus the group's incoming and outgoing boundary tensors."""
+    from ..partition.footprint import group_footprint
+
     if not layers:
         raise PlanError("a stage with no layers has no footprint; every stage needs at least one layer")
-    seen: dict[str, int] = {}
-    unnamed = 0
-    for layer in layers:
-        if layer.params:
-            for pname, nbytes in layer.params.items():
-                seen[pname] = int(nbytes)
-        else:
-            unnamed += layer.weight_bytes
-    weights = sum(seen.values()) + unnamed
-    working = max(layer.working_set_bytes for layer in layers)
-    boundary = layers[0].in_bytes + layers[-1].out_bytes
-    return Footprint(int(weights), int(working), int(boundary))
+    fp = group_footprint(list(layers), "exact")
+    return Footprint(int(fp.weight_bytes), int(fp.activation_bytes + fp.buffer_bytes),
+                     int(fp.in_bytes + fp.out_bytes))
 
 
 def activation_traffic(layer: LayerRecord) -> int:
