@@ -26,6 +26,8 @@ FOOTPRINT_ATTRS = (
 #: matmul it replaces); see :func:`call_tir_flops`
 FLOPS_ATTR = "cachefit.flops"
 _FLOAT = ("float32", "float16", "bfloat16", "float64")
+#: clipping ratios searched per group by :func:`quantize_array` (1 = absmax)
+CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(17))   # 1.0 .. 0.6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,8 +50,10 @@ def quantize_array(w: np.ndarray, bits: int, group_size: int | None = None) -> t
 
     Per output channel (``group_size`` None: one scale per column) or group-wise (one scale per
     ``group_size`` consecutive rows of a column; the last group may be shorter).
-    scale = max|w| / qmax over the group (qmax 127 for INT8, 7 for INT4; an all-zero group gets
-    scale 1), q = round(w / scale) clipped to [-qmax, qmax].
+    q = round(w / scale) clipped to [-qmax, qmax] (qmax 127 for INT8, 7 for INT4), with
+    scale = c * max|w| / qmax over the group, c the clipping ratio among ``CLIP_RATIOS`` with the
+    smallest squared error of the group (c = 1 is plain absmax scaling; clipping the few largest
+    values buys a finer step for all the others); an all-zero group gets scale 1.
 
     Returns ``(q, scale)``: INT8 ``q`` is int8 [K, N]; INT4 ``q`` is uint8 [ceil(K/2), N] holding
     ``q + 8`` of row ``2i`` in the low nibble and of row ``2i + 1`` in the high nibble (an odd K
@@ -67,8 +71,18 @@ def quantize_array(w: np.ndarray, bits: int, group_size: int | None = None) -> t
     padded[:k] = w
     wg = padded.reshape(groups, g, n)
     qmax = 127 if bits == 8 else 7
-    scale = (np.abs(wg).max(axis=1) / np.float32(qmax)).astype(np.float32)
-    scale[scale == 0] = 1.0
+    amax = np.abs(wg).max(axis=1)
+    scale = best_err = None
+    for c in CLIP_RATIOS:
+        s = (amax * np.float32(c) / np.float32(qmax)).astype(np.float32)
+        s[s == 0] = 1.0
+        err = np.square(np.clip(np.rint(wg / s[:, None, :]), -qmax, qmax) * s[:, None, :] - wg).sum(axis=1)
+        if scale is None:
+            scale, best_err = s, err
+        else:
+            better = err < best_err
+            scale = np.where(better, s, scale)
+            best_err = np.where(better, err, best_err)
     q = np.clip(np.rint(wg / scale[:, None, :]), -qmax, qmax).reshape(groups * g, n)[:k]
     if bits == 8:
         return q.astype(np.int8), scale
