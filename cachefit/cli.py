@@ -254,6 +254,43 @@ def models_export(name, output, **overrides):
     click.echo(f"wrote {path}")
 
 
+def fit_options(fn):
+    """Options that make oversized layers fit (cachefit.fit): quantization, pruning, micro-batch."""
+    opts = [
+        click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default=None,
+                     help="Weight-only quantization of every matmul/conv weight (default: none)."),
+        click.option("--group-size", type=int, default=None,
+                     help="Rows of the reduction axis per scale (e.g. 128); default: one scale per output channel."),
+        click.option("--prune", type=float, default=0.0, show_default=True,
+                     help="Fraction of every MLP's hidden units to remove (by L2 norm)."),
+        click.option("--fit", type=click.Choice(["auto", "none"]), default=None,
+                     help="auto: per layer over capacity apply INT8, INT4, pruning, a smaller micro-batch; "
+                          "none: only report what would help."),
+        click.option("--max-prune", type=float, default=0.5, show_default=True,
+                     help="The most --fit auto may prune of a layer's MLP hidden units."),
+        click.option("--micro-batch", default=None,
+                     help="auto (largest divisor of the batch whose working set fits) or N; the runtime "
+                          "splits the batch and joins the outputs."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _fit_kwargs(quantize, group_size, prune, fit, max_prune, micro_batch) -> dict:
+    if micro_batch is not None and str(micro_batch).strip().lower() != "auto":
+        try:
+            micro_batch = int(micro_batch)
+        except ValueError:
+            raise CachefitError(f"--micro-batch {micro_batch!r}: use auto or a positive integer") from None
+        if micro_batch < 1:
+            raise CachefitError(f"--micro-batch {micro_batch}: use auto or a positive integer")
+    elif micro_batch is not None:
+        micro_batch = "auto"
+    return dict(quantize=quantize, group_size=group_size, prune=prune, fit=fit, max_prune=max_prune,
+                micro_batch=micro_batch)
+
+
 @main.command("compile")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--target", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True,
@@ -265,9 +302,11 @@ def models_export(name, output, **overrides):
 @click.option("--threads", type=int, default=None, help="CPU threads per stage (llvm).")
 @click.option("-o", "--output", "out_dir", default="build", show_default=True, type=click.Path(file_okay=False),
               help="Artifact directory to write.")
+@fit_options
 @user_errors
 def compile_cmd(model, target, arch, input_shapes, batch, dtype, num_layers, layer_boundaries, cache, hardware,
-                strategy, devices, footprint, layout, allow_spill, threads, out_dir):
+                strategy, devices, footprint, layout, allow_spill, threads, out_dir, quantize, group_size, prune,
+                fit, max_prune, micro_batch):
     """Compile MODEL.onnx into one library per device plus manifest.json (see docs/artifact-format.md)."""
     from .compiler import compile_model
 
@@ -278,7 +317,10 @@ def compile_cmd(model, target, arch, input_shapes, batch, dtype, num_layers, lay
                            cache=cache, hardware=hardware, strategy=strategy, devices=devices, footprint=footprint,
                            layout=layout, allow_spill=allow_spill, layers=num_layers,
                            layer_boundaries=_boundaries(layer_boundaries), threads=threads,
-                           progress=lambda line: click.echo(line, err=True))
+                           progress=lambda line: click.echo(line, err=True),
+                           **_fit_kwargs(quantize, group_size, prune, fit, max_prune, micro_batch))
+    if result.fit is not None:
+        click.echo(result.fit.format_table())
     click.echo(result.report.plan.format_table())
     click.echo(f"wrote {result.artifact_dir}")
 
@@ -338,6 +380,32 @@ def inspect_cmd(artifact, fmt):
 
     manifest = read_manifest(artifact)
     click.echo(json.dumps(manifest, indent=2) if fmt == "json" else format_manifest(manifest))
+
+
+# --- config: build inputs of the C++ runtime (cachefit/runtime/cpp) ------------------------------
+
+@main.command("config")
+@click.option("--cmake-prefix", "what", flag_value="cmake-prefix",
+              help="Print the CMAKE_PREFIX_PATH entry for find_package(cachefit).")
+@click.option("--cmake-args", "what", flag_value="cmake-args",
+              help="Print the -D arguments for cmake: cachefit_DIR and the apache-tvm wheel's TVM paths.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@user_errors
+def config_cmd(what, fmt):
+    """Where the C++ runtime's sources and the TVM headers and libraries it builds against are."""
+    import json
+
+    from .runtime.cpp_config import cpp_build_config
+
+    cfg = cpp_build_config()
+    if what == "cmake-prefix":
+        click.echo(str(cfg.cmake_prefix))
+    elif what == "cmake-args":
+        click.echo(" ".join(cfg.cmake_args()))
+    elif fmt == "json":
+        click.echo(json.dumps(cfg.to_dict(), indent=2))
+    else:
+        click.echo(cfg.format_table())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,11 +8,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .analysis import ModelAnalysis, analyze_onnx
 from .errors import CachefitError
 from .planning import PlanReport, plan_model
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .fit import FitReport
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,7 @@ log = logging.getLogger(__name__)
 class CompileResult:
     artifact_dir: Path
     report: PlanReport
+    fit: "FitReport | None" = None  # what --fit/--quantize/--prune/--micro-batch did (cachefit.fit)
 
     @property
     def analysis(self) -> ModelAnalysis:
@@ -47,11 +51,24 @@ def compile_model(
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
     analysis: ModelAnalysis | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    prune: float = 0.0,
+    fit: str | None = None,
+    max_prune: float = 0.5,
+    micro_batch: int | str | None = None,
 ) -> CompileResult:
     """Compile an ONNX model into one library per device (see docs/artifact-format.md).
 
     The plan is made as by ``cachefit plan`` (``--cache``/``--hardware`` capacity, ``strategy``,
     ``devices``); each stage is compiled on its own for ``target`` (``llvm`` or ``cuda``/``arch``).
+
+    Making layers fit (:func:`cachefit.fit.fit_model`, recorded in the manifest's ``plan.fit``):
+    ``quantize`` (``int8``/``int4``, ``group_size`` rows per scale) and ``prune`` (fraction of MLP
+    hidden units) apply to every layer; ``fit="auto"`` escalates on each layer still over capacity
+    (INT8, INT4, pruning up to ``max_prune``, a smaller micro-batch), ``fit="none"`` only reports;
+    ``micro_batch`` (``"auto"`` or N) compiles the stages for a smaller batch that the runtime
+    splits the inputs into (``plan.micro_batch``). All left out: the model as it is.
     """
     from tvm import relax  # noqa: F401  (TVM is needed from here on)
 
@@ -69,16 +86,27 @@ def compile_model(
             f"{analysis.name} is shape-only (its external weight files were never written): it can be planned "
             "and estimated, not compiled. Export it with real weights to compile."
         )
+    fit_report = None
+    if fit is not None or (quantize or "none") != "none" or prune or micro_batch is not None:
+        analysis, fit_report = _fit(analysis, cache=cache, hardware=hardware, fit=fit, quantize=quantize,
+                                    group_size=group_size, prune=prune, max_prune=max_prune,
+                                    micro_batch=micro_batch, footprint=footprint, layers=layers,
+                                    layer_boundaries=layer_boundaries, allow_spill=allow_spill, progress=progress)
     report = plan_model(model, cache=cache, hardware=hardware, strategy=strategy, devices=devices,
                         footprint=footprint, layout=layout, allow_spill=allow_spill, analysis=analysis)
     if progress:
         progress(f"plan: {report.plan.devices_used} stage(s), groups {report.plan.groups}")
     split = run_pass(SplitStages(report.plan.groups, target=target), analysis.mod)
     names = analysis.imported.original_names
+    plan_dict = report.to_dict()
+    if fit_report is not None:
+        plan_dict["fit"] = fit_report.to_dict()
+        if fit_report.micro_batch != fit_report.batch:
+            plan_dict["micro_batch"] = {"batch": fit_report.batch, "micro_batch": fit_report.micro_batch}
     out = build_artifact(
         split,
         analysis.params,
-        report.to_dict(),
+        plan_dict,
         target,
         out_dir,
         arch=arch,
@@ -89,7 +117,27 @@ def compile_model(
         threads=threads,
         progress=progress,
     )
-    return CompileResult(artifact_dir=Path(out), report=report)
+    return CompileResult(artifact_dir=Path(out), report=report, fit=fit_report)
+
+
+def _fit(analysis, *, cache, hardware, fit, quantize, group_size, prune, max_prune, micro_batch, footprint,
+         layers, layer_boundaries, allow_spill, progress):
+    """--quantize/--prune/--fit/--micro-batch (cachefit.fit); refuses a model that still does not fit."""
+    from .errors import PlanError
+    from .fit import fit_model
+    from .planning import resolve_capacity
+
+    cap, _hw = resolve_capacity(cache, hardware)
+    new, fit_report = fit_model(analysis, cap, mode=fit or "none", quantize=quantize, group_size=group_size,
+                                prune=prune, max_prune=max_prune, micro_batch=micro_batch, footprint=footprint,
+                                layers=layers, layer_boundaries=layer_boundaries, progress=progress)
+    if progress:
+        progress(fit_report.format_table())
+    if fit == "auto" and not fit_report.fits and not allow_spill:
+        raise PlanError("--fit auto could not make every layer fit:\n" + fit_report.format_table()
+                        + "\nAn intra-layer split is not implemented: use more capacity (--cache/--hardware), "
+                        "a larger --max-prune, or --allow-spill")
+    return new, fit_report
 
 
 def reference_outputs(model_path: str | Path, inputs: dict, input_shapes=None) -> dict:

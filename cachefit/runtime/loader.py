@@ -170,6 +170,42 @@ class Pipeline:
     def output_names(self) -> list[str]:
         return [d["name"] for d in self.outputs]
 
+    # --- pipelined execution: one worker thread per stage (cachefit.runtime.pipelined) -----------
+
+    def start(self, **options):
+        """Start one worker per stage (options of ``cachefit.runtime.pipelined.PipelinedRunner``:
+        micro_batch, queue_depth, cores, ...), closing workers started before; returns the runner."""
+        from .pipelined import PipelinedRunner
+
+        self.close()
+        self._runner = PipelinedRunner(self, **options)
+        return self._runner
+
+    def _pipelined(self):
+        runner = getattr(self, "_runner", None)
+        return runner if runner is not None and not runner.closed else self.start()
+
+    def submit(self, inputs: Mapping[str, np.ndarray]):
+        """Queue one request on the stage workers (started on first use); returns a
+        ``concurrent.futures.Future`` of its outputs. Requests complete in submission order."""
+        return self._pipelined().submit(inputs)
+
+    def run_batches(self, batches, **options):
+        """Outputs of every request of ``batches``, in order, run pipelined (``PipelinedRunner.run_batches``)."""
+        return self._pipelined().run_batches(batches, **options)
+
+    def close(self) -> None:
+        """Finish the submitted requests and stop the stage workers (no-op when none were started)."""
+        runner, self._runner = getattr(self, "_runner", None), None
+        if runner is not None:
+            runner.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _check_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         if not isinstance(inputs, Mapping):
             raise InputError(f"inputs must be a dict of name -> array; expected names {self.input_names}")
@@ -201,6 +237,9 @@ class Pipeline:
         """
         import tvm
 
+        joined = self._run_micro_batches(inputs)
+        if joined is not None:
+            return joined
         arrays = self._check_inputs(inputs)
         current = [tvm.runtime.tensor(a, self.stages[0].device) for a in arrays]
         times = []
@@ -217,6 +256,30 @@ class Pipeline:
         return {d["name"]: t.numpy() for d, t in zip(self.outputs, current)}
 
     __call__ = run
+
+    def _run_micro_batches(self, inputs) -> dict[str, np.ndarray] | None:
+        """--micro-batch (cachefit.fit, ``plan.micro_batch`` in the manifest): the stages were compiled
+        for a micro-batch; inputs of the full batch are split along axis 0 (the inputs whose leading
+        dimension is the micro-batch), run one micro-batch after the other and the outputs joined
+        along axis 0. None when there is nothing to split (inputs of the compiled shapes)."""
+        mb = (self.manifest.get("plan") or {}).get("micro_batch")
+        if not isinstance(mb, Mapping) or not isinstance(inputs, Mapping):
+            return None
+        batch, micro = int(mb["batch"]), int(mb["micro_batch"])
+        split = {d["name"] for d in self.inputs if d["shape"] and d["shape"][0] == micro}
+        if micro >= batch or batch % micro or not any(
+                n in inputs and np.shape(inputs[n])[:1] == (batch,) for n in split):
+            return None
+        results, times = [], None
+        for c in range(batch // micro):
+            part = {n: (np.asarray(a)[c * micro:(c + 1) * micro] if n in split and np.shape(a)[:1] == (batch,) else a)
+                    for n, a in inputs.items()}
+            results.append(self.run(part))
+            times = list(self.last_stage_seconds) if times is None else [t + u for t, u in zip(times, self.last_stage_seconds)]
+        self.last_stage_seconds = times or []
+        return {d["name"]: (np.concatenate([r[d["name"]] for r in results], axis=0)
+                            if d["shape"] and d["shape"][0] == micro else results[0][d["name"]])
+                for d in self.outputs}
 
 
 def _dev_key(d) -> tuple[int, int]:
