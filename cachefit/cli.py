@@ -382,5 +382,31 @@ def inspect_cmd(artifact, fmt):
     click.echo(json.dumps(manifest, indent=2) if fmt == "json" else format_manifest(manifest))
 
 
+# --- config: build inputs of the C++ runtime (cachefit/runtime/cpp) ------------------------------
+
+@main.command("config")
+@click.option("--cmake-prefix", "what", flag_value="cmake-prefix",
+              help="Print the CMAKE_PREFIX_PATH entry for find_package(cachefit).")
+@click.option("--cmake-args", "what", flag_value="cmake-args",
+              help="Print the -D arguments for cmake: cachefit_DIR and the apache-tvm wheel's TVM paths.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@user_errors
+def config_cmd(what, fmt):
+    """Where the C++ runtime's sources and the TVM headers and libraries it builds against are."""
+    import json
+
+    from .runtime.cpp_config import cpp_build_config
+
+    cfg = cpp_build_config()
+    if what == "cmake-prefix":
+        click.echo(str(cfg.cmake_prefix))
+    elif what == "cmake-args":
+        click.echo(" ".join(cfg.cmake_args()))
+    elif fmt == "json":
+        click.echo(json.dumps(cfg.to_dict(), indent=2))
+    else:
+        click.echo(cfg.format_table())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
