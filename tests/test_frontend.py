@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 import tvm
 from click.testing import CliRunner
-from conftest import DATA_DIR, FLOAT, INT64, make_onnx_model
+from conftest import DATA_DIR, FLOAT, make_onnx_model
 from onnx import helper, numpy_helper
 from onnx.external_data_helper import set_external_data, write_external_data_tensors
 from tvm import relax
