@@ -1,6 +1,6 @@
 """Compile-time benchmark: per-stage and total compile time of the small dense model, llvm and cuda.
 
-    python bench/compile.py                       # dense-tiny, 4 stages, llvm and cuda
+    python bench/compile.py                       # dense-tiny, 4 stages, llvm and cuda, reuse off and on
     python bench/compile.py --stages 2 --targets llvm --model moe-tiny
     python bench/compile.py --json out.json
 
@@ -10,7 +10,9 @@ stage for each target. Per-stage times are the manifest's ``compile_seconds`` (w
 compile, export, and for cuda the nvcc fatbin build); "total wall" is the whole build, weights files
 and manifest included; "total CPU" is user + system time of this process and its children (gcc,
 nvcc), which does not grow when other jobs share the cores. CUDA needs nvcc (no GPU): without it that target is reported as
-skipped.
+skipped. ``--reuse`` compares compiling every stage (off) with compiling structurally identical
+stages once (on, the default of ``build_artifact``): dense-tiny's four blocks are identical, so with
+reuse one library per target is compiled and copied.
 """
 
 from __future__ import annotations
@@ -30,15 +32,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cachefit import models  # noqa: E402
 from cachefit.analysis import analyze_onnx  # noqa: E402
 from cachefit.codegen.cuda import CudaToolchainError, find_nvcc  # noqa: E402
-from cachefit.compiler import compile_model  # noqa: E402
+from cachefit.codegen import build_artifact  # noqa: E402
+from cachefit.passes.split_stages import SplitStages  # noqa: E402
+from cachefit.planning import plan_model  # noqa: E402
 
 
-def bench(model: str, stages: int, targets: list[str], arch: str, work: Path) -> dict:
+def bench(model: str, stages: int, targets: list[str], arch: str, work: Path, reuse: bool) -> dict:
     path = models.export(model, work / f"{model}.onnx")
     t0 = time.perf_counter()
     analysis = analyze_onnx(path)
     import_s = time.perf_counter() - t0
+    report = plan_model(path, cache="1GB", strategy="balanced", devices=stages, analysis=analysis)
     result = {"model": model, "stages": stages, "import_analysis_seconds": import_s, "targets": {},
+              "reuse_identical_stages": reuse, "groups": [list(g) for g in report.plan.groups],
               "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
               "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg())}
     for target in targets:
@@ -51,8 +57,10 @@ def bench(model: str, stages: int, targets: list[str], arch: str, work: Path) ->
         out = work / f"build-{target}"
         c0 = _cpu_seconds()
         t0 = time.perf_counter()
-        compile_model(path, target=target, arch=arch, out_dir=out, cache="1GB", strategy="balanced",
-                      devices=stages, analysis=analysis)
+        # what cachefit.compiler.compile_model does after planning, with the reuse switch exposed
+        split = SplitStages(report.plan.groups, target=target)(analysis.mod)
+        build_artifact(split, analysis.params, report.to_dict(), target, out, arch=arch, model_name=model,
+                       reuse_identical_stages=reuse)
         total = time.perf_counter() - t0
         cpu = _cpu_seconds() - c0
         manifest = json.loads((out / "manifest.json").read_text())
@@ -60,6 +68,7 @@ def bench(model: str, stages: int, targets: list[str], arch: str, work: Path) ->
             "total_seconds": total,
             "cpu_seconds": cpu,
             "stage_seconds": [s["compile_seconds"] for s in manifest["stages"]],
+            "reused_from": [s.get("reused_from") for s in manifest["stages"]],
             "layers": [[s["layers"]["first"], s["layers"]["last"]] for s in manifest["stages"]],
             "library_bytes": [s["library"]["bytes"] for s in manifest["stages"]],
         }
@@ -74,7 +83,8 @@ def _cpu_seconds() -> float:
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['model']}, {result['stages']} stages, {result['cpu_count']} cores; "
+    lines = [f"{result['model']}, {result['stages']} stages {result['groups']}, {result['cpu_count']} cores, "
+             f"identical stages {'compiled once' if result['reuse_identical_stages'] else 'each compiled'}; "
              f"import + plan analysis {result['import_analysis_seconds']:.1f} s", "",
              "| target | " + " | ".join(f"stage {i} (s)" for i in range(result["stages"]))
              + " | total wall (s) | total CPU (s) |",
@@ -86,7 +96,8 @@ def table(result: dict) -> str:
             continue
         grand += r["total_seconds"]
         grand_cpu += r["cpu_seconds"]
-        lines.append(f"| {target} | " + " | ".join(f"{s:.1f}" for s in r["stage_seconds"])
+        lines.append(f"| {target} | " + " | ".join(
+            f"{s:.1f}" + (f" (= stage {src})" if src is not None else "") for s, src in zip(r["stage_seconds"], r["reused_from"]))
                      + f" | {r['total_seconds']:.1f} | {r['cpu_seconds']:.1f} |")
     lines += ["", f"all targets: {grand:.1f} s wall, {grand_cpu:.1f} s CPU "
               f"(+ {result['import_analysis_seconds']:.1f} s import); load average before: {result['loadavg']}"]
@@ -99,14 +110,20 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", type=int, default=4)
     ap.add_argument("--targets", default="llvm,cuda")
     ap.add_argument("--arch", default="sm_90a")
+    ap.add_argument("--reuse", choices=["both", "on", "off"], default="both",
+                    help="Compile structurally identical stages once (on), each time (off), or report both.")
     ap.add_argument("--json", default=None, help="Also write the numbers to this file.")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="cachefit-bench-compile-") as tmp:
-        result = bench(args.model, args.stages, [t.strip() for t in args.targets.split(",") if t.strip()],
-                       args.arch, Path(tmp))
-    print(table(result))
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    modes = {"both": [False, True], "on": [True], "off": [False]}[args.reuse]
+    results = []
+    for reuse in modes:
+        with tempfile.TemporaryDirectory(prefix="cachefit-bench-compile-") as tmp:
+            results.append(bench(args.model, args.stages, targets, args.arch, Path(tmp), reuse))
+        print(table(results[-1]))
+        print()
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -10,7 +10,7 @@ from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from cachefit.codegen import build_artifact, extract_stage
+from cachefit.codegen import build_artifact, extract_stage, prepare_stage
 from cachefit.codegen import cuda as cuda_tools
 from cachefit.errors import CachefitError, ModelError
 from cachefit.passes.split_stages import SplitStages
@@ -134,6 +134,11 @@ def test_extract_stage_keeps_only_its_functions():
     split = SplitStages(GROUPS)(TiedResidual)
     sub = extract_stage(split, 1)
     assert sorted(gv.name_hint for gv in sub.get_global_vars()) == ["layer_1", "layer_2", "stage_1"]
+    prepared = prepare_stage(split, 1)
+    assert [gv.name_hint for gv in prepared.get_global_vars()] == ["main"]
+    assert [p.name for p in prepared["main"].params] == ["a0", "w0", "w1"]
+    assert prepared["main"].attrs["global_symbol"] == "main"
+    assert not any(str(k).startswith("cachefit.") for k in prepared["main"].attrs.keys())
 
 
 def test_plan_that_does_not_match_the_stages_is_refused(tmp_path):
@@ -239,3 +244,53 @@ def test_cuda_build_with_non_identifier_tensor_names(tmp_path):
     if not tvm.cuda(0).exist:
         with pytest.raises(ArtifactError, match=r"stage 0 needs device cuda:0.*which this machine does not have"):
             rt.load(out)
+
+
+def _chain(n_layers: int):
+    """n identical layers relu(x @ w_i) (different weights, same shapes)."""
+    bb = relax.BlockBuilder()
+    for i in range(n_layers):
+        x = relax.Var("x", relax.TensorType((2, 16), "float32"))
+        w = relax.Var(f"w{i}", relax.TensorType((16, 16), "float32"))
+        with bb.function(f"layer_{i}", [x, w], {"cachefit.layer": i, "cachefit.layer_name": f"layers.{i}"}, private=True):
+            with bb.dataflow():
+                o = bb.emit_output(relax.op.nn.relu(relax.op.matmul(x, w)))
+            bb.emit_func_output(o)
+    mod = bb.get()
+    params = [relax.Var("x", relax.TensorType((2, 16), "float32"))]
+    params += [relax.Var(f"w{i}", relax.TensorType((16, 16), "float32")) for i in range(n_layers)]
+    bb = relax.BlockBuilder(mod)
+    with bb.function("main", params, {"num_input": 1}):
+        with bb.dataflow():
+            h = params[0]
+            for i in range(n_layers):
+                h = bb.emit(relax.Call(mod.get_global_var(f"layer_{i}"), [h, params[1 + i]]))
+            out = bb.emit_output(h)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_identical_stages_are_compiled_once(tmp_path):
+    """Stages made of identical layers share one compiled library (copied, same sha256), each with its
+    own weights; the pipeline still computes the whole chain."""
+    import cachefit.runtime as rt
+
+    rng = np.random.default_rng(0)
+    params = {f"w{i}": rng.standard_normal((16, 16)).astype("float32") / 4 for i in range(4)}
+    split = SplitStages([(0, 0), (1, 1), (2, 3)])(_chain(4))
+    out = build_artifact(split, params, None, "llvm", tmp_path / "reuse")
+    m = json.loads((out / "manifest.json").read_text())
+    assert [s.get("reused_from") for s in m["stages"]] == [None, 0, None]
+    assert m["stages"][0]["library"]["sha256"] == m["stages"][1]["library"]["sha256"]
+    assert {s["function"] for s in m["stages"]} == {"main"}
+    x = rng.standard_normal((2, 16)).astype("float32")
+    want = x
+    for i in range(4):
+        want = np.maximum(want @ params[f"w{i}"], 0)
+    got = rt.load(out).run({"x": x})["layers.3:0"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    out2 = build_artifact(split, params, None, "llvm", tmp_path / "noreuse", reuse_identical_stages=False)
+    m2 = json.loads((out2 / "manifest.json").read_text())
+    assert [s.get("reused_from") for s in m2["stages"]] == [None, None, None]
+    np.testing.assert_array_equal(rt.load(out2).run({"x": x})["layers.3:0"], got)

@@ -13,7 +13,7 @@ import tvm
 from tvm import relax
 
 import cachefit.runtime as rt
-from cachefit.codegen import build_artifact
+from cachefit.codegen import build_artifact, compile_stage
 from cachefit.errors import ArtifactError, InputError
 from cachefit.passes.split_stages import SplitStages
 from cachefit.runtime.weights import load_weights, read_header, save_weights
@@ -104,7 +104,8 @@ def copy(artifact, tmp_path):
 
 
 def reference(ids):
-    ex = tvm.compile(TiedResidual, tvm.target.Target({"kind": "llvm"}))
+    """The unpartitioned module, compiled whole by the same pipeline as the stages."""
+    ex = compile_stage(relax.transform.InlinePrivateFunctions()(TiedResidual), "llvm")
     vm = relax.VirtualMachine(ex, tvm.cpu())
     p = tied_params()
     return vm["main"](tvm.runtime.tensor(ids), *[tvm.runtime.tensor(p[n]) for n in ("emb", "w1", "w2")]).numpy()

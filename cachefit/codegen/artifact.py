@@ -5,17 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from .. import __version__
-from ..errors import ArtifactError, CachefitError, ModelError
-from ..passes.split_stages import stage_names
+from ..errors import CachefitError, ModelError
+from ..passes.split_stages import _Rebind, stage_names
 from ..runtime.weights import numpy_dtype, save_weights
 from . import cuda as cuda_tools
 
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "cachefit-artifact"
 FORMAT_VERSION = 1
 TARGETS = ("llvm", "cuda")
+#: the VM function every stage library exports (``stages[i].function`` in the manifest)
+ENTRY = "main"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -79,19 +83,44 @@ def _compile_relax(mod: tvm.IRModule, target: tvm.target.Target, threads: int | 
     return tvm.compile(mod, target)
 
 
-def compile_stage(stage_mod: tvm.IRModule, target: str, *, arch: str = "sm_90a", threads: int | None = None):
-    """Compile one extracted stage module for ``target`` (``llvm`` or ``cuda``) -> ``relax.Executable``.
+def prepare_stage(mod: tvm.IRModule, index: int) -> tvm.IRModule:
+    """Stage ``index`` of a split module as it is compiled: its functions alone (``extract_stage``), the
+    layer functions inlined, the entry renamed ``main`` (exported symbol included), parameters renamed
+    by position (``a0..`` activations, ``w0..`` weights: no user tensor name reaches generated C or
+    CUDA code) and the ``cachefit.*`` attributes dropped. Two stages made of identical layers give
+    structurally equal modules, which ``build_artifact`` compiles once.
+    """
+    sub = relax.transform.InlinePrivateFunctions()(extract_stage(mod, index))
+    name = f"stage_{index}"
+    func = sub[name]
+    n_in = int(func.attrs["num_input"])
+    params = [relax.Var(f"a{i}" if i < n_in else f"w{i - n_in}", p.ty) for i, p in enumerate(func.params)]
+    body = _Rebind(dict(zip(func.params, params))).visit_expr(func.body)
+    new = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
+    for key in list(func.attrs.keys()):
+        if str(key).startswith("cachefit."):
+            new = new.without_attr(key)
+    new = new.with_attr("global_symbol", ENTRY)
+    funcs = {gv: f for gv, f in sub.functions_items() if gv.name_hint != name}
+    funcs[tvm.ir.GlobalVar(ENTRY)] = new
+    out = tvm.IRModule(funcs, attrs=sub.attrs)
+    for key, infos in sub.global_infos.items():
+        out.update_global_info(key, infos)
+    return out
 
-    Layer functions are inlined first (one fused program per stage). For CUDA the kernels are compiled
-    by nvcc into a fatbin for ``arch`` during the build (raises :class:`CudaToolchainError` without a
-    toolkit).
+
+def compile_stage(stage_mod: tvm.IRModule, target: str, *, arch: str = "sm_90a", threads: int | None = None):
+    """Compile one prepared stage module (``prepare_stage``) for ``target`` -> ``relax.Executable``.
+
+    Uses ``cachefit.codegen.pipeline.compile_relax`` (CPU schedules, dlight for GPUs) when present, else
+    TVM's default pipeline. For CUDA the kernels are compiled by nvcc into a fatbin for ``arch`` during
+    the build (raises :class:`~cachefit.codegen.cuda.CudaToolchainError` without a toolkit).
     """
     tgt = make_target(target, arch)
-    mod = relax.transform.InlinePrivateFunctions()(stage_mod)
     if target == "cuda":
         with cuda_tools.nvcc_device_code(arch), tgt:
-            return _compile_relax(mod, tgt, threads)
-    return _compile_relax(mod, tgt, threads)
+            return _compile_relax(stage_mod, tgt, threads)
+    return _compile_relax(stage_mod, tgt, threads)
 
 
 def _tensor_desc(name: str, ty) -> dict:
@@ -129,6 +158,7 @@ def build_artifact(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     threads: int | None = None,
+    reuse_identical_stages: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Compile every stage of a split module and write the artifact directory (docs/artifact-format.md).
@@ -143,6 +173,9 @@ def build_artifact(
     input_names / output_names: the model's input and output names as users know them (default: the
                   IR's names; outputs without a name are ``output_<k>``).
     threads:      passed to the CPU pipeline (``cachefit.codegen.pipeline.compile_relax``) when present.
+    reuse_identical_stages: a stage whose prepared module (``prepare_stage``) is structurally equal to
+                  an earlier stage's gets a copy of that stage's library instead of a new compile
+                  (transformer stages of identical blocks); the manifest says ``reused_from``.
     progress:     called with one line per finished stage.
     Returns the artifact directory.
     """
@@ -212,6 +245,7 @@ def build_artifact(
             layer_names[int(f.attrs["cachefit.layer"])] = str(f.attrs.get("cachefit.layer_name", gv.name_hint))
 
     entries = []
+    built: list = []  # (stage index, prepared module) of the stages compiled so far
     total_t0 = time.perf_counter()
     for s, (name, st) in enumerate(zip(names, stages)):
         # weights
@@ -231,9 +265,20 @@ def build_artifact(
 
         # library
         t0 = time.perf_counter()
-        ex = compile_stage(extract_stage(mod, s), target, arch=arch, threads=threads)
+        prepared = prepare_stage(mod, s)
         lib = out / f"{name}.so"
-        ex.export_library(str(lib))
+        reused_from = None
+        if reuse_identical_stages:
+            for earlier, earlier_mod in built:
+                if tvm_ffi.structural_equal(earlier_mod, prepared):
+                    reused_from = earlier
+                    break
+        if reused_from is not None:
+            shutil.copyfile(out / f"{names[reused_from]}.so", lib)
+        else:
+            ex = compile_stage(prepared, target, arch=arch, threads=threads)
+            ex.export_library(str(lib))
+            built.append((s, prepared))
         seconds = time.perf_counter() - t0
         if target == "cuda":
             kinds = cuda_tools.device_code_kinds(lib)
@@ -242,13 +287,14 @@ def build_artifact(
                     f"{lib} holds no compiled device code for {arch} (only CUDA source): TVM's CUDA runtime did "
                     "not take the nvcc build; check the CUDA toolkit installation"
                 )
-        logger.info("stage %d: layers %d..%d compiled for %s in %.1f s", s, st["first"], st["last"], target, seconds)
+        how = f"reused stage {reused_from}'s library" if reused_from is not None else f"compiled for {target}"
+        logger.info("stage %d: layers %d..%d %s in %.1f s", s, st["first"], st["last"], how, seconds)
         if progress is not None:
-            progress(f"stage {s}: layers {st['first']}..{st['last']} compiled in {seconds:.1f} s")
-        entries.append({
+            progress(f"stage {s}: layers {st['first']}..{st['last']} {how} in {seconds:.1f} s")
+        entry = {
             "index": s,
             "name": name,
-            "function": name,
+            "function": ENTRY,
             "layers": {"first": st["first"], "last": st["last"],
                        "names": [layer_names.get(i, f"layer_{i}") for i in range(st["first"], st["last"] + 1)]},
             "device": {"kind": "cpu" if target == "llvm" else "cuda", "index": s},
@@ -258,7 +304,10 @@ def build_artifact(
             "params": st["params"],
             "outputs": st["outputs"],
             "compile_seconds": round(seconds, 3),
-        })
+        }
+        if reused_from is not None:
+            entry["reused_from"] = reused_from
+        entries.append(entry)
 
     transfers = []
     for s in range(k - 1):

@@ -171,6 +171,8 @@ class SplitStages:
                     rec.stage = max([producer[v].stage for v in uses if v in producer], default=0)
                     if isinstance(value, relax.TupleGetItem) and value.tuple_value in layer_of_var:
                         tensor_name[binding.var] = f"{layer_of_var[value.tuple_value]}:{value.index}"
+                    elif isinstance(value, relax.Var) and value in tensor_name:  # an alias keeps the name
+                        tensor_name[binding.var] = tensor_name[value]
                     else:
                         tensor_name.setdefault(binding.var, binding.var.name)
                 producer[binding.var] = rec
