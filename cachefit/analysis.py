@@ -10,7 +10,6 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-import numpy as np
 import onnx
 import tvm
 from tvm import relax

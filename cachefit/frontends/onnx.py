@@ -561,6 +561,10 @@ def cleanup(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
 _KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 
+# operators the importer translates itself rather than through its converter table
+_IMPORTER_HANDLED = {"If"}
+
+
 def check_operators(model: onnx.ModelProto) -> None:
     """Refuse, by name, an operator TVM's ONNX importer has no converter for.
 
@@ -571,7 +575,7 @@ def check_operators(model: onnx.ModelProto) -> None:
     """
     from tvm.relax.frontend.onnx import onnx_frontend as of
 
-    table = of._get_convert_map()
+    table = set(of._get_convert_map()) | _IMPORTER_HANDLED
     bad = [n for n in model.graph.node if n.op_type not in table or n.domain not in _KNOWN_DOMAINS]
     if not bad:
         return
@@ -759,7 +763,6 @@ def _import_flat(m, types, weight_names, input_names):
 
 
 def _import_layered(m: onnx.ModelProto, types, assignment, input_names, output_names):
-    import tvm
     from tvm import relax
 
     g = m.graph
