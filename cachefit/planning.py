@@ -5,15 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .analysis import ModelAnalysis, analyze_onnx
+from typing import TYPE_CHECKING
+
 from .errors import CachefitError, PlanError
 from .partition import Plan, make_plan
 from .perf.hardware import Hardware, format_bytes, get_hardware, parse_size
 
+if TYPE_CHECKING:  # the analysis imports TVM: load it only once the arguments are checked
+    from .analysis import ModelAnalysis
+
 
 @dataclass
 class PlanReport:
-    analysis: ModelAnalysis
+    analysis: "ModelAnalysis"
     plan: Plan
     capacity_bytes: int
     hardware: Hardware | None
@@ -101,7 +105,7 @@ def plan_model(
     allow_spill: bool = False,
     layers: int | None = None,
     layer_boundaries: Sequence[str] | None = None,
-    analysis: ModelAnalysis | None = None,
+    analysis: "ModelAnalysis | None" = None,
 ) -> PlanReport:
     """Analyse a model (unless ``analysis`` is given) and partition it."""
     cap, hw = resolve_capacity(cache, hardware)
@@ -113,6 +117,8 @@ def plan_model(
             )
         strategy = "layout"  # an explicit layout replaces the default search
     if analysis is None:
+        from .analysis import analyze_onnx
+
         analysis = analyze_onnx(model, input_shapes=input_shapes, batch=batch, dtype=dtype, layers=layers,
                                 layer_boundaries=layer_boundaries)
     cost_model = None
