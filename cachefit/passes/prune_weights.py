@@ -214,6 +214,9 @@ def _find_pairs_in_layer(fn: relax.Function, ops: _Ops) -> list[dict]:
                 if tv in escaping or len(uses.get(tv, [])) != 1:
                     ok = False
         if ok:
+            pos = {b.var: k for k, b in enumerate(bindings)}
+            fc1.sort(key=lambda t: pos[t[2]])   # in execution order
+            biases = sorted(set(biases), key=lambda b: list(fn.params).index(b))
             pairs.append({"hidden": hidden, "fc1": [(w, layout) for w, layout, _ in fc1], "biases": biases,
                           "fc2": w2})
     return pairs

@@ -1,0 +1,274 @@
+"""PruneWeights: structured pruning of MLP hidden units, shapes and FLOPs really shrink."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+from cachefit.analysis import layer_records
+from cachefit.errors import CachefitError
+from cachefit.passes import run_pass
+from cachefit.passes.annotate_footprint import AnnotateFootprint
+from cachefit.passes.prune_weights import (
+    PruneWeights,
+    choose_units,
+    find_mlp_pairs,
+    kept_units,
+    prune_weights,
+    unit_scores,
+)
+
+
+@I.ir_module
+class Mlp:
+    """x + fc2(gelu(fc1(x) + b1)) + b2, GELU written out with erf as ONNX exports it."""
+
+    @R.function(private=True)
+    def layer_0(x: R.Tensor((4, 8), "float32"), w1: R.Tensor((8, 6), "float32"), b1: R.Tensor((6,), "float32"), w2: R.Tensor((6, 8), "float32"), b2: R.Tensor((8,), "float32")) -> R.Tensor((4, 8), "float32"):
+        R.func_attr({"cachefit.layer": 0, "cachefit.layer_name": "layers.0"})
+        with R.dataflow():
+            h = R.matmul(x, w1)
+            hb = R.add(h, b1)
+            t = R.divide(hb, R.const(1.4142135, "float32"))
+            e = R.erf(t)
+            e1 = R.add(e, R.const(1.0, "float32"))
+            g = R.multiply(hb, e1)
+            g2 = R.multiply(g, R.const(0.5, "float32"))
+            y = R.matmul(g2, w2)
+            yb = R.add(y, b2)
+            gv = R.add(x, yb)
+            R.output(gv)
+        return gv
+
+    @R.function
+    def main(x: R.Tensor((4, 8), "float32"), w1: R.Tensor((8, 6), "float32"), b1: R.Tensor((6,), "float32"), w2: R.Tensor((6, 8), "float32"), b2: R.Tensor((8,), "float32")) -> R.Tensor((4, 8), "float32"):
+        R.func_attr({"num_input": 1})
+        cls = Mlp
+        with R.dataflow():
+            gv = cls.layer_0(x, w1, b1, w2, b2)
+            R.output(gv)
+        return gv
+
+
+def test_pruned_shapes_shape_only():
+    """Pruning half of 6 hidden units leaves 3: W1 [8,3], b1 [3], W2 [3,8]; everything between
+    fc1 and fc2 becomes [4,3]; fc2's output and b2 keep their shapes. Without values the first
+    units are kept."""
+
+    @I.ir_module
+    class Expected:
+        @R.function(private=True)
+        def layer_0(x: R.Tensor((4, 8), "float32"), w1: R.Tensor((8, 3), "float32"), b1: R.Tensor((3,), "float32"), w2: R.Tensor((3, 8), "float32"), b2: R.Tensor((8,), "float32")) -> R.Tensor((4, 8), "float32"):
+            R.func_attr({"cachefit.layer": 0, "cachefit.layer_name": "layers.0"})
+            with R.dataflow():
+                h = R.matmul(x, w1)
+                hb = R.add(h, b1)
+                t = R.divide(hb, R.const(1.4142135, "float32"))
+                e = R.erf(t)
+                e1 = R.add(e, R.const(1.0, "float32"))
+                g = R.multiply(hb, e1)
+                g2 = R.multiply(g, R.const(0.5, "float32"))
+                y = R.matmul(g2, w2)
+                yb = R.add(y, b2)
+                gv = R.add(x, yb)
+                R.output(gv)
+            return gv
+
+        @R.function
+        def main(x: R.Tensor((4, 8), "float32"), w1: R.Tensor((8, 3), "float32"), b1: R.Tensor((3,), "float32"), w2: R.Tensor((3, 8), "float32"), b2: R.Tensor((8,), "float32")) -> R.Tensor((4, 8), "float32"):
+            R.func_attr({"num_input": 1})
+            cls = Expected
+            with R.dataflow():
+                gv = cls.layer_0(x, w1, b1, w2, b2)
+                R.output(gv)
+            return gv
+
+    p = PruneWeights({"w1": None, "b1": None, "w2": None, "b2": None}, ratio=0.5)
+    tvm.ir.assert_structural_equal(Expected, p(Mlp))
+    assert p.new_params == {"w1": None, "b1": None, "w2": None, "b2": None}
+    assert [(d.hidden_before, d.hidden_after, d.kept) for d in p.pruned] == [(6, 3, (0, 1, 2))]
+
+
+def test_scores_and_choice():
+    """A unit's score is ||W1[:, j]|| * ||W2[j, :]||; the top (1 - ratio) are kept, in order."""
+    w1 = np.array([[1.0, 0.0, 3.0, 1.0], [0.0, 0.1, 4.0, 0.0]])   # column norms 1, 0.1, 5, 1
+    w2 = np.array([[2.0, 0.0], [100.0, 0.0], [0.1, 0.0], [0.0, 2.0]])  # row norms 2, 100, 0.1, 2
+    np.testing.assert_allclose(unit_scores([w1], w2), [2.0, 10.0, 0.5, 2.0])
+    assert choose_units([w1], w2, 0.5).tolist() == [0, 1]     # tie 2.0 / 2.0: the lower index
+    assert choose_units([w1], w2, 0.25).tolist() == [0, 1, 3]
+    assert kept_units(0.5, 640) == 320 and kept_units(0.99, 3) == 1 and kept_units(0.0, 7) == 7
+
+
+def _run(mod, args):
+    from cachefit.codegen.pipeline import compile_relax
+
+    ex = compile_relax(mod, tvm.target.Target({"kind": "llvm"}), threads=1)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+
+
+def _gelu(v):
+    from math import erf
+
+    return 0.5 * v * (1 + np.vectorize(erf)(v / np.sqrt(2)))
+
+
+def test_pruned_module_matches_numpy_pruning():
+    """The compiled pruned module equals numpy on weights pruned the same way (units chosen in
+    the test, independently of the pass)."""
+    rng = np.random.default_rng(0)
+    params = {"w1": rng.standard_normal((8, 6)).astype(np.float32), "b1": rng.standard_normal(6).astype(np.float32),
+              "w2": rng.standard_normal((6, 8)).astype(np.float32), "b2": rng.standard_normal(8).astype(np.float32)}
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    out, new, done = prune_weights(Mlp, params, 1 / 3)
+    score = np.linalg.norm(params["w1"], axis=0) * np.linalg.norm(params["w2"], axis=1)
+    keep = np.sort(np.argsort(-score)[:4])
+    assert list(done[0].kept) == keep.tolist()
+    np.testing.assert_array_equal(new["w1"], params["w1"][:, keep])
+    np.testing.assert_array_equal(new["b1"], params["b1"][keep])
+    np.testing.assert_array_equal(new["w2"], params["w2"][keep])
+    got = _run(out, [x, new["w1"], new["b1"], new["w2"], new["b2"]])
+    want = x + _gelu(x @ params["w1"][:, keep] + params["b1"][keep]) @ params["w2"][keep] + params["b2"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@I.ir_module
+class Gated:
+    """SwiGLU with Gemm(transB) weights: down(silu(x @ Wg.T) * (x @ Wu.T)), no biases."""
+
+    @R.function(private=True)
+    def layer_0(x: R.Tensor((2, 8), "float32"), wg: R.Tensor((10, 8), "float32"), wu: R.Tensor((10, 8), "float32"), wd: R.Tensor((8, 10), "float32")) -> R.Tensor((2, 8), "float32"):
+        R.func_attr({"cachefit.layer": 0, "cachefit.layer_name": "layers.0"})
+        with R.dataflow():
+            g = R.matmul(x, R.permute_dims(wg, axes=[1, 0]))
+            u = R.matmul(x, R.permute_dims(wu, axes=[1, 0]))
+            a = R.multiply(R.nn.silu(g), u)
+            gv = R.matmul(a, R.permute_dims(wd, axes=[1, 0]))
+            R.output(gv)
+        return gv
+
+    @R.function
+    def main(x: R.Tensor((2, 8), "float32"), wg: R.Tensor((10, 8), "float32"), wu: R.Tensor((10, 8), "float32"), wd: R.Tensor((8, 10), "float32")) -> R.Tensor((2, 8), "float32"):
+        R.func_attr({"num_input": 1})
+        cls = Gated
+        with R.dataflow():
+            gv = cls.layer_0(x, wg, wu, wd)
+            R.output(gv)
+        return gv
+
+
+def test_gated_mlp_with_transposed_weights():
+    """Both gates lose the same rows (Gemm transB layout [F, K]); down loses the same columns;
+    the score multiplies the norms of every fc1."""
+    rng = np.random.default_rng(1)
+    params = {n: rng.standard_normal(s).astype(np.float32) for n, s in (("wg", (10, 8)), ("wu", (10, 8)), ("wd", (8, 10)))}
+    pairs = find_mlp_pairs(Gated)
+    assert len(pairs) == 1 and pairs[0].fc1 == (("wg", "nk"), ("wu", "nk")) and pairs[0].fc2 == ("wd", "nk")
+    out, new, _ = prune_weights(Gated, params, 0.3)
+    score = (np.linalg.norm(params["wg"], axis=1) * np.linalg.norm(params["wu"], axis=1)
+             * np.linalg.norm(params["wd"], axis=0))
+    keep = np.sort(np.argsort(-score)[:7])
+    assert new["wg"].shape == (7, 8) and new["wd"].shape == (8, 7)
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    got = _run(out, [x, new["wg"], new["wu"], new["wd"]])
+    g, u = x @ params["wg"][keep].T, x @ params["wu"][keep].T
+    want = (g / (1 + np.exp(-g)) * u) @ params["wd"][:, keep].T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@I.ir_module
+class Escaping:
+    """The hidden activation is also an output of the layer: its units cannot be removed."""
+
+    @R.function(private=True)
+    def layer_0(x: R.Tensor((4, 8), "float32"), w1: R.Tensor((8, 6), "float32"), w2: R.Tensor((6, 8), "float32")) -> R.Tuple(R.Tensor((4, 8), "float32"), R.Tensor((4, 6), "float32")):
+        R.func_attr({"cachefit.layer": 0, "cachefit.layer_name": "layers.0"})
+        with R.dataflow():
+            h = R.nn.relu(R.matmul(x, w1))
+            y = R.matmul(h, w2)
+            gv = (y, h)
+            R.output(gv)
+        return gv
+
+    @R.function
+    def main(x: R.Tensor((4, 8), "float32"), w1: R.Tensor((8, 6), "float32"), w2: R.Tensor((6, 8), "float32")) -> R.Tuple(R.Tensor((4, 8), "float32"), R.Tensor((4, 6), "float32")):
+        R.func_attr({"num_input": 1})
+        cls = Escaping
+        with R.dataflow():
+            gv = cls.layer_0(x, w1, w2)
+            R.output(gv)
+        return gv
+
+
+def test_pairs_that_cannot_be_pruned_are_left_alone():
+    assert find_mlp_pairs(Escaping) == []
+    assert PruneWeights({}, 0.5)(Escaping).same_as(Escaping)
+    with pytest.raises(CachefitError, match="not a fraction"):
+        PruneWeights({}, 1.0)
+
+
+def test_moe_experts_are_pruned_per_expert(analyzed):
+    """Each expert of moe-tiny is its own pair (4 layers x 4 experts); the router is untouched."""
+    a = analyzed("moe-tiny")
+    pairs = find_mlp_pairs(a.mod)
+    assert len(pairs) == 16
+    assert {p.fc1[0][0] for p in pairs if p.layer == 2} == {f"layers_2_moe_experts_{e}_fc1_weight" for e in range(4)}
+    out, params, done = prune_weights(a.mod, a.params, 0.25, layers=["layers.1"])
+    assert {d.layer for d in done} == {1} and all(d.hidden_after == 192 for d in done)
+    assert params["layers_1_moe_experts_3_fc2_weight"].shape == (192, 128)
+    assert params["layers_1_moe_router_weight"].shape == (128, 4)
+    assert params["layers_0_moe_experts_0_fc1_weight"].shape == (128, 256)
+
+
+def test_dense_flops_and_bytes_drop_by_the_ratio(analyzed):
+    """dense-tiny at ratio 0.5: each layer's weight bytes drop by half of its MLP weights (fc1, its
+    bias, fc2) and its FLOPs by half of the MLP's (two 32x160x640 matmuls and six element-wise ops
+    on the [32, 640] hidden activation)."""
+    a = analyzed("dense-tiny")
+    mod, _params, done = prune_weights(a.mod, a.params, 0.5)
+    assert len(done) == 4
+    records = layer_records(run_pass(AnnotateFootprint(), mod))
+    mlp_bytes = (160 * 640 + 640 + 640 * 160) * 4
+    mlp_flops = 2 * (2 * 32 * 160 * 640) + 6 * 32 * 640
+    for old, new in zip(a.layers, records):
+        assert old.weight_bytes - new.weight_bytes == mlp_bytes // 2
+        assert old.flops - new.flops == mlp_flops // 2
+        assert new.activation_bytes < old.activation_bytes
+
+
+@pytest.mark.slow
+def test_compiled_pruned_dense_model_matches_numpy_pruning_in_onnxruntime(analyzed, tmp_path):
+    """Acceptance: ``compile --prune 0.5`` of dense-tiny runs and equals onnxruntime on the ONNX
+    model whose MLP weights were pruned in numpy (units by the norm-product score)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from cachefit.compiler import compile_model, reference_outputs
+    from cachefit.models import build
+    from cachefit.runtime import load
+
+    model = build("dense-tiny")
+    a = analyzed("dense-tiny")
+    res = compile_model(model, out_dir=tmp_path / "pruned", cache="64MB", threads=1, analysis=a, prune=0.5)
+    assert res.fit is not None and len(res.fit.pruned) == 4
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    inits = {t.name: t for t in pruned.graph.initializer}
+    for i in range(4):
+        w1 = numpy_helper.to_array(inits[f"layers.{i}.mlp.fc1.weight"])
+        b1 = numpy_helper.to_array(inits[f"layers.{i}.mlp.fc1.bias"])
+        w2 = numpy_helper.to_array(inits[f"layers.{i}.mlp.fc2.weight"])
+        score = np.linalg.norm(w1.astype(np.float64), axis=0) * np.linalg.norm(w2.astype(np.float64), axis=1)
+        keep = np.sort(np.argsort(-score, kind="stable")[:320])
+        for name, arr in ((f"layers.{i}.mlp.fc1.weight", w1[:, keep]), (f"layers.{i}.mlp.fc1.bias", b1[keep]),
+                          (f"layers.{i}.mlp.fc2.weight", w2[keep])):
+            inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+    del pruned.graph.value_info[:]   # intermediate shapes of the unpruned model
+    onnx.save(pruned, str(tmp_path / "pruned.onnx"))
+    x = np.random.default_rng(7).standard_normal((2, 16, 160)).astype(np.float32)
+    want = reference_outputs(tmp_path / "pruned.onnx", {"x": x})["y"]
+    got = load(res.artifact_dir).run({"x": x})["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert res.analysis.layers[0].weight_bytes == a.layers[0].weight_bytes - (160 * 640 + 640 + 640 * 160) * 2
