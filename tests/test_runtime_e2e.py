@@ -102,3 +102,36 @@ def test_light_zoo_cnns_k_stages(name, tmp_path):
     path = tmp_path / f"{name}.onnx"
     onnx.save(light_model(name), str(path))
     check_model(path, [2, 3, 4] if name == "squeezenet" else [2], tmp_path)
+
+
+def _model_path(name: str, tmp_path: Path) -> Path:
+    if name in ("dense-tiny", "moe-tiny"):
+        from cachefit import models
+
+        return models.export(name, tmp_path / f"{name}.onnx")
+    if name.endswith(".onnx"):
+        return DATA / name
+    import onnx
+
+    from cachefit.codegen.cpu_refmodels import light_model
+
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(light_model(name), str(path))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dense-tiny", "moe-tiny", "gpt2_legacy.onnx", "squeezenet"])
+def test_cuda_k_stages_carry_device_code(name, tmp_path):
+    """--target cuda: k per-GPU libraries, each with a fatbin for sm_90a and no CUDA source."""
+    from cachefit.codegen.cuda import device_code_kinds
+
+    path = _model_path(name, tmp_path)
+    out = tmp_path / "cuda"
+    compile_model(path, target="cuda", arch="sm_90a", out_dir=out, cache="1GB", strategy="balanced", devices=2)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["target"] == {"kind": "cuda", "arch": "sm_90a"} and len(m["stages"]) == 2
+    for s in m["stages"]:
+        assert s["device"] == {"kind": "cuda", "index": s["index"]}
+        kinds = device_code_kinds(out / s["library"]["file"])
+        assert kinds["fatbin"] >= 1 and not kinds["source"], (s["name"], kinds)
