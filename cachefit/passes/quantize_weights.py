@@ -237,9 +237,10 @@ class QuantizedWeight:
     scale_shape: tuple
     bytes_before: int
     bytes_after: int
+    k: int = 0   # rows of the logical [K, N] matrix (dequantize_array's ``k``)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "bits": self.bits, "group_size": self.group_size,
+        return {"name": self.name, "kind": self.kind, "bits": self.bits, "group_size": self.group_size, "k": self.k,
                 "q_name": self.q_name, "scale_name": self.scale_name, "q_shape": list(self.q_shape),
                 "scale_shape": list(self.scale_shape), "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after}
@@ -596,7 +597,7 @@ class QuantizeWeights:
             self.new_params.pop(name, None)
             before = (u.numel * _bits(u.dtype) + 7) // 8
             self.quantized.append(QuantizedWeight(name, u.kind, self.bits, g, q_name, s_name, q_shape, s_shape,
-                                                  before, quantized_bytes(u.k, u.n, self.bits, g)))
+                                                  before, quantized_bytes(u.k, u.n, self.bits, g), u.k))
         info = {q.name: q for q in self.quantized}
 
         kernels: dict = {}   # key -> (gv, func)

@@ -1,0 +1,286 @@
+"""cachefit.fit: the escalation ladder, micro-batch choice, re-batching, and --fit auto end to end."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from cachefit.errors import CachefitError, PlanError
+from cachefit.fit import (
+    FitReport,
+    LayerFit,
+    Recipe,
+    candidates,
+    choose_micro_batch,
+    fit_model,
+    layer_bytes,
+    rebatch_onnx,
+    scaled_bytes,
+)
+from cachefit.partition.records import LayerRecord
+from cachefit.passes.quantize_weights import dequantize_array
+
+# ---------------------------------------------------------------------------------------------
+# plain Python
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ladder_order():
+    """INT8, INT4, then INT4 with 5% pruning steps up to --max-prune; rungs at or below what the
+    global options already apply are skipped."""
+    assert candidates(Recipe(), 0.0) == [Recipe(8), Recipe(4)]
+    ladder = candidates(Recipe(), 0.2)
+    assert ladder == [Recipe(8), Recipe(4), Recipe(4, 0.05), Recipe(4, 0.1), Recipe(4, 0.15), Recipe(4, 0.2)]
+    assert candidates(Recipe(8), 0.1) == [Recipe(4), Recipe(4, 0.05), Recipe(4, 0.1)]
+    assert candidates(Recipe(4, 0.1), 0.22) == [Recipe(4, 0.15), Recipe(4, 0.2), Recipe(4, 0.22)]
+    assert candidates(Recipe(), 0.3, min_prune=0.12) == [Recipe(8), Recipe(4), Recipe(4, 0.15), Recipe(4, 0.2),
+                                                         Recipe(4, 0.25), Recipe(4, 0.3)]
+    assert [r.rank() for r in ladder] == sorted(r.rank() for r in ladder)
+    assert Recipe(4, 0.25).steps() == ["int4", "prune 25%"]
+
+
+def _rec(w, act, batch=8, name="l"):
+    return LayerRecord(name=name, weight_bytes=w, activation_bytes=act, batch=batch)
+
+
+def test_micro_batch_choice():
+    """The largest divisor of the batch whose (linearly scaled) working set fits every layer that
+    a smaller batch can help; a layer whose weights alone are too big is ignored."""
+    layers = [_rec(100, 800), _rec(300, 200), _rec(2000, 10)]
+    assert scaled_bytes(layers[0], 2, "sum") == 100 + 200
+    assert choose_micro_batch(layers, 1000, "sum") == 8
+    assert choose_micro_batch(layers, 600, "sum") == 4      # 100 + 400
+    assert choose_micro_batch(layers, 400, "sum") == 2      # 100 + 200, 300 + 50
+    assert choose_micro_batch(layers, 150, "sum") == 1      # nothing helps the second enough
+    assert choose_micro_batch([_rec(10, 90, batch=6)], 55, "sum") == 3  # divisors of 6: 6, 3, 2, 1
+
+
+def test_report_text_and_dict():
+    rep = FitReport(mode="auto", capacity_bytes=1000, footprint="exact", batch=8, micro_batch=4,
+                    layers=[LayerFit(0, "layers.0", 500, 500, 400, 400, True),
+                            LayerFit(1, "layers.1", 3000, 900, 2800, 700, True, ["int4", "micro-batch 4"]),
+                            LayerFit(2, "layers.2", 9000, 5000, 8000, 4000, False, ["int4"], 6, ["split it"])])
+    text = rep.format_table()
+    assert "layer 1 (layers.1): 3.00 KB -> 900 B" in text and "int4, micro-batch 4; fits" in text
+    assert "intra-layer split over 6 devices" in text and "split it" in text
+    assert "layers.0" not in text
+    d = json.loads(json.dumps(rep.to_dict()))
+    assert d["fits"] is False and d["layers"][1]["applied"] == ["int4", "micro-batch 4"]
+
+
+# ---------------------------------------------------------------------------------------------
+# a three-layer model whose middle layer (an MLP) is three times over the capacity
+# ---------------------------------------------------------------------------------------------
+
+
+def three_layers(batch=8, hidden=64, ffn=1536):
+    from cachefit.models._graph import GraphBuilder
+
+    g = GraphBuilder("float32", np.random.default_rng(0), False, location="three.weights.bin")
+    x = g.add_input("x", [batch, hidden])
+    with g.scope("layers.0"):
+        x = g.activation("relu", g.linear("fc", x, hidden, hidden))
+    with g.scope("layers.1"):
+        with g.scope("mlp"):
+            h = g.linear("fc2", g.activation("gelu", g.linear("fc1", x, hidden, ffn)), ffn, hidden)
+        x = g.node("Add", [x, h])
+    with g.scope("layers.2"):
+        x = g.activation("relu", g.linear("fc", x, hidden, hidden))
+    g.add_output(x, "y", [batch, hidden])
+    return g.model("three", {})
+
+
+@pytest.fixture(scope="module")
+def three():
+    from cachefit.analysis import analyze_onnx
+
+    model = three_layers()
+    return model, analyze_onnx(model)
+
+
+def _with_weights(model, params, quantized):
+    """The ONNX model with the weights the compiled model uses: pruned shapes, INT8/INT4 values
+    dequantized (the MatMul weights here are [K, N], as quantized)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    q_of = {q["name"]: q for q in quantized}
+    for t in out.graph.initializer:
+        name = t.name.replace(".", "_")
+        if name in q_of:
+            q = q_of[name]
+            w = dequantize_array(params[q["q_name"]], params[q["scale_name"]], q["bits"], q["k"], q["group_size"])
+            t.CopyFrom(numpy_helper.from_array(w.astype(np.float32), t.name))
+        elif name in params:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(params[name]), t.name))
+    return out
+
+
+def test_three_times_over_capacity_fits_after_fit_auto(three):
+    """Acceptance: a layer 3x over the capacity fits after --fit auto; the report says what was
+    applied (the least aggressive rung that fits: INT8 and INT4 alone do not, INT4 + some pruning
+    does) with the bytes before and after; the other layers are left as they are."""
+    model, a = three
+    big = layer_bytes(a.layers[1])
+    cap = big // 3
+    assert all(layer_bytes(r) <= cap for i, r in enumerate(a.layers) if i != 1)
+    steps = []
+    new, rep = fit_model(a, cap, mode="auto", progress=steps.append)
+    assert rep.fits
+    l1 = rep.layers[1]
+    assert l1.bytes_before == big and l1.bytes_after <= cap == rep.capacity_bytes
+    assert l1.applied[0] == "int4" and l1.applied[1].startswith("prune ")
+    ratio = float(l1.applied[1].split()[1].rstrip("%")) / 100
+    assert 0 < ratio <= 0.5
+    # the rung below (5% less pruning) was measured and did not fit
+    tried = [s for s in steps if "layer 1" in s]
+    assert tried[0].startswith("fit: layer 1 (layers.1) with int8") and "with int4:" in tried[1]
+    assert len(tried) >= 3
+    assert rep.layers[0].applied == [] and rep.layers[2].applied == []
+    assert new.layers[1].weight_bits == 4 and layer_bytes(new.layers[1]) == l1.bytes_after
+    assert new.layers[0] == a.layers[0]
+    assert "layers_1_mlp_fc1_weight_int4" in new.params and "layers_0_fc_weight" in new.params
+    hidden = new.params["layers_1_mlp_fc1_bias"].shape[0]
+    assert hidden == 1536 - round(ratio * 1536)
+    text = rep.format_table()
+    assert "layer 1 (layers.1)" in text and f"int4, prune {ratio:.0%}; fits" in text
+
+
+def test_fit_none_only_reports(three):
+    """--fit none applies nothing: the module is the analysed one, the report lists the fixes."""
+    model, a = three
+    cap = layer_bytes(a.layers[1]) // 3
+    new, rep = fit_model(a, cap, mode="none")
+    assert new.mod.same_as(a.mod) and new.params is a.params
+    assert not rep.fits and rep.layers[1].applied == [] and rep.layers[1].suggestions
+    assert any("INT8" in s for s in rep.layers[1].suggestions)
+    assert rep.layers[0].fits and not rep.layers[0].suggestions
+
+
+def test_nothing_fits_says_split_needed(three):
+    """When every rung leaves the layer over, the most aggressive one stays applied and the report
+    names the intra-layer split and its device count; a smaller micro-batch is not tried when the
+    weights alone exceed the capacity (it cannot help)."""
+    model, a = three
+    cap = layer_bytes(a.layers[1]) // 12
+    new, rep = fit_model(a, cap, mode="auto", max_prune=0.1)
+    l1 = rep.layers[1]
+    assert not rep.fits and not l1.fits and l1.split_devices and l1.split_devices >= 2
+    assert l1.applied == ["int4", "prune 10%"]
+    assert new.layers[1].weight_bytes > cap and rep.micro_batch == 8
+    assert f"split over {l1.split_devices} devices" in rep.format_table()
+
+
+def test_bad_options(three):
+    model, a = three
+    with pytest.raises(CachefitError, match="--fit"):
+        fit_model(a, 10**6, mode="maybe")
+    with pytest.raises(CachefitError, match="--quantize"):
+        fit_model(a, 10**6, quantize="int2")
+    with pytest.raises(CachefitError, match="does not divide the batch 8"):
+        fit_model(a, 10**6, micro_batch=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# micro-batch
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rebatch_onnx_keeps_the_computation():
+    """dense-tiny at batch 1: the reshape shapes follow; onnxruntime on the rebatched model gives
+    row 0 of the batch-2 output."""
+    from cachefit.compiler import reference_outputs
+    from cachefit.frontends.onnx import cleanup
+    from cachefit.models import build
+
+    model, _ = cleanup(build("dense-tiny"))
+    small = rebatch_onnx(model, 2, 1)
+    shapes = [list(numpy_helper.to_array(t)) for t in small.graph.initializer if t.name.endswith("_mb1_0")]
+    assert shapes and shapes[0][0] == 1
+    x = np.random.default_rng(0).standard_normal((2, 16, 160)).astype(np.float32)
+    import tempfile, os
+
+    with tempfile.TemporaryDirectory() as d:
+        onnx.save(model, os.path.join(d, "a.onnx"))
+        onnx.save(small, os.path.join(d, "b.onnx"))
+        full = reference_outputs(os.path.join(d, "a.onnx"), {"x": x})["y"]
+        one = reference_outputs(os.path.join(d, "b.onnx"), {"x": x[1:]})["y"]
+    np.testing.assert_allclose(one, full[1:], rtol=1e-5, atol=1e-5)
+
+
+def test_micro_batch_auto_picks_the_largest_divisor_that_fits(three):
+    """The middle layer's working set scales with the batch: at a capacity between its batch-4
+    and batch-8 footprints, --micro-batch auto compiles for 4 (measured again at batch 4)."""
+    model, a = three
+    at8 = layer_bytes(a.layers[1])
+    at4 = scaled_bytes(a.layers[1], 4)
+    cap = (at8 + at4) // 2
+    new, rep = fit_model(a, cap, mode="none", micro_batch="auto")
+    assert rep.micro_batch == 4 and rep.batch == 8 and rep.fits
+    assert all(r.batch == 4 for r in new.layers)
+    assert layer_bytes(new.layers[1]) <= cap
+    assert rep.layers[1].applied == ["micro-batch 4"]
+
+
+def test_fit_auto_micro_batch_compiles_and_runs_the_full_batch(three, tmp_path):
+    """With pruning not allowed (--max-prune 0) the ladder ends in a smaller micro-batch: the
+    artifact holds batch-`m` stages, records it in the manifest, and the runtime splits a full
+    batch, runs the pieces and joins them: equal to onnxruntime on the INT4 weights."""
+    from cachefit.compiler import compile_model, reference_outputs
+    from cachefit.runtime import load
+
+    model, a = three
+    at4 = layer_bytes(a.layers[1])
+    # over at batch 8 even with INT4, fits at a smaller batch
+    new, rep = fit_model(a, at4 // 3, mode="auto", max_prune=0.0)
+    assert rep.fits and rep.micro_batch < 8
+    assert rep.layers[1].applied == ["int4", f"micro-batch {rep.micro_batch}"]
+    res = compile_model(model, out_dir=tmp_path / "mb", cache=at4 // 3, threads=1, analysis=a, fit="auto",
+                        max_prune=0.0)
+    pipe = load(res.artifact_dir)
+    plan = pipe.manifest["plan"]
+    assert plan["micro_batch"] == {"batch": 8, "micro_batch": rep.micro_batch}
+    assert plan["fit"]["layers"][1]["applied"] == rep.layers[1].applied
+    assert pipe.inputs[0]["shape"] == [rep.micro_batch, 64]
+    x = np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)
+    got = pipe.run({"x": x})["y"]
+    assert got.shape == (8, 64)
+    ref_model = _with_weights(model, res.analysis.params, res.fit.quantized)
+    onnx.save(ref_model, str(tmp_path / "ref.onnx"))
+    want = reference_outputs(tmp_path / "ref.onnx", {"x": x})["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # one micro-batch on its own still runs as compiled
+    part = pipe.run({"x": x[: rep.micro_batch]})["y"]
+    np.testing.assert_allclose(part, want[: rep.micro_batch], rtol=1e-4, atol=1e-4)
+
+
+def test_cli_compile_fit_auto(three, tmp_path):
+    """`cachefit compile --fit auto` prints what was applied per layer and records it (and the
+    options) in the manifest; a capacity nothing reaches is refused with the split named."""
+    from click.testing import CliRunner
+
+    from cachefit.cli import main
+
+    model, a = three
+    path = tmp_path / "three.onnx"
+    onnx.save(model, str(path))
+    cap = layer_bytes(a.layers[1]) // 3
+    out = tmp_path / "art"
+    r = CliRunner().invoke(main, ["compile", str(path), "--cache", f"{cap}B", "--fit", "auto", "--threads", "1",
+                                  "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "layer 1 (layers.1)" in r.output and "int4, prune" in r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    fit = manifest["plan"]["fit"]
+    assert fit["mode"] == "auto" and fit["fits"] and fit["layers"][1]["applied"][0] == "int4"
+    assert fit["layers"][1]["bytes_before"] >= 3 * cap >= 3 * fit["layers"][1]["bytes_after"]
+
+    r = CliRunner().invoke(main, ["compile", str(path), "--cache", f"{cap // 12}B", "--fit", "auto",
+                                  "--max-prune", "0.1", "-o", str(tmp_path / "no")])
+    assert r.exit_code == 2 and "intra-layer split" in r.output
+
+    r = CliRunner().invoke(main, ["compile", str(path), "--quantize", "int8", "--micro-batch", "x", "-o",
+                                  str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "--micro-batch 'x'" in r.output
