@@ -238,7 +238,6 @@ def test_dense_flops_and_bytes_drop_by_the_ratio(analyzed):
         assert new.activation_bytes < old.activation_bytes
 
 
-@pytest.mark.slow
 def test_compiled_pruned_dense_model_matches_numpy_pruning_in_onnxruntime(analyzed, tmp_path):
     """Acceptance: ``compile --prune 0.5`` of dense-tiny runs and equals onnxruntime on the ONNX
     model whose MLP weights were pruned in numpy (units by the norm-product score)."""
