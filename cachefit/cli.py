@@ -340,8 +340,12 @@ def compile_cmd(model, target, arch, input_shapes, batch, dtype, num_layers, lay
 @click.option("--repeat", type=int, default=1, show_default=True, help="Runs to time (with --print-time).")
 @click.option("--print-outputs/--no-print-outputs", default=True, show_default=True,
               help="Print each output's shape, dtype and a few values.")
+@click.option("--timeline", "timeline_path", type=click.Path(dir_okay=False), default=None,
+              help="Also run the inputs --repeat times through the pipelined runtime (one worker per stage) and "
+                   "draw its timeline to this PNG (needs matplotlib), with per-stage accounting.")
 @user_errors
-def run_cmd(artifact, inputs_path, outputs_path, fill_mode, seed, devices, print_time, repeat, print_outputs):
+def run_cmd(artifact, inputs_path, outputs_path, fill_mode, seed, devices, print_time, repeat, print_outputs,
+            timeline_path):
     """Run a compiled artifact directory (from ``cachefit compile``) on its devices."""
     import numpy as np
 
@@ -365,6 +369,11 @@ def run_cmd(artifact, inputs_path, outputs_path, fill_mode, seed, devices, print
     if print_time:
         times = time_pipeline(pipe, inputs, repeat)
         click.echo(format_times(times, [s.name for s in pipe.stages]))
+    if timeline_path:
+        from .runtime.pipelined import run_timeline
+
+        click.echo(run_timeline(pipe, inputs, timeline_path, repeat=repeat).format_table())
+        click.echo(f"wrote {timeline_path}")
 
 
 @main.command("inspect")
@@ -406,6 +415,43 @@ def config_cmd(what, fmt):
         click.echo(json.dumps(cfg.to_dict(), indent=2))
     else:
         click.echo(cfg.format_table())
+
+
+@main.command("bench")
+@click.argument("artifact", type=click.Path(exists=False, file_okay=False))
+@click.option("--batch", type=int, default=None, help="Rows per request (default: the model's batch).")
+@click.option("--micro-batch", type=int, default=None,
+              help="Rows per micro-batch through the pipeline, a multiple of the compiled batch (default: it).")
+@click.option("--requests", type=int, default=200, show_default=True, help="Requests per throughput run.")
+@click.option("--model", type=click.Path(dir_okay=False), default=None,
+              help="The ONNX file the artifact was compiled from (default: found by its sha256 next to the artifact).")
+@click.option("--cores", default="auto", show_default=True,
+              help="Cores per stage: auto, none, or groups like '0;1' / '0-1;2-3'.")
+@click.option("--rounds", type=int, default=1, show_default=True, help="Interleaved rounds; the best is reported.")
+@click.option("--latency-requests", type=int, default=None, help="Requests of the one-at-a-time latency run.")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Compare with the model unpartitioned on one core.")
+@click.option("--onnxruntime/--no-onnxruntime", "use_ort", default=True, show_default=True,
+              help="Compare with onnxruntime using the pipeline's total thread count.")
+@click.option("--baseline-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep (and reuse) the unpartitioned build here (default: a temporary directory).")
+@click.option("--timeline", "timeline_path", type=click.Path(dir_okay=False), default=None,
+              help="Draw a timeline of 20 pipelined requests to this PNG.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@user_errors
+def bench_cmd(artifact, batch, micro_batch, requests, model, cores, rounds, latency_requests, baseline, use_ort,
+              baseline_dir, timeline_path, fmt):
+    """Throughput, latency and per-stage utilisation of ARTIFACT run as a pipeline, against the same model
+    unpartitioned on one core and onnxruntime."""
+    import json
+
+    from .bench import bench_artifact
+
+    report = bench_artifact(artifact, batch=batch, micro_batch=micro_batch, requests=requests, model=model,
+                            cores=cores, rounds=rounds, latency_requests=latency_requests, baseline=baseline,
+                            onnxruntime=use_ort, baseline_dir=baseline_dir, timeline=timeline_path,
+                            progress=lambda line: click.echo(line, err=True))
+    click.echo(json.dumps(report.to_dict(), indent=2) if fmt == "json" else report.format_table())
 
 
 if __name__ == "__main__":  # pragma: no cover

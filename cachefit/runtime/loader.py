@@ -170,6 +170,42 @@ class Pipeline:
     def output_names(self) -> list[str]:
         return [d["name"] for d in self.outputs]
 
+    # --- pipelined execution: one worker thread per stage (cachefit.runtime.pipelined) -----------
+
+    def start(self, **options):
+        """Start one worker per stage (options of ``cachefit.runtime.pipelined.PipelinedRunner``:
+        micro_batch, queue_depth, cores, ...), closing workers started before; returns the runner."""
+        from .pipelined import PipelinedRunner
+
+        self.close()
+        self._runner = PipelinedRunner(self, **options)
+        return self._runner
+
+    def _pipelined(self):
+        runner = getattr(self, "_runner", None)
+        return runner if runner is not None and not runner.closed else self.start()
+
+    def submit(self, inputs: Mapping[str, np.ndarray]):
+        """Queue one request on the stage workers (started on first use); returns a
+        ``concurrent.futures.Future`` of its outputs. Requests complete in submission order."""
+        return self._pipelined().submit(inputs)
+
+    def run_batches(self, batches, **options):
+        """Outputs of every request of ``batches``, in order, run pipelined (``PipelinedRunner.run_batches``)."""
+        return self._pipelined().run_batches(batches, **options)
+
+    def close(self) -> None:
+        """Finish the submitted requests and stop the stage workers (no-op when none were started)."""
+        runner, self._runner = getattr(self, "_runner", None), None
+        if runner is not None:
+            runner.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _check_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         if not isinstance(inputs, Mapping):
             raise InputError(f"inputs must be a dict of name -> array; expected names {self.input_names}")
