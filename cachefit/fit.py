@@ -424,6 +424,7 @@ def _escalate(bench: _Workbench, base: Recipe, capacity: int, footprint: str, ma
     for i in over:
         chosen = None
         last = records[i]
+        best = (layer_bytes(last, footprint), base)   # the smallest footprint measured so far
         prunable = None
         for cand in candidates(base, max_prune):
             if cand.prune > base.prune:
@@ -441,11 +442,13 @@ def _escalate(bench: _Workbench, base: Recipe, capacity: int, footprint: str, ma
             if layer_bytes(last, footprint) <= capacity:
                 chosen = cand
                 break
+            if layer_bytes(last, footprint) < best[0]:
+                best = (layer_bytes(last, footprint), cand)
         if chosen is None:
             unresolved.append(i)
-            # keep the most aggressive rung tried: it is the closest to fitting
-            tried = candidates(base, max_prune if prunable else base.prune)
-            recipes[i] = tried[-1] if tried else base
+            # keep the rung that came closest (usually the last; not when a rewrite does not help,
+            # e.g. a conv weight whose dequantized copy the footprint analysis counts as live)
+            recipes[i] = best[1]
         else:
             recipes[i] = chosen
     return recipes, unresolved
