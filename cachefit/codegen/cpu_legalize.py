@@ -167,12 +167,8 @@ def _static(dim) -> int | None:
 
 
 def _default_legalize(bb, call):
-    from tvm.relax.transform.legalize_ops.common import LEGALIZE_MAP  # pylint: disable=import-outside-toplevel
-
-    fn = LEGALIZE_MAP.get("relax.nn.conv2d") if isinstance(LEGALIZE_MAP, dict) else None
-    if fn is None:
-        fn = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
-    return fn(bb, call)
+    """TOPI's conv2d legalization (registered as the op's ``FLegalize``)."""
+    return tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")(bb, call)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +283,8 @@ class _PrologueMutator(PyExprMutator):
             bb.emit_func_output(res)
         fused = bb.get()["fused_prologue"]
         self._counter += 1
-        gv = self.builder_.add_func(fused, f"fused_prologue_{self._counter}")
+        name = "_".join([prologues[n].args[0].name_hint for n in sorted(prologues)] + [call.args[0].name_hint])
+        gv = self.builder_.add_func(fused, name)
         return relax.Call(gv, outer_args)
 
 

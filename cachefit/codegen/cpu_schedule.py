@@ -490,7 +490,7 @@ class GemmRule(dlight.ScheduleRule):
             sch.unroll(ii)
         sch.unroll(jn)
         sch.vectorize(jv)
-        sch.decompose_reduction(main, lk)
+        # parallel before decompose_reduction (TVM parallelises only complete / reduction blocks)
         if threads > 1:
             if io_o is not None:
                 outer = batch_loops + [io_o] + ([jo] if batch_ext * (m_tiles // mc_tiles) < threads else [])
@@ -499,6 +499,7 @@ class GemmRule(dlight.ScheduleRule):
             else:
                 outer = batch_loops + [jo, io]
             _parallel_prefix(sch, outer, threads, work)
+        sch.decompose_reduction(main, lk)
         return True
 
     def _canonical_loops(self, sch, form: GemmForm, loops):
@@ -559,11 +560,11 @@ class GemmRule(dlight.ScheduleRule):
             sch.unroll(ii)
         sch.unroll(jn)
         sch.vectorize(jv)
+        if par is not None:
+            sch.parallel(par)
         sch.decompose_reduction(main, ko)
         if epilogue is not None:
             _schedule_injective(sch, epilogue, self.spec)
-        if par is not None:
-            sch.parallel(par)
         return True
 
     # -- dot product ------------------------------------------------------------------------
@@ -614,11 +615,11 @@ class GemmRule(dlight.ScheduleRule):
             sch.unroll(ii)
         sch.unroll(jn)
         sch.vectorize(kv)
-        sch.decompose_reduction(rf, ko)
         if threads > 1:
             n_tiles = batch_ext * (n // nr)
             outer = batch_loops + [jo] if (n_tiles >= threads or io is None) else batch_loops + [jo, io]
             _parallel_prefix(sch, outer, threads, work)
+        sch.decompose_reduction(rf, ko)
         return True
 
 
@@ -727,12 +728,17 @@ class ReductionRule(dlight.ScheduleRule):
         dtype = str(sch.get(last).writes[0].source.dtype) if sch.get(last).writes else "float32"
         lanes = self.spec.lanes(dtype)
         loops = sch.get_loops(last)
+        work = _prod([_extent(sch, lp) or 1 for lp in loops])
         rows = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
-        work = _prod([_extent(sch, lp) or 1 for lp in sch.get_loops(last)])
+        row_ext = _extent(sch, rows) or 1
+        if self.spec.threads > 1 and work >= _PARALLEL_MIN_WORK and row_ext >= self.spec.threads:
+            sch.parallel(rows)
         for bi in reversed(infos[:-1]):
             sch.compute_at(bi.block_rv, rows, preserve_unit_loops=True)
         for bi in infos:
             inner = sch.get_loops(bi.block_rv)[-1]
+            if len(sch.get_loops(bi.block_rv)) <= 1:
+                continue
             if bi.is_injective():
                 _split_vec(sch, inner, lanes)
             else:
@@ -741,9 +747,6 @@ class ReductionRule(dlight.ScheduleRule):
                     _, chunk = sch.split(inner, [None, lanes])
                     sch.annotate(chunk, "pragma_auto_unroll_max_step", lanes)
                     sch.annotate(chunk, "pragma_unroll_explicit", 1)
-        row_ext = _extent(sch, rows) or 1
-        if self.spec.threads > 1 and work >= _PARALLEL_MIN_WORK and row_ext >= self.spec.threads:
-            sch.parallel(rows)
         return sch
 
 
