@@ -303,10 +303,12 @@ def rebatch_analysis(analysis, micro_batch: int, *, layers: int | None = None,
     loaded = LoadedModel(model=model, path=src.path, sha256=src.sha256, shape_only=src.shape_only, name=src.name)
     try:
         new = analyze_onnx(loaded, dtype=analysis.dtype, layers=layers, layer_boundaries=layer_boundaries)
-    except CachefitError as exc:
+    except Exception as exc:  # noqa: BLE001 - TVM's importer raises its own types too
+        log.debug("re-import at micro-batch %d failed", micro_batch, exc_info=True)
         raise CachefitError(
             f"{analysis.name}: re-importing the model at micro-batch {micro_batch} (batch {batch}) failed: "
-            f"{str(exc).splitlines()[0]}. Its batch dimension seems fixed inside the graph; re-export it with a "
+            f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}. Its batch dimension seems fixed inside "
+            "the graph; re-export it with a "
             "dynamic batch or leave --micro-batch out"
         ) from None
     got = new.layers[0].batch if new.layers else 1

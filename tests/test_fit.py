@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from cachefit.errors import CachefitError, PlanError
+from cachefit.errors import CachefitError
 from cachefit.fit import (
     FitReport,
     LayerFit,

@@ -13,7 +13,7 @@ from tvm import relax
 
 from ..errors import CachefitError
 from . import keeps_errors, layering
-from .quantize_weights import SKIP, _dims, _layer_calls, _select, rebuild_layered, rewrite_layer  # noqa: F401
+from .quantize_weights import _dims, _layer_calls, _select, rebuild_layered, rewrite_layer
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class MlpPair:
               ``nk`` ([F, K], ``x @ W.T``); several for gated MLPs (SwiGLU: gate and up).
     biases:   main weight names of the [F] vectors added on the way (the fc1 biases).
     fc2:      (main weight name, layout) of the consuming matmul: ``kn`` ([F, N]) or ``nk`` ([N, F]).
+    reshapes: positions of the layer's bindings that reshape the hidden activation with its last
+              axis kept (their target shapes shrink with it).
     """
 
     layer: int
@@ -43,6 +45,7 @@ class MlpPair:
     fc1: tuple
     biases: tuple
     fc2: tuple
+    reshapes: tuple = ()   # binding positions, in the layer function, of reshapes on the hidden path
 
     @property
     def weights(self) -> tuple:
@@ -92,6 +95,7 @@ class _Ops:
     def __init__(self):
         self.matmul = tvm.ir.Op.get("relax.matmul")
         self.permute = tvm.ir.Op.get("relax.permute_dims")
+        self.reshape = tvm.ir.Op.get("relax.reshape")
         self.elementwise = [tvm.ir.Op.get(n) for n in _ELEMENTWISE if _op_exists(n)]
 
     def is_elementwise(self, call) -> bool:
@@ -146,7 +150,7 @@ def _find_pairs_in_layer(fn: relax.Function, ops: _Ops) -> list[dict]:
         w2_shape = _dims(w2[0].ty)
         hidden = w2_shape[0] if w2[1] == "kn" else w2_shape[1]
         # backward cone of element-wise values from fc2's input to the fc1 matmuls
-        cone, fc1, biases, ok = set(), [], [], True
+        cone, fc1, biases, reshapes, ok = set(), [], [], [], True
         todo = [a]
         while todo and ok:
             v = todo.pop()
@@ -166,6 +170,15 @@ def _find_pairs_in_layer(fn: relax.Function, ops: _Ops) -> list[dict]:
                     break
                 fc1.append((w1[0], w1[1], v))
                 continue
+            if isinstance(val, relax.Call) and val.op.same_as(ops.reshape):
+                # a reshape that keeps the hidden axis last ([B, S, F] <-> [B*S, F], as Gemm exports)
+                src = val.args[0]
+                if isinstance(src, relax.Var) and src in value_of and (_dims(src.ty) or (0,))[-1] == hidden:
+                    reshapes.append(v)
+                    todo.append(src)
+                    continue
+                ok = False
+                break
             if not ops.is_elementwise(val):
                 ok = False
                 break
@@ -218,6 +231,7 @@ def _find_pairs_in_layer(fn: relax.Function, ops: _Ops) -> list[dict]:
             fc1.sort(key=lambda t: pos[t[2]])   # in execution order
             biases = sorted(set(biases), key=lambda b: list(fn.params).index(b))
             pairs.append({"hidden": hidden, "fc1": [(w, layout) for w, layout, _ in fc1], "biases": biases,
+                          "reshapes": sorted(pos[r] for r in reshapes),
                           "fc2": w2})
     return pairs
 
@@ -251,7 +265,7 @@ def find_mlp_pairs(mod: tvm.IRModule, layers: Iterable | None = None) -> list[Ml
                 continue
             out.append(MlpPair(i, pr["hidden"], tuple((to_main[w].name, lay) for w, lay in pr["fc1"]),
                                tuple(to_main[b].name for b in pr["biases"]),
-                               (to_main[pr["fc2"][0]].name, pr["fc2"][1])))
+                               (to_main[pr["fc2"][0]].name, pr["fc2"][1]), tuple(pr["reshapes"])))
     return out
 
 
@@ -322,15 +336,25 @@ class PruneWeights:
             self.new_params[name] = None if value is None else np.ascontiguousarray(np.take(np.asarray(value), keep, axis=axis))
 
         new_layers = {}
-        for _i, gv, fn, args in _layer_calls(mod):
+        for i, gv, fn, args in _layer_calls(mod):
             which = {p: a.name for p, a in zip(fn.params, args) if isinstance(a, relax.Var) and a.name in expansion}
             if not which:
                 continue
+            bindings, _ = layering.main_block(fn)
+            hidden_of = {bindings[k].var: kept_units(self.ratio, pr.hidden)
+                         for pr in pairs if pr.layer == i for k in pr.reshapes}
 
             def param_types(p, which=which):
                 return expansion[which[p]] if p in which else None
 
-            new_layers[gv] = rewrite_layer(fn, gv, param_types, lambda bb, b, replaced, remap: None)
+            def rewrite(bb, b, replaced, remap, hidden_of=hidden_of):
+                if b.var not in hidden_of:
+                    return None
+                shape = [int(d) for d in _dims(b.var.ty)]
+                shape[-1] = hidden_of[b.var]
+                return relax.op.reshape(remap(b.value.args[0]), shape)
+
+            new_layers[gv] = rewrite_layer(fn, gv, param_types, rewrite)
         out = rebuild_layered(mod, new_layers, expansion)
         log.info("PruneWeights: %d MLP pair(s) pruned by %.0f%%", len(pairs), 100 * self.ratio)
         return out

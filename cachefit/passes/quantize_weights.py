@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
@@ -207,7 +207,8 @@ class WeightUse:
     kind:   ``kn`` (``matmul(x, W)``, W [K, N]), ``nk`` (``matmul(x, permute_dims(W))``, W [N, K]),
             ``oihw`` (``conv2d(x, W)``, per output channel O, reduction over I*H*W).
     k, n:   reduction length and output channels of the logical [K, N] matrix that is quantized.
-    layers: indices of the layers reading it.
+    layers: indices of the layers that read it that way (and get the quantized weight).
+    shared: other layers read it too, in other ways: they keep the float weight.
     """
 
     name: str
@@ -217,6 +218,7 @@ class WeightUse:
     k: int
     n: int
     layers: tuple
+    shared: bool = False
 
     @property
     def numel(self) -> int:
@@ -333,10 +335,12 @@ def _select(layers, calls) -> set | None:
 
 
 def quantizable_weights(mod: tvm.IRModule, layers: Iterable | None = None) -> dict[str, WeightUse]:
-    """The weights of ``main`` whose every use is a matmul / dense / conv2d weight operand.
+    """The weights of ``main`` that some layer reads only as a matmul / dense / conv2d weight.
 
-    A weight read by a layer outside ``layers`` (indices or names; None: all), or read by any other
-    operator anywhere (an embedding table that a tied LM head also multiplies), is left out.
+    ``WeightUse.layers`` are the layers (among ``layers``, indices or names; None: all) where every
+    use of the weight is such an operand, all of one kind. When other layers read the weight too
+    (an embedding table that a tied LM head multiplies), ``shared`` is True: those layers keep the
+    float weight and the listed ones get a quantized copy.
     """
     if not layering.is_layered(mod):
         raise CachefitError("QuantizeWeights needs a layered module (run DiscoverLayers first)")
@@ -345,31 +349,30 @@ def quantizable_weights(mod: tvm.IRModule, layers: Iterable | None = None) -> di
     weights = {p: p for p in main.params[layering.num_input(main):]}
     calls = _layer_calls(mod)
     chosen = _select(layers, calls)
-    roles: dict = {}
-    users: dict = {}
+    roles: dict = {}   # weight -> {layer: roles in that layer}
     for i, _gv, fn, args in calls:
         r = _param_roles(fn, ops)
         for p, a in zip(fn.params, args):
             if isinstance(a, relax.Var) and a in weights:
-                roles.setdefault(a, set()).update(r[p] or {"unused"})
-                users.setdefault(a, set()).add(i)
+                roles.setdefault(a, {}).setdefault(i, set()).update(r[p] or {"unused"})
     out = {}
-    for w, rs in roles.items():
+    for w, per_layer in roles.items():
         shape = _dims(w.ty)
-        if shape is None or str(w.ty.dtype) not in _FLOAT or len(rs) != 1:
+        if shape is None or str(w.ty.dtype) not in _FLOAT:
             continue
-        kind = next(iter(rs))
-        if kind not in ("kn", "nk", "oihw"):
+        ok = {i: next(iter(rs)) for i, rs in per_layer.items()
+              if len(rs) == 1 and next(iter(rs)) in ("kn", "nk", "oihw") and (chosen is None or i in chosen)}
+        if not ok or len(set(ok.values())) != 1:
             continue
-        if chosen is not None and not users[w] <= chosen:
-            continue
+        kind = next(iter(ok.values()))
         if kind == "kn":
             k, n = shape
         elif kind == "nk":
             n, k = shape
         else:
             n, k = shape[0], shape[1] * shape[2] * shape[3]
-        out[w.name] = WeightUse(w.name, shape, str(w.ty.dtype), kind, k, n, tuple(sorted(users[w])))
+        out[w.name] = WeightUse(w.name, shape, str(w.ty.dtype), kind, k, n, tuple(sorted(ok)),
+                                shared=set(ok) != set(per_layer))
     return out
 
 
@@ -392,38 +395,55 @@ def rebuild_layered(
     new_layers: Mapping[tvm.ir.GlobalVar, relax.Function],
     expansion: Mapping[str, list[tuple[str, relax.TensorType]]],
     new_funcs: Mapping[tvm.ir.GlobalVar, tvm.tirx.PrimFunc] | None = None,
+    expanded: Mapping[tvm.ir.GlobalVar, set] | None = None,
 ) -> tvm.IRModule:
     """A new module where some layer functions and some of ``main``'s weights are replaced.
 
     new_layers: layer GlobalVar -> its new function. Where the old layer's parameter ``i`` received
-                a main weight named in ``expansion``, the new function has ``len(expansion[name])``
-                parameters in its place (in that order); every other parameter is kept as is.
-    expansion:  main weight name -> the (name, type) list of the weights that replace it.
+                a main weight it expands (see ``expanded``), the new function has
+                ``len(expansion[name])`` parameters in its place (in that order); every other
+                parameter is kept as is.
+    expansion:  main weight name -> the (name, type) list of the weights that replace it. A weight
+                that some layer still reads as it is stays a parameter of ``main``, the new ones
+                right after it; otherwise they take its place.
     new_funcs:  extra functions (kernels the new layers call) to add to the module.
+    expanded:   rewritten layer -> the names in ``expansion`` it takes expanded (default: every
+                name in ``expansion`` it reads).
     The input module is not modified.
     """
     main_gv = mod.get_global_var("main")
     main = mod["main"]
     n_in = layering.num_input(main)
-    env: dict = {}
+    bindings, out = layering.main_block(main)
+    calls = [b.value for b in bindings if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.GlobalVar)]
+
+    def expands(gv, name) -> bool:
+        if gv not in new_layers:
+            return False
+        return name in expanded[gv] if expanded is not None and gv in expanded else True
+
+    still_read = {a.name for c in calls for a in c.args
+                  if isinstance(a, relax.Var) and a.name in expansion and not expands(c.op, a.name)}
+    env: dict = {}      # main param -> the new params a call that expands it passes
+    var_map: dict = {}  # main param -> its new var, where it stays
     params = []
     for k, p in enumerate(main.params):
         if k >= n_in and p.name in expansion:
             vs = [relax.Var(nm, ty) for nm, ty in expansion[p.name]]
             env[p] = vs
+            if p.name in still_read:
+                var_map[p] = relax.Var(p.name, p.ty)
+                params.append(var_map[p])
             params += vs
         else:
-            np_ = relax.Var(p.name, p.ty)
-            env[p] = [np_]
-            params.append(np_)
+            var_map[p] = relax.Var(p.name, p.ty)
+            params.append(var_map[p])
     gv_map = {}
     for gv, fn in new_layers.items():
         ngv = tvm.ir.GlobalVar(gv.name_hint)
         relax.expr._update_type(ngv, fn.ty)
         gv_map[gv] = ngv
 
-    bindings, out = layering.main_block(main)
-    var_map: dict = {p: vs[0] for p, vs in env.items() if len(vs) == 1}
     bb = relax.BlockBuilder()
     attrs = {k: v for k, v in main.attrs.items() if k != "global_symbol"} if main.attrs is not None else {}
     with bb.function("main", params, attrs=attrs):
@@ -433,10 +453,7 @@ def rebuild_layered(
                 if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.GlobalVar):
                     args = []
                     for a in v.args:
-                        if isinstance(a, relax.Var) and a in env and a.name in expansion and a not in main.params[:n_in]:
-                            if v.op not in gv_map:
-                                raise CachefitError(f"weight {a.name} is replaced but {v.op.name_hint}, which reads it, "
-                                                    "is not rewritten")
+                        if isinstance(a, relax.Var) and a in env and expands(v.op, a.name):
                             args += env[a]
                         else:
                             args.append(layering.remap(a, var_map))
@@ -525,10 +542,12 @@ SKIP = object()
 class QuantizeWeights:
     """Weight-only symmetric INT8 / INT4 quantization of matmul, dense and conv2d weights.
 
-    Every weight of ``main`` that is only ever read as the weight operand of ``R.matmul(x, W)``,
+    Every weight of ``main`` that a layer reads only as the weight operand of ``R.matmul(x, W)``,
     ``R.matmul(x, R.permute_dims(W))`` (ONNX ``Gemm`` with ``transB``) or ``R.nn.conv2d(x, W)``
-    (OIHW) is replaced by two weights: the integers ``<name>_int8`` / ``<name>_int4`` and the
-    float32 scales ``<name>_scale``. The logical matrix is [K, N] with K the reduction axis
+    (OIHW) is replaced, in that layer, by two weights: the integers ``<name>_int8`` /
+    ``<name>_int4`` and the float32 scales ``<name>_scale``. A weight that other layers read
+    otherwise (a tied embedding table: ``take`` in ``embed``, a matmul in ``head``) stays float for
+    them; the others read the quantized copy. The logical matrix is [K, N] with K the reduction axis
     (a ``permute_dims`` weight is stored transposed, a conv weight as [I*H*W, O]); scales are per
     output channel or per ``group_size`` rows of K (see :func:`quantize_array`).
 
@@ -594,7 +613,8 @@ class QuantizeWeights:
                 self.new_params[q_name], self.new_params[s_name] = q, s
             else:
                 self.new_params[q_name] = self.new_params[s_name] = None
-            self.new_params.pop(name, None)
+            if not u.shared:
+                self.new_params.pop(name, None)
             before = (u.numel * _bits(u.dtype) + 7) // 8
             self.quantized.append(QuantizedWeight(name, u.kind, self.bits, g, q_name, s_name, q_shape, s_shape,
                                                   before, quantized_bytes(u.k, u.n, self.bits, g), u.k))
@@ -619,14 +639,16 @@ class QuantizeWeights:
                 kernels[key] = (gv, func)
             return kernels[key][0]
 
-        new_layers = {}
-        for _i, gv, fn, args in _layer_calls(mod):
+        new_layers, expanded = {}, {}
+        for i, gv, fn, args in _layer_calls(mod):
             which = {p: a.name for p, a in zip(fn.params, args)
-                     if isinstance(a, relax.Var) and a.name in info}
+                     if isinstance(a, relax.Var) and a.name in info and i in uses[a.name].layers}
             if not which:
                 continue
             new_layers[gv] = self._rewrite(fn, gv, which, info, uses, expansion, kernel)
-        out = rebuild_layered(mod, new_layers, expansion, {gv: f for gv, f in kernels.values() if f is not None})
+            expanded[gv] = set(which.values())
+        out = rebuild_layered(mod, new_layers, expansion, {gv: f for gv, f in kernels.values() if f is not None},
+                              expanded)
         log.info("QuantizeWeights: %d weight(s) to INT%d in %d layer(s)", len(self.quantized), self.bits, len(new_layers))
         return out
 

@@ -183,13 +183,15 @@ class Mixed:
 
 
 def test_which_weights_are_quantized():
-    """Gemm(transB) weights and plain matmul weights are quantized; a table also read by an
-    embedding lookup (a tied LM head) is not; ``layers`` restricts the choice."""
+    """Gemm(transB) weights and plain matmul weights are quantized; a table read by an embedding
+    lookup in one layer and as a (tied) LM head in another is quantized for the head only;
+    ``layers`` restricts the choice."""
     uses = quantizable_weights(Mixed)
-    assert sorted(uses) == ["w", "wt"]
-    assert (uses["wt"].kind, uses["wt"].k, uses["wt"].n) == ("nk", 8, 6)
+    assert sorted(uses) == ["emb", "w", "wt"]
+    assert (uses["wt"].kind, uses["wt"].k, uses["wt"].n, uses["wt"].shared) == ("nk", 8, 6, False)
     assert (uses["w"].kind, uses["w"].k, uses["w"].n) == ("kn", 6, 8)
-    assert sorted(quantizable_weights(Mixed, layers=["head"])) == ["w"]
+    assert (uses["emb"].kind, uses["emb"].layers, uses["emb"].shared) == ("nk", (1,), True)
+    assert sorted(quantizable_weights(Mixed, layers=["head"])) == ["emb", "w"]
     assert sorted(quantizable_weights(Mixed, layers=[0])) == ["wt"]
     with pytest.raises(CachefitError, match="no layer named 'nope'"):
         quantizable_weights(Mixed, layers=["nope"])
@@ -198,12 +200,19 @@ def test_which_weights_are_quantized():
 def test_shape_only_params_keep_none_values():
     """Without weight values the shapes and dtypes still change (planning sees the new sizes)."""
     out, params, done = quantize_weights(Mixed, {"emb": None, "wt": None, "w": None}, bits=4)
-    assert params == {"emb": None, "wt_int4": None, "wt_scale": None, "w_int4": None, "w_scale": None}
-    types = {p.name: (tuple(int(d) for d in p.ty.shape), str(p.ty.dtype)) for p in out["main"].params}
+    assert params == {"emb": None, "emb_int4": None, "emb_scale": None, "wt_int4": None, "wt_scale": None,
+                      "w_int4": None, "w_scale": None}
+    main = out["main"]
+    types = {p.name: (tuple(int(d) for d in p.ty.shape), str(p.ty.dtype)) for p in main.params}
     assert types["wt_int4"] == ((4, 6), "uint8")   # stored as [K/2, N]: the transpose of [N, K]
     assert types["w_int4"] == ((3, 8), "uint8")
-    assert types["emb"] == ((10, 8), "float32")
-    assert {d.name for d in done} == {"w", "wt"}
+    assert types["emb"] == ((10, 8), "float32") and types["emb_int4"] == ((4, 10), "uint8")
+    assert [p.name for p in main.params] == ["ids", "emb", "emb_int4", "emb_scale", "wt_int4", "wt_scale",
+                                              "w_int4", "w_scale"]
+    # the embedding lookup keeps the float table, the head reads the quantized copy
+    assert [p.name for p in out["layer_0"].params] == ["ids", "emb", "wt_int4", "wt_scale"]
+    assert [p.name for p in out["layer_1"].params] == ["h", "w_int4", "w_scale", "emb_int4", "emb_scale"]
+    assert {d.name for d in done} == {"w", "wt", "emb"}
 
 
 def test_bad_options():
@@ -228,17 +237,19 @@ def _run(mod, args):
 
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 4), (4, None)])
 def test_compiled_layers_compute_with_the_dequantized_weights(bits, group):
-    """The compiled module equals numpy with the dequantized weights: a plain matmul weight and a
-    Gemm(transB) weight (stored transposed), through cachefit's CPU pipeline."""
+    """The compiled module equals numpy with the dequantized weights: a plain matmul weight, a
+    Gemm(transB) weight (stored transposed) and a tied head's copy of the embedding table, through
+    cachefit's CPU pipeline."""
     rng = np.random.default_rng(2)
     ids = np.array([1, 3, 9, 0], np.int64)
     params = {n: rng.standard_normal(s).astype(np.float32) for n, s in (("emb", (10, 8)), ("wt", (6, 8)), ("w", (6, 8)))}
     out, new, _ = quantize_weights(Mixed, params, bits=bits, group_size=group)
     got = _run(out, [ids] + [new[p.name] for p in out["main"].params[1:]])
     deq = {n: dequantize_array(new[f"{n}_int{bits}"], new[f"{n}_scale"], bits, params[n].shape[0] if n == "w" else 8, group)
-           for n in ("w", "wt")}
+           for n in ("w", "wt", "emb")}
+    assert "emb" in new   # the lookup still reads the float table
     h = params["emb"][ids] @ deq["wt"]       # wt was stored transposed: [K=8, N=6]
-    want = (h @ deq["w"]) @ params["emb"].T
+    want = (h @ deq["w"]) @ deq["emb"]       # so was the tied head's copy of emb: [K=8, N=10]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
