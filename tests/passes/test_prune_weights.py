@@ -271,3 +271,53 @@ def test_compiled_pruned_dense_model_matches_numpy_pruning_in_onnxruntime(analyz
     got = load(res.artifact_dir).run({"x": x})["y"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert res.analysis.layers[0].weight_bytes == a.layers[0].weight_bytes - (160 * 640 + 640 + 640 * 160) * 2
+
+
+@I.ir_module
+class Flattened:
+    """GPT-2's Gemm export: the hidden activation is reshaped [16, F] <-> [1, 16, F] between fc1
+    and fc2 (the hidden axis stays last)."""
+
+    @R.function(private=True)
+    def layer_0(x: R.Tensor((16, 8), "float32"), w1: R.Tensor((8, 6), "float32"), b1: R.Tensor((6,), "float32"), w2: R.Tensor((6, 8), "float32")) -> R.Tensor((16, 8), "float32"):
+        R.func_attr({"cachefit.layer": 0, "cachefit.layer_name": "layers.0"})
+        with R.dataflow():
+            h = R.add(R.matmul(x, w1), b1)
+            h3 = R.reshape(h, R.shape([1, 16, 6]))
+            t = R.multiply(R.tanh(h3), h3)
+            h2 = R.reshape(t, R.shape([16, 6]))
+            gv = R.matmul(h2, w2)
+            R.output(gv)
+        return gv
+
+    @R.function
+    def main(x: R.Tensor((16, 8), "float32"), w1: R.Tensor((8, 6), "float32"), b1: R.Tensor((6,), "float32"), w2: R.Tensor((6, 8), "float32")) -> R.Tensor((16, 8), "float32"):
+        R.func_attr({"num_input": 1})
+        cls = Flattened
+        with R.dataflow():
+            gv = cls.layer_0(x, w1, b1, w2)
+            R.output(gv)
+        return gv
+
+
+def test_reshapes_on_the_hidden_path_shrink_too():
+    """The reshapes' target shapes follow the pruned hidden size; the numbers match numpy."""
+    rng = np.random.default_rng(4)
+    params = {"w1": rng.standard_normal((8, 6)).astype(np.float32), "b1": rng.standard_normal(6).astype(np.float32),
+              "w2": rng.standard_normal((6, 8)).astype(np.float32)}
+    out, new, done = prune_weights(Flattened, params, 0.5)
+    assert len(done) == 1 and done[0].hidden_after == 3
+    shapes = [tuple(int(d) for d in b.var.ty.shape) for b in out["layer_0"].body.blocks[0].bindings]
+    assert (1, 16, 3) in shapes and (16, 3) in shapes
+    keep = np.array(done[0].kept)
+    x = rng.standard_normal((16, 8)).astype(np.float32)
+    got = _run(out, [x, new["w1"], new["b1"], new["w2"]])
+    h = x @ params["w1"][:, keep] + params["b1"][keep]
+    np.testing.assert_allclose(got, (np.tanh(h) * h) @ params["w2"][keep], rtol=1e-4, atol=1e-4)
+
+
+def test_exported_gpt2_mlps_are_found(analyzed):
+    """The transformers GPT-2 export (Gemm-style reshapes, GELU-tanh with pow) has one pair per block."""
+    a = analyzed("gpt2_dynamo.onnx")
+    pairs = find_mlp_pairs(a.mod)
+    assert [p.layer for p in pairs] == [1, 2, 3] and all(p.reshapes for p in pairs)
