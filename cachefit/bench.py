@@ -50,6 +50,8 @@ class SystemResult:
     latencies_s: list[float] = field(default_factory=list)
     single_latencies_s: list[float] = field(default_factory=list)
     round_seconds: list[float] = field(default_factory=list)
+    cpu_s: float | None = None
+    busiest_thread_cpu_s: float | None = None
     note: str = ""
 
     @property
@@ -63,7 +65,8 @@ class SystemResult:
             "seconds": self.seconds, "throughput_rows_per_s": self.throughput,
             "median_round_throughput_rows_per_s": (self.rows / statistics.median(self.round_seconds)
                                                    if self.round_seconds else None),
-            "round_seconds": self.round_seconds,
+            "round_seconds": self.round_seconds, "cpu_s": self.cpu_s,
+            "busiest_thread_cpu_s": self.busiest_thread_cpu_s,
             "latency_p50_s": percentile(self.latencies_s, 50), "latency_p99_s": percentile(self.latencies_s, 99),
             "single_latency_p50_s": percentile(self.single_latencies_s, 50),
             "single_latency_p99_s": percentile(self.single_latencies_s, 99),
@@ -101,6 +104,8 @@ class BenchReport:
                 "single_latency_p99": _ratio(percentile(p.single_latencies_s, 99),
                                              percentile(other.single_latencies_s, 99)),
             }
+            if p.busiest_thread_cpu_s and other.busiest_thread_cpu_s:
+                out[key]["cpu_bound_throughput"] = other.busiest_thread_cpu_s / p.busiest_thread_cpu_s
         return out
 
     def to_dict(self) -> dict:
@@ -130,6 +135,13 @@ class BenchReport:
         for key, r in self.ratios().items():
             lines.append(f"pipeline / {key}: throughput {r['throughput']:.2f}x, single-request latency p50 "
                          f"{r['single_latency_p50']:.2f}x, p99 {r['single_latency_p99']:.2f}x")
+            if "cpu_bound_throughput" in r:
+                lines.append(f"  CPU-time bound (rows per CPU second of the busiest thread, what a machine without "
+                             f"other jobs would allow): {r['cpu_bound_throughput']:.2f}x")
+        for r in (self.pipeline, self.unpartitioned, self.onnxruntime):
+            if r is not None and r.cpu_s is not None and r.seconds > 0:
+                lines.append(f"{r.name}: {r.cpu_s / r.seconds:.2f} cores busy on average in the throughput run "
+                             f"(CPU {r.cpu_s:.3f} s over {r.seconds:.3f} s wall)")
         if self.max_abs_diff is not None:
             lines.append(f"outputs: pipeline vs unpartitioned max |diff| {self.max_abs_diff:.3g}")
         lines += ["", "per stage (throughput run):", self.stage_stats.format_table()]
@@ -257,14 +269,16 @@ class _Sequential:
         return {d["name"]: a for d, a in zip(self.pipe.outputs, joined)}
 
 
-def _time_sequential(fn: Callable, reqs: Sequence[dict]) -> tuple[float, list[float]]:
+def _time_sequential(fn: Callable, reqs: Sequence[dict], clock: Callable[[], float] = time.thread_time):
+    """(wall seconds, per-request latencies, CPU seconds by ``clock``) of running ``reqs`` one by one."""
     lat = []
+    c0 = clock()
     t0 = time.perf_counter()
     for r in reqs:
         t = time.perf_counter()
         fn(r)
         lat.append(time.perf_counter() - t)
-    return time.perf_counter() - t0, lat
+    return time.perf_counter() - t0, lat, clock() - c0
 
 
 def _ort_session(model: Path, threads: int):
@@ -429,15 +443,18 @@ def bench_artifact(
     for rnd in range(rounds):
         say(f"round {rnd + 1}/{rounds}: pipeline")
         runner.reset_stats()
+        c0 = time.process_time()
         t0 = time.perf_counter()
         for _ in runner.run_batches(reqs, in_flight=in_flight):
             pass
         secs = time.perf_counter() - t0
+        cpu = time.process_time() - c0
         st = runner.stats()
         r = results["pipeline"]
         r.round_seconds.append(secs)
         if secs < r.seconds:
             r.seconds, r.latencies_s, best_stats = secs, st.latencies_s, st
+            r.cpu_s, r.busiest_thread_cpu_s = cpu, max(s.cpu_s for s in st.stages)
         lat = []
         for q in single_reqs:
             t = time.perf_counter()
@@ -447,15 +464,15 @@ def bench_artifact(
             r.single_latencies_s = lat
         if unpart is not None:
             say(f"round {rnd + 1}/{rounds}: unpartitioned")
-            secs, lat_load = _on_core(base_core, lambda: _time_sequential(unpart, reqs))
-            _, lat = _on_core(base_core, lambda: _time_sequential(unpart, single_reqs))
-            _keep(results["unpartitioned"], secs, lat_load, lat)
+            secs, lat_load, cpu = _on_core(base_core, lambda: _time_sequential(unpart, reqs))
+            _, lat, _ = _on_core(base_core, lambda: _time_sequential(unpart, single_reqs))
+            _keep(results["unpartitioned"], secs, lat_load, lat, cpu, cpu)
         if ort_run is not None:
             say(f"round {rnd + 1}/{rounds}: onnxruntime")
-            secs, lat_load = _time_sequential(ort_run, reqs)
+            secs, lat_load, cpu = _time_sequential(ort_run, reqs, time.process_time)
             ort_single, _ = _ort_runner(sess, single_descs, layout.batched_inputs, b)
             lat = _time_sequential(ort_single, single_reqs)[1] if ort_single is not None else []
-            _keep(results["onnxruntime"], secs, lat_load, lat)
+            _keep(results["onnxruntime"], secs, lat_load, lat, cpu, None)
     if timeline:
         runner.reset_stats()
         for _ in runner.run_batches(reqs[: min(requests, 20)], in_flight=in_flight):
@@ -476,10 +493,11 @@ def bench_artifact(
     )
 
 
-def _keep(r: SystemResult, secs: float, lat_load: list[float], lat_single: list[float]) -> None:
+def _keep(r: SystemResult, secs: float, lat_load: list[float], lat_single: list[float], cpu: float | None,
+          busiest: float | None) -> None:
     """Record one round: the fastest throughput run and the lowest-median single-request latencies."""
     r.round_seconds.append(secs)
     if secs < r.seconds:
-        r.seconds, r.latencies_s = secs, lat_load
+        r.seconds, r.latencies_s, r.cpu_s, r.busiest_thread_cpu_s = secs, lat_load, cpu, busiest
     if lat_single and (not r.single_latencies_s or percentile(lat_single, 50) < percentile(r.single_latencies_s, 50)):
         r.single_latencies_s = lat_single

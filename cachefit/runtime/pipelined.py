@@ -15,7 +15,8 @@ Threads (``k`` stages)::
   whose inputs come from another device) a separate copy thread per stage does the copy of micro-batch
   ``n+1`` while the stage computes micro-batch ``n``.
 - The collector copies the last stage's outputs to the host, joins each request's micro-batches and
-  resolves its Future.
+  resolves its Future (the last stage's own worker when it runs on the CPU, else a collector thread;
+  Future callbacks run in that thread).
 - CPU stages: each worker is pinned to its own core(s) and sizes its TVM thread pool to match
   (:mod:`cachefit.runtime.affinity`). GPU stages: each on its own device.
 
@@ -275,12 +276,15 @@ class PipelinedRunner:
                     stages), ``"none"`` (no pinning, TVM's default pool), a string ``"0;1"`` / ``"0-1;2-3"``,
                     or a list of core tuples (one per stage, or one for all).
     overlap_transfers: a copy thread per stage (None: only for stages fed from another device).
+    collector_thread: copy results to the host and resolve futures in a thread of its own (None: only
+                    behind a GPU last stage; a CPU last stage's worker does it, saving a thread hand-off).
     max_pending:    micro-batches admitted ahead of stage 0 (submit blocks beyond it); None: unbounded.
     record_timeline: keep the last ``timeline_limit`` :class:`TimelineEvent`s for ``timeline()``.
     """
 
     def __init__(self, pipeline, *, micro_batch: int | None = None, queue_depth: int = 2, cores="auto",
-                 overlap_transfers: bool | None = None, max_pending: int | None = None,
+                 overlap_transfers: bool | None = None, collector_thread: bool | None = None,
+                 max_pending: int | None = None,
                  record_timeline: bool = True, timeline_limit: int = 200_000):
         from .affinity import parse_cores, plan_cores
 
@@ -320,6 +324,10 @@ class PipelinedRunner:
             needs_copy = not _is_cpu(s.device) if fed_from is None else not _same_device(fed_from, s.device)
             self._copy_thread.append(needs_copy if overlap_transfers is None else bool(overlap_transfers))
 
+        # the host copy of the results: by the last CPU stage's worker itself (one thread hand-off less
+        # per request), by a collector thread behind a GPU stage (overlapping the copy with its compute)
+        self._collector_thread = (not _is_cpu(self.stages[-1].device)) if collector_thread is None \
+            else bool(collector_thread)
         self._queues = [_queue(max_pending or 0)] + [_queue(queue_depth) for _ in range(k)]
         self._stop = threading.Event()
         self._submit_lock = threading.Lock()
@@ -341,7 +349,8 @@ class PipelinedRunner:
                 self._spawn(f"cachefit-copy-{i}", self._copy_worker, i, src, handoff)
                 src = handoff
             self._spawn(f"cachefit-stage-{i}", self._stage_worker, i, src, self._queues[i + 1])
-        self._spawn("cachefit-collector", self._collector)
+        if self._collector_thread:
+            self._spawn("cachefit-collector", self._collector)
         _live_runners.add(self)
         logger.info("pipelined runner: %d stages, micro-batch %d rows, cores %s", k, self.micro_batch, self.cores)
 
@@ -357,7 +366,8 @@ class PipelinedRunner:
             self._raise_if_closed()
             pieces = split_rows(arrays, batched, self.micro_batch)
             req = _Request(next(self._ids), rows, len(pieces))
-            self._pending[req.id] = req
+            with self._done_lock:
+                self._pending[req.id] = req
             for index, piece in enumerate(pieces):
                 calls = split_rows(piece, batched, b)
                 n = next((a.shape[0] for a, f in zip(piece, batched) if f), b)
@@ -401,13 +411,13 @@ class PipelinedRunner:
         the threads are told to stop (a stage stuck inside native code cannot be interrupted: its
         daemon thread ends with the process).
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._submit_lock:
             if not self._closed:
                 self._closed = True
-                self._put(self._queues[0], _STOP)
+                self._put(self._queues[0], _STOP, deadline)
         if not wait:
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if any(t.is_alive() for t in self._threads):
@@ -434,8 +444,10 @@ class PipelinedRunner:
     # -- accounting ----------------------------------------------------------------------------
 
     def reset_stats(self) -> None:
-        """Start a new measurement window (call it while no request is running)."""
+        """Start a new measurement window: accounting, latencies and timeline (call it while no request
+        is running)."""
         self._t_window = time.perf_counter()
+        self._timeline.clear()
         self._stage_stats = [StageStats(i, s.name, tuple(s.layers), self.cores[i]) for i, s in enumerate(self.stages)]
         self._latencies.clear()
         self._n_done = self._n_failed = self._rows_done = 0
@@ -485,14 +497,15 @@ class PipelinedRunner:
                 if self._stop.is_set():
                     return None
 
-    def _put(self, q, item) -> bool:
-        """Put ``item`` into ``q`` (waiting for room); False once the pipeline is stopped."""
+    def _put(self, q, item, deadline: float | None = None) -> bool:
+        """Put ``item`` into ``q`` (waiting for room); False once the pipeline is stopped or at
+        ``deadline`` (``time.monotonic()``)."""
         while True:
             try:
                 q.put(item, timeout=_POLL_S)
                 return True
             except queue.Full:
-                if self._stop.is_set():
+                if self._stop.is_set() or (deadline is not None and time.monotonic() > deadline):
                     return False
 
     def _copy_in(self, i: int, item: _Item) -> None:
@@ -507,8 +520,10 @@ class PipelinedRunner:
                     moved.append(to_device(a, dev))
                 elif _same_device(a.device, dev):
                     moved.append(a)
-                else:
+                else:  # device to device (peer copy between GPUs)
                     moved.append(a.copyto(dev))
+                    if not _is_cpu(a.device):
+                        a.device.sync()
             calls.append(moved)
         if not _is_cpu(dev):
             dev.sync()
@@ -550,19 +565,28 @@ class PipelinedRunner:
             pin_current_thread(self.cores[i])
         prefetched = self._copy_thread[i]
         cpu = _is_cpu(stage.device)
+        collect = i == len(self.stages) - 1 and not self._collector_thread
+        cpu_mark = time.thread_time()
         while True:
             item = self._get(src)
             if item is None:
                 return
             if item is _STOP:
-                self._put(dst, item)
+                if not collect:
+                    self._put(dst, item)
                 return
             if item.req.live:
                 self._run_stage(i, stage, item, prefetched, cpu)
-            t_put = time.perf_counter()
-            if not self._put(dst, item):
-                return
-            self._stage_stats[i].blocked_s += time.perf_counter() - t_put
+            if collect:
+                self._collect(item)
+            else:
+                t_put = time.perf_counter()
+                if not self._put(dst, item):
+                    return
+                self._stage_stats[i].blocked_s += time.perf_counter() - t_put
+            cpu_now = time.thread_time()
+            self._stage_stats[i].cpu_s += cpu_now - cpu_mark
+            cpu_mark = cpu_now
 
     def _run_stage(self, i: int, stage, item: _Item, prefetched: bool, cpu: bool) -> None:
         """Copy in (unless a copy thread did) and run stage ``i`` on one micro-batch; record its times."""
@@ -601,25 +625,29 @@ class PipelinedRunner:
         item.t_copy = item.t_ready = 0.0
 
     def _collector(self) -> None:
-        n_out = len(self.outputs)
         while True:
             item = self._get(self._queues[-1])
             if item is None or item is _STOP:
                 return
-            req = item.req
-            if req.live:
-                try:
-                    for outs in item.calls:
-                        if len(outs) != n_out:
-                            raise ArtifactError(f"the last stage returned {len(outs)} tensors, the manifest lists "
-                                                f"{n_out} outputs")
-                        req.pieces.append([to_host(t) for t in outs])
-                except Exception as exc:  # noqa: BLE001 - reported on the request
-                    self._fail(len(self.stages) - 1, item, exc)
-            item.calls = None
-            req.received += 1
-            if req.received == req.n_items:
-                self._finish(req)
+            self._collect(item)
+
+    def _collect(self, item: _Item) -> None:
+        """Copy a finished micro-batch to the host; resolve its request once all its micro-batches are in."""
+        req = item.req
+        if req.live:
+            try:
+                n_out = len(self.outputs)
+                for outs in item.calls:
+                    if len(outs) != n_out:
+                        raise ArtifactError(f"the last stage returned {len(outs)} tensors, the manifest lists "
+                                            f"{n_out} outputs")
+                    req.pieces.append([to_host(t) for t in outs])
+            except Exception as exc:  # noqa: BLE001 - reported on the request
+                self._fail(len(self.stages) - 1, item, exc)
+        item.calls = None
+        req.received += 1
+        if req.received == req.n_items:
+            self._finish(req)
 
     def _finish(self, req: _Request) -> None:
         with self._done_lock:

@@ -33,7 +33,10 @@ class StageStats:
     """Where one stage's worker spent a measurement window (seconds).
 
     compute: running the stage; transfer: copying inputs onto its device; blocked: waiting for room in
-    the next stage's queue; idle: the rest of the window (waiting for work).
+    the next stage's queue; idle: the rest of the window (waiting for work). cpu: CPU time the worker
+    thread used (copies, compute, queue work; TVM pool threads beyond the worker itself are not
+    counted): on a machine shared with other jobs, compute + transfer well above cpu means the thread
+    was waiting for its core.
     """
 
     index: int
@@ -46,6 +49,7 @@ class StageStats:
     transfer_s: float = 0.0
     blocked_s: float = 0.0
     window_s: float = 0.0
+    cpu_s: float = 0.0
 
     @property
     def idle_s(self) -> float:
@@ -59,7 +63,7 @@ class StageStats:
         return {"index": self.index, "name": self.name, "layers": list(self.layers),
                 "cores": list(self.cores) if self.cores is not None else None,
                 "micro_batches": self.micro_batches, "failed": self.failed, "compute_s": self.compute_s,
-                "transfer_s": self.transfer_s, "blocked_s": self.blocked_s, "idle_s": self.idle_s,
+                "transfer_s": self.transfer_s, "blocked_s": self.blocked_s, "idle_s": self.idle_s, "cpu_s": self.cpu_s,
                 "window_s": self.window_s, "utilisation": self.utilisation}
 
 
@@ -100,13 +104,13 @@ class PipelineStats:
                 "stages": [s.to_dict() for s in self.stages]}
 
     def format_table(self) -> str:
-        head = f"{'stage':10}{'layers':>10}{'cores':>8}{'batches':>9}{'compute ms':>12}{'transfer ms':>13}" \
-               f"{'blocked ms':>12}{'idle ms':>10}{'util':>7}"
+        head = f"{'stage':10}{'layers':>10}{'cores':>8}{'batches':>9}{'compute ms':>12}{'(cpu ms)':>10}" \
+               f"{'transfer ms':>13}{'blocked ms':>12}{'idle ms':>10}{'util':>7}"
         lines = [head]
         for s in self.stages:
             cores = ",".join(map(str, s.cores)) if s.cores else "-"
             lines.append(f"{s.name:10}{f'{s.layers[0]}..{s.layers[1]}':>10}{cores:>8}{s.micro_batches:>9}"
-                         f"{s.compute_s * 1e3:12.2f}{s.transfer_s * 1e3:13.2f}{s.blocked_s * 1e3:12.2f}"
+                         f"{s.compute_s * 1e3:12.2f}{s.cpu_s * 1e3:10.2f}{s.transfer_s * 1e3:13.2f}{s.blocked_s * 1e3:12.2f}"
                          f"{s.idle_s * 1e3:10.2f}{s.utilisation:7.0%}")
         lines.append(f"{self.requests} requests ({self.failed_requests} failed), {self.rows} rows in "
                      f"{self.window_s * 1e3:.2f} ms: {self.throughput_rows:.1f} rows/s; latency p50 "
