@@ -62,7 +62,8 @@ def layer_records(mod: tvm.IRModule) -> list[LayerRecord]:
         if "cachefit.weight_bytes" not in a:
             raise CachefitError("the module has no footprint attributes: run AnnotateFootprint first")
         params = {str(k): int(v) for k, v in a["cachefit.params"].items()}
-        bits = _weight_bits(fn, int(a["cachefit.num_weights"]), plan_dtype)
+        bits = (int(a["cachefit.weight_bits"]) if "cachefit.weight_bits" in a
+                else _weight_bits(fn, int(a["cachefit.num_weights"]), plan_dtype))
         out.append(LayerRecord(
             name=str(a["cachefit.layer_name"]),
             weight_bytes=int(a["cachefit.weight_bytes"]),

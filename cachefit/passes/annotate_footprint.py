@@ -312,7 +312,15 @@ class AnnotateFootprint:
                 return
             ty = e.ty if hasattr(e, "ty") else None
             try:
-                if e.op.same_as(self._matmul):
+                if e.op.same_as(self._call_tir) and isinstance(e.args[0], tvm.ir.GlobalVar):
+                    # an opaque kernel (e.g. QuantizeWeights' fused dequantize-matmul) may carry its
+                    # true FLOPs; else count it as element-wise work on its output
+                    f = _lookup(self._mod, e.args[0])
+                    if f is not None and f.attrs is not None and "cachefit.flops" in f.attrs:
+                        total[0] += int(f.attrs["cachefit.flops"])
+                    elif isinstance(ty, relax.TensorType):
+                        total[0] += _numel(ty)
+                elif e.op.same_as(self._matmul):
                     a = e.args[0].ty
                     k = int(a.shape.values[-1])
                     total[0] += 2 * _numel(ty) * k
@@ -335,3 +343,12 @@ def _op_exists(name: str) -> bool:
         return True
     except Exception:
         return False
+
+
+def _lookup(mod, gv):
+    if mod is None:
+        return None
+    try:
+        return mod[gv]
+    except Exception:  # not in this module
+        return None
