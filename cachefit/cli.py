@@ -170,34 +170,6 @@ def _boundaries(text):
 
 # --- plan -------------------------------------------------------------------------------------
 
-@main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
-@model_options
-@capacity_options
-@plan_options
-@click.option("--format", "fmt", default="table", type=click.Choice(["table", "json"]), show_default=True)
-@click.option("--plot", default=None, type=click.Path(dir_okay=False), help="Write a memory map (PNG) of the plan.")
-@user_errors
-def plan(model, input_shapes, batch, dtype, num_layers, layer_boundaries, cache, hardware, strategy, devices,
-         footprint, layout, allow_spill, fmt, plot):
-    """Per-layer footprints of MODEL.onnx and a partition over devices."""
-    import json
-
-    from .planning import plan_model
-
-    report = plan_model(model, input_shapes=input_shapes, batch=batch, dtype=dtype, cache=cache, hardware=hardware,
-                        strategy=strategy, devices=devices, footprint=footprint, layout=layout,
-                        allow_spill=allow_spill, layers=num_layers, layer_boundaries=_boundaries(layer_boundaries))
-    if plot:
-        from .perf.plot import plot_plan
-
-        plot_plan(report.plan, plot)
-    if fmt == "json":
-        click.echo(json.dumps(report.to_dict(), indent=2))
-    else:
-        click.echo(report.format_table())
-
-
 # --- demo -------------------------------------------------------------------------------------
 
 @main.command()
@@ -289,6 +261,36 @@ def _fit_kwargs(quantize, group_size, prune, fit, max_prune, micro_batch) -> dic
         micro_batch = "auto"
     return dict(quantize=quantize, group_size=group_size, prune=prune, fit=fit, max_prune=max_prune,
                 micro_batch=micro_batch)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@model_options
+@capacity_options
+@plan_options
+@click.option("--format", "fmt", default="table", type=click.Choice(["table", "json"]), show_default=True)
+@click.option("--plot", default=None, type=click.Path(dir_okay=False), help="Write a memory map (PNG) of the plan.")
+@fit_options
+@user_errors
+def plan(model, input_shapes, batch, dtype, num_layers, layer_boundaries, cache, hardware, strategy, devices,
+         footprint, layout, allow_spill, fmt, plot, quantize, group_size, prune, fit, max_prune, micro_batch):
+    """Per-layer footprints of MODEL.onnx and a partition over devices."""
+    import json
+
+    from .planning import plan_model
+
+    report = plan_model(model, input_shapes=input_shapes, batch=batch, dtype=dtype, cache=cache, hardware=hardware,
+                        strategy=strategy, devices=devices, footprint=footprint, layout=layout,
+                        allow_spill=allow_spill, layers=num_layers, layer_boundaries=_boundaries(layer_boundaries),
+                        **_fit_kwargs(quantize, group_size, prune, fit, max_prune, micro_batch))
+    if plot:
+        from .perf.plot import plot_plan
+
+        plot_plan(report.plan, plot)
+    if fmt == "json":
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(report.format_table())
 
 
 @main.command("compile")

@@ -21,6 +21,7 @@ class PlanReport:
     plan: Plan
     capacity_bytes: int
     hardware: Hardware | None
+    fit: object = None  # cachefit.fit.FitReport when --fit/--quantize/--prune/--micro-batch were given
 
     def to_dict(self) -> dict:
         layers = []
@@ -55,6 +56,8 @@ class PlanReport:
         }
         d.update(self.plan.to_dict())
         d["capacity_bytes"] = self.capacity_bytes
+        if self.fit is not None:
+            d["fit"] = self.fit.to_dict()
         return d
 
     def format_table(self) -> str:
@@ -75,6 +78,8 @@ class PlanReport:
             lines.append("  ".join(cell.rjust(w) if c not in (1,) else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))))
             if k == 0:
                 lines.append("  ".join("-" * w for w in widths))
+        if self.fit is not None:
+            lines += ["", self.fit.format_table()]
         lines += ["", self.plan.format_table()]
         return "\n".join(lines)
 
@@ -106,8 +111,19 @@ def plan_model(
     layers: int | None = None,
     layer_boundaries: Sequence[str] | None = None,
     analysis: "ModelAnalysis | None" = None,
+    fit: str | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    prune: float = 0.0,
+    max_prune: float = 0.5,
+    micro_batch: int | str | None = None,
 ) -> PlanReport:
-    """Analyse a model (unless ``analysis`` is given) and partition it."""
+    """Analyse a model (unless ``analysis`` is given) and partition it.
+
+    ``fit``/``quantize``/``prune``/``micro_batch`` first make oversized layers fit
+    (:func:`cachefit.fit.fit_model`: ``fit="auto"`` escalates INT8, INT4, pruning up to
+    ``max_prune``, a smaller micro-batch per layer over capacity; ``"none"`` only reports); the
+    plan is then made on the rewritten layers and the report says what was applied."""
     cap, hw = resolve_capacity(cache, hardware)
     if layout is not None and strategy != "layout":
         if strategy not in ("greedy", "balanced"):
@@ -121,6 +137,13 @@ def plan_model(
 
         analysis = analyze_onnx(model, input_shapes=input_shapes, batch=batch, dtype=dtype, layers=layers,
                                 layer_boundaries=layer_boundaries)
+    fit_report = None
+    if fit is not None or (quantize or "none") != "none" or prune or micro_batch is not None:
+        from .fit import fit_model
+
+        analysis, fit_report = fit_model(analysis, cap, mode=fit or "none", quantize=quantize, group_size=group_size,
+                                         prune=prune, max_prune=max_prune, micro_batch=micro_batch,
+                                         footprint=footprint, layers=layers, layer_boundaries=layer_boundaries)
     cost_model = None
     if strategy == "min-time":
         from .perf.costmodel import CostModel
@@ -129,7 +152,7 @@ def plan_model(
         cost_model = CostModel(hardware=base if base.capacity_bytes == cap else _with_capacity(base, cap))
     plan = make_plan(analysis.layers, cap, strategy=strategy, devices=devices, footprint=footprint,
                      layout=layout, allow_spill=allow_spill, cost_model=cost_model)
-    return PlanReport(analysis=analysis, plan=plan, capacity_bytes=cap, hardware=hw)
+    return PlanReport(analysis=analysis, plan=plan, capacity_bytes=cap, hardware=hw, fit=fit_report)
 
 
 def _with_capacity(hw: Hardware, cap: int) -> Hardware:

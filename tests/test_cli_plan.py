@@ -222,3 +222,33 @@ def test_paper_dense_30b_plans_from_shapes(tmp_path, record_property):
     assert d["capacity_bytes"] == 50_000_000
     assert d["groups"] == [[i, i] for i in range(16)]
     assert len(d["oversized"]) == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# --fit in the planner
+# ---------------------------------------------------------------------------------------------
+
+
+def test_plan_fit_auto_makes_oversized_layers_fit_and_says_what_applied(dense_file):
+    """dense-tiny's layers are 1.89 MB each; under 700 KB none fits as is. ``plan --fit auto``
+    escalates per layer, plans on the rewritten layers, and the JSON report records per layer what
+    was applied and the bytes before and after."""
+    d = plan_json(dense_file, "--cache", "700KB", "--fit", "auto")
+    assert d["fit"]["mode"] == "auto"
+    layers = d["fit"]["layers"]
+    assert len(layers) == 4
+    # the fitted layers are one per device here, so a layer's footprint alone is its stage's
+    assert len(d["partitions"]) == 4
+    for entry, part in zip(layers, d["partitions"]):
+        assert entry["bytes_before"] > 700_000 >= entry["bytes_after"]
+        assert entry["bytes_after"] == part["total_bytes"]
+        assert entry["fits"] and entry["applied"], entry
+    assert d["fit"]["fits"] is True
+    assert all(p["total_bytes"] <= 700_000 for p in d["partitions"])
+
+
+def test_plan_fit_none_only_reports(dense_file):
+    """``--fit none`` leaves the layers as they are: planning then refuses the oversized layers."""
+    res = CliRunner().invoke(cli_main, ["plan", str(dense_file), "--cache", "700KB", "--fit", "none"])
+    assert res.exit_code == 2
+    assert "do not fit" in res.stderr
