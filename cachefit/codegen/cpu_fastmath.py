@@ -6,10 +6,15 @@ rewrites these calls in every PrimFunc into polynomial / rational expressions th
 
 - ``exp``: range reduction ``x = n ln2 + r`` (ln2 split in two parts), a degree-7 polynomial for
   ``e^r`` on ``|r| <= ln2 / 2`` and ``2^n`` built in the exponent bits; input clamped to
-  [-87.3, 88.0] (the float32 range, so ``exp(-inf) = 1.2e-38``, i.e. zero for every use here);
+  [-87.3, 88.0] (the float32 normal range); below -87.3 the result is exactly 0, as libm's after
+  underflow (a tiny value would make denormals downstream, e.g. in a masked softmax);
 - ``erf``: an odd/even rational approximation on [-4, 4], +-1 outside;
 - ``tanh``: an odd/even rational approximation on [-9, 9], +-1 outside;
-- ``sigmoid``: ``1 / (1 + exp(-x))`` with the ``exp`` above.
+- ``sigmoid``: ``1 / (1 + exp(-x))`` with the ``exp`` above;
+- ``log``: exponent and mantissa from the bits, a degree-8 polynomial for ``log(1 + m)``;
+- ``pow(x, y)``: exact ``x * x``, ``x``, ``sqrt(x)``, ``1`` for ``y`` = 2, 1, 0.5, 0 (checked at run
+  time: the exponent of an ONNX ``Pow`` is often a tensor), else ``exp(y log|x|)`` with the sign
+  of ``x`` for odd integer ``y`` and NaN for a negative base with a fractional exponent.
 
 Each is within a few float32 ulps of libm over its range (``tests/test_cpu_schedule.py`` checks
 the relative error against numpy / math on a dense sweep); other dtypes keep libm.
@@ -73,7 +78,10 @@ def fast_exp(x):
                 poly = _horner(r, _EXP_POLY)
                 er = poly * r * r + r + _c(1.0)
                 bits = (tirx.Cast("int32", n) + tirx.const(127, "int32")) << tirx.const(23, "int32")
-                return er * tirx.reinterpret(F32, bits)
+                # below the clamp the result is 0 (as libm's, after underflow): a tiny normal
+                # value here would turn into denormals downstream (softmax of masked scores),
+                # which cost a microcode assist per operation
+                return tirx.Select(v < _c(-87.3), _c(0.0), er * tirx.reinterpret(F32, bits))
 
             return _let("r", xc - n * _c(_LN2_HI) - n * _c(_LN2_LO), with_r)
 
@@ -104,12 +112,76 @@ def fast_tanh(x):
     return _odd_rational(x, 9.0, _TANH_P, _TANH_Q)
 
 
+# log(1 + m) - m + m^2 / 2 = m^3 P(m) on [sqrt(1/2) - 1, sqrt(2) - 1] (Cephes logf)
+_LOG_POLY = (3.3333331174e-1, -2.4999993993e-1, 2.0000714765e-1, -1.6668057665e-1,
+             1.4249322787e-1, -1.2420140846e-1, 1.1676998740e-1, -1.1514610310e-1,
+             7.0376836292e-2)
+_SQRT_HALF = 0.707106781186547524
+
+
+def fast_log(x):
+    """log(x) for a float32 expression (NaN below 0, -inf at 0), as a vectorisable expression."""
+    i32 = "int32"
+
+    def body(v):
+        bits = tirx.reinterpret(i32, v)
+        e0 = tirx.Cast(F32, ((bits >> tirx.const(23, i32)) & tirx.const(255, i32)) - tirx.const(126, i32))
+        mant = tirx.reinterpret(F32, (bits & tirx.const(-2139095041, i32)) | tirx.const(1056964608, i32))
+        small = mant < _c(_SQRT_HALF)
+        e = tirx.Select(small, e0 - _c(1.0), e0)
+        m = tirx.Select(small, mant + mant - _c(1.0), mant - _c(1.0))
+
+        def with_m(mv):
+            z = mv * mv
+            y = mv * z * _horner(mv, _LOG_POLY) + e * _c(_LN2_LO) - _c(0.5) * z
+            res = mv + y + e * _c(_LN2_HI)
+            res = tirx.Select(v == _c(0.0), _c(float("-inf")), res)
+            res = tirx.Select(v < _c(0.0), _c(float("nan")), res)
+            return tirx.Select(v == _c(float("inf")), v, res)
+
+        return _let("m", m, with_m)
+
+    return _let("x", x, body)
+
+
+def fast_pow(x, y):
+    """x ** y for float32 expressions, as a vectorisable expression (see the module doc)."""
+
+    def body(xv):
+        def with_y(yv):
+            ax = tirx.max(xv, _c(0.0) - xv)
+            whole = tirx.floor(yv) == yv
+            half = yv * _c(0.5)
+            odd = tirx.all(whole, tirx.floor(half) != half)
+
+            def with_mag(mag):
+                signed = tirx.Select(
+                    xv < _c(0.0),
+                    tirx.Select(whole, tirx.Select(odd, _c(0.0) - mag, mag), _c(float("nan"))),
+                    mag,
+                )
+                at_zero = tirx.Select(yv > _c(0.0), _c(0.0),
+                                      tirx.Select(yv == _c(0.0), _c(1.0), _c(float("inf"))))
+                general = tirx.Select(ax == _c(0.0), at_zero, signed)
+                out = tirx.Select(yv == _c(0.5), tirx.sqrt(xv), general)
+                out = tirx.Select(yv == _c(1.0), xv, out)
+                out = tirx.Select(yv == _c(0.0), _c(1.0), out)
+                return tirx.Select(yv == _c(2.0), xv * xv, out)
+
+            return _let("mag", fast_exp(yv * fast_log(ax)), with_mag)
+
+        return _let("y", y, with_y)
+
+    return _let("b", x, body)
+
+
 def fast_sigmoid(x):
     """1 / (1 + exp(-x)) with :func:`fast_exp`."""
     return _c(1.0) / (_c(1.0) + fast_exp(_c(0.0) - x))
 
 
-_REWRITES = {"tirx.exp": fast_exp, "tirx.erf": fast_erf, "tirx.tanh": fast_tanh, "tirx.sigmoid": fast_sigmoid}
+_REWRITES = {"tirx.exp": fast_exp, "tirx.erf": fast_erf, "tirx.tanh": fast_tanh, "tirx.sigmoid": fast_sigmoid,
+             "tirx.log": fast_log, "tirx.pow": fast_pow}
 
 
 def _dtype(expr) -> str:
@@ -122,9 +194,11 @@ def _rewrite_call(call):
     op = getattr(call, "op", None)
     name = getattr(op, "name", None)
     fn = _REWRITES.get(name)
-    if fn is None or len(call.args) != 1 or _dtype(call.args[0]) != F32:
+    if fn is None or any(_dtype(a) != F32 for a in call.args):
         return call
-    return fn(call.args[0])
+    if len(call.args) != (2 if name == "tirx.pow" else 1):
+        return call
+    return fn(*call.args)
 
 
 def rewrite_func(func: tirx.PrimFunc) -> tirx.PrimFunc:

@@ -172,6 +172,25 @@ def _loops_match_iters(sch: s_tir.Schedule, block) -> list | None:
     return list(loops)
 
 
+def _loop_binding(sch: s_tir.Schedule, block, iter_index: int):
+    """The loop (of ``block``'s loop nest) whose variable the block iter ``iter_index`` is bound to."""
+    name = sch.get(block).name_hint
+    found = []
+
+    def visit(node):
+        if isinstance(node, s_tir.SBlockRealize) and node.block.name_hint == name:
+            found.append(node)
+
+    tvm_ffi.structural_walk(sch.mod["main"].body, visit, order="post")
+    if len(found) != 1:
+        return None
+    used = _vars(found[0].iter_values[iter_index])
+    for loop in sch.get_loops(block):
+        if sch.get(loop).loop_var in used:
+            return loop
+    return None
+
+
 def _split_vec(sch: s_tir.Schedule, loop, lanes: int):
     """Vectorise ``loop`` (splitting off ``lanes`` when longer); returns the vectorised loop."""
     ext = _extent(sch, loop)
@@ -436,7 +455,8 @@ class GemmRule(dlight.ScheduleRule):
         batch_ext = _prod([ext[p] for p in form.batch])
         threads = spec.threads if work >= _PARALLEL_MIN_WORK else 1
         b_bytes = kk * n * elem
-        streaming = m <= 16 and b_bytes > int(os.environ.get("CF_STREAM", spec.l2_bytes // 2)) and any(kk % kc == 0 for kc in (16, 8))
+        # few rows and a weight that will come from L3 / DRAM: stream it row block by row block
+        streaming = m <= 16 and b_bytes >= spec.l2_bytes // 4 and any(kk % kc == 0 for kc in (16, 8))
         if streaming:
             mr, nr = _choose_nn_tile(m, n // lanes, 16)
         else:
@@ -727,26 +747,58 @@ class ReductionRule(dlight.ScheduleRule):
         last = infos[-1].block_rv
         dtype = str(sch.get(last).writes[0].source.dtype) if sch.get(last).writes else "float32"
         lanes = self.spec.lanes(dtype)
+        # row reductions over a contiguous axis: vector partial sums (rfactor), reduced across
+        # lanes once per row; a scalar chain through memory costs a store-to-load latency per element
+        partials = []
+        for bi in infos:
+            kinds = bi.dom_kind()
+            if bi.is_injective() or kinds.count("R") != 1 or kinds[-1] != "R":
+                continue
+            red = sch.get_loops(bi.block_rv)[-1]
+            ext = _extent(sch, red)
+            if ext is None or ext < 2 * lanes or ext % lanes:
+                continue
+            n_out = len(sch.get(bi.block_rv).body.indices) if isinstance(sch.get(bi.block_rv).body, tirx.BufferStore) else None
+            if n_out is None:
+                continue
+            try:
+                _, vec = sch.split(red, [None, lanes])
+                partials.append(sch.rfactor(vec, factor_axis=n_out))
+            except Exception:  # pylint: disable=broad-except
+                log.debug("no vector partial sums for %s", sch.get(bi.block_rv).name_hint)
+        blocks = _root_blocks(sch)
+        last = blocks[-1]
         loops = sch.get_loops(last)
         work = _prod([_extent(sch, lp) or 1 for lp in loops])
         rows = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
         row_ext = _extent(sch, rows) or 1
         if self.spec.threads > 1 and work >= _PARALLEL_MIN_WORK and row_ext >= self.spec.threads:
             sch.parallel(rows)
-        for bi in reversed(infos[:-1]):
-            sch.compute_at(bi.block_rv, rows, preserve_unit_loops=True)
-        for bi in infos:
-            inner = sch.get_loops(bi.block_rv)[-1]
-            if len(sch.get_loops(bi.block_rv)) <= 1:
+        for blk in reversed(blocks[:-1]):
+            sch.compute_at(blk, rows, preserve_unit_loops=True)
+        partial_names = {sch.get(b).name_hint for b in partials}
+        for blk in blocks:
+            blk_loops = sch.get_loops(blk)
+            if len(blk_loops) <= 1:
                 continue
-            if bi.is_injective():
-                _split_vec(sch, inner, lanes)
+            inner = blk_loops[-1]
+            name = sch.get(blk).name_hint
+            if name in partial_names:
+                # rfactor's lane loop goes innermost, below the remaining reduction loop
+                lane_iter = [n for n, iv in enumerate(sch.get(blk).iter_vars)
+                             if iv.iter_type == tirx.IterVar.DataPar and _int(iv.dom.extent) == lanes][0]
+                lane_loop = _loop_binding(sch, blk, lane_iter)
+                red_loop = [lp for lp in blk_loops if not sch.get(lp).loop_var.same_as(sch.get(lane_loop).loop_var)][-1]
+                sch.reorder(red_loop, lane_loop)
+                sch.set_scope(blk, 0, "local")
+                sch.vectorize(lane_loop)
+                sch.decompose_reduction(blk, red_loop)
+            elif _is_reduction(sch, blk):
+                longer = [lp for lp in blk_loops[1:] if (_extent(sch, lp) or 0) > 1]
+                if longer and (_extent(sch, longer[-1]) or 0) <= 4 * lanes:
+                    sch.unroll(longer[-1])
             else:
-                ext = _extent(sch, inner)
-                if ext is not None and ext > lanes and ext % lanes == 0:
-                    _, chunk = sch.split(inner, [None, lanes])
-                    sch.annotate(chunk, "pragma_auto_unroll_max_step", lanes)
-                    sch.annotate(chunk, "pragma_unroll_explicit", 1)
+                _split_vec(sch, inner, lanes)
         return sch
 
 
