@@ -56,6 +56,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--latency-requests", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--in-flight", type=int, default=None, help="requests queued in the pipeline")
     ap.add_argument("--cores", default="auto")
     ap.add_argument("--work", default=None, help="directory for the model and builds (default: a temporary one)")
     ap.add_argument("--timeline", default=None, help="PNG of 20 pipelined requests")
@@ -71,7 +72,8 @@ def main() -> int:
         work = Path(tmp.name)
     artifact = build(args.model, args.stages, work)
     report = bench_artifact(artifact, batch=args.batch, micro_batch=args.micro_batch, requests=args.requests,
-                            latency_requests=args.latency_requests, rounds=args.rounds, cores=args.cores,
+                            latency_requests=args.latency_requests, in_flight=args.in_flight, rounds=args.rounds,
+                            cores=args.cores,
                             baseline_dir=work / f"{args.model}-k1", timeline=args.timeline,
                             progress=lambda line: print(line, file=sys.stderr))
     print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "

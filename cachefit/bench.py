@@ -83,6 +83,7 @@ class BenchReport:
     micro_batch: int
     requests: int
     cores: list
+    in_flight: int
     pipeline: SystemResult
     stage_stats: PipelineStats
     unpartitioned: SystemResult | None = None
@@ -112,6 +113,7 @@ class BenchReport:
         return {
             "artifact": self.artifact, "stages": self.stages, "compiled_batch": self.compiled_batch,
             "batch": self.batch, "micro_batch": self.micro_batch, "requests": self.requests,
+            "in_flight": self.in_flight,
             "cores": [list(c) if c else None for c in self.cores],
             "pipeline": self.pipeline.to_dict(), "stage_stats": self.stage_stats.to_dict(),
             "unpartitioned": self.unpartitioned.to_dict() if self.unpartitioned else None,
@@ -122,8 +124,10 @@ class BenchReport:
     def format_table(self) -> str:
         cores = ";".join(",".join(map(str, c)) if c else "-" for c in self.cores)
         lines = [f"{self.artifact}: {self.stages} stage(s) on cores {cores}; compiled batch {self.compiled_batch}; "
-                 f"{self.requests} requests of {self.batch} rows in micro-batches of {self.micro_batch}"]
-        head = f"{'system':34}{'threads':>8}{'rows/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'single p50':>12}{'single p99':>12}"
+                 f"{self.requests} requests of {self.batch} rows in micro-batches of {self.micro_batch}, "
+                 f"{self.in_flight} in flight"]
+        head = (f"{'system':34}{'threads':>8}{'rows/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'single p50':>12}"
+                f"{'single p99':>12}")
         lines += ["", head]
         for r in (self.pipeline, self.unpartitioned, self.onnxruntime):
             if r is None:
@@ -131,7 +135,8 @@ class BenchReport:
             lines.append(f"{r.name:34}{r.threads:>8}{r.throughput:11.1f}{_ms(percentile(r.latencies_s, 50)):>9}"
                          f"{_ms(percentile(r.latencies_s, 99)):>9}{_ms(percentile(r.single_latencies_s, 50)):>12}"
                          f"{_ms(percentile(r.single_latencies_s, 99)):>12}")
-        lines.append("(p50/p99: latency per request under load; single: one request of one compiled batch at a time)")
+        lines.append("(p50/p99: latency per request in the throughput run, queueing included; single: one request "
+                     "of one compiled batch at a time)")
         for key, r in self.ratios().items():
             lines.append(f"pipeline / {key}: throughput {r['throughput']:.2f}x, single-request latency p50 "
                          f"{r['single_latency_p50']:.2f}x, p99 {r['single_latency_p99']:.2f}x")
@@ -222,28 +227,53 @@ def compile_unpartitioned(model: Path, manifest: dict, out_dir: Path) -> Path:
 
 # --- running the systems ---------------------------------------------------------------------
 
-def _on_core(core: int | None, fn: Callable):
-    """Run ``fn()`` in a new thread pinned to ``core`` with a one-thread TVM pool; returns its result."""
-    from .runtime.affinity import config_tvm_threads, pin_current_thread
+class _PinnedThread:
+    """A persistent thread pinned to one core (TVM pool of one thread) that runs callables for the
+    caller: the unpartitioned baseline, one core, as the pipeline's stages get one each."""
 
-    box: dict = {}
+    def __init__(self, core: int | None):
+        import queue
 
-    def body():
-        try:
-            if core is not None:
-                pin_current_thread([core])
-            else:
-                config_tvm_threads(1)
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            box["error"] = exc
+        self._jobs: "queue.Queue" = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, args=(core,), name="cachefit-bench-baseline", daemon=True)
+        self._thread.start()
 
-    t = threading.Thread(target=body, name="cachefit-bench-baseline")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    def _loop(self, core: int | None) -> None:
+        from .runtime.affinity import config_tvm_threads, pin_current_thread
+
+        if core is not None:
+            pin_current_thread([core])
+        else:
+            config_tvm_threads(1)
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, box, done = job
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                box["error"] = exc
+            done.set()
+
+    def call(self, fn: Callable):
+        box: dict = {}
+        done = threading.Event()
+        self._jobs.put((fn, box, done))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+
+def _timed(fn: Callable, arg) -> float:
+    t = time.perf_counter()
+    fn(arg)
+    return time.perf_counter() - t
 
 
 class _Sequential:
@@ -340,6 +370,7 @@ def bench_artifact(
     onnxruntime: bool = True,
     baseline_dir: str | Path | None = None,
     latency_requests: int | None = None,
+    in_flight: int | None = None,
     rounds: int = 1,
     timeline: str | Path | None = None,
     seed: int = 0,
@@ -349,8 +380,9 @@ def bench_artifact(
 
     batch: rows per request (default: the artifact's model batch); micro_batch: rows per micro-batch
     (default: the compiled batch); requests: requests per throughput run; latency_requests: requests
-    of the one-at-a-time latency run (default ``min(requests, 100)``); baseline_dir: where to keep
-    (and reuse) the unpartitioned build (default: a temporary directory).
+    of the one-at-a-time latency run (default ``min(requests, 100)``); in_flight: requests queued in
+    the pipeline during the throughput run (default: enough for ``stages + 1`` micro-batches);
+    baseline_dir: where to keep (and reuse) the unpartitioned build (default: a temporary directory).
     """
     from .runtime import load
     from .runtime.pipelined import PipelinedRunner, batch_layout
@@ -387,10 +419,12 @@ def bench_artifact(
     k = len(pipe.stages)
     used_cores = sorted({c for g in runner.cores if g for c in g})
     items_per_req = math.ceil(batch / micro)
-    in_flight = max(2, math.ceil((k * (queue_depth + 1) + 2) / items_per_req))
+    # enough micro-batches in flight for every stage to have work and one to spare: more only queues
+    # requests (longer latency under load, no more throughput)
+    in_flight = max(2, math.ceil((k + 1) / items_per_req)) if in_flight is None else int(in_flight)
 
     # the baselines
-    unpart = ort_run = None
+    unpart = ort_run = ort_single = base_thread = None
     if baseline or onnxruntime:
         src = find_source_model(artifact, manifest, model)
     if baseline:
@@ -403,20 +437,22 @@ def bench_artifact(
         say(f"compiling the unpartitioned model {src.name} (1 stage, 1 thread) into {out}")
         base_pipe = load(compile_unpartitioned(src, manifest, out))
         unpart = _Sequential(base_pipe)
-        base_core = runner.cores[0][0] if runner.cores and runner.cores[0] else None
+        base_thread = _PinnedThread(runner.cores[0][0] if runner.cores and runner.cores[0] else None)
     if onnxruntime:
-        ort_threads = max(1, len(used_cores)) if used_cores else k
+        ort_threads = len(used_cores) or k
         sess = _ort_session(src, ort_threads)
         ort_run, why = _ort_runner(sess, descs, layout.batched_inputs, batch)
         if ort_run is None:
             notes.append(f"onnxruntime skipped: {why}")
+        else:
+            ort_single, _ = _ort_runner(sess, single_descs, layout.batched_inputs, b)
 
     # warm-up (first calls allocate memory pools, start thread pools)
     say("warming up")
     for out in runner.run_batches(reqs[: max(2, in_flight)], in_flight=in_flight):
         pass
     if unpart is not None:
-        _on_core(base_core, lambda: [unpart(r) for r in reqs[:2]])
+        base_thread.call(lambda: [unpart(r) for r in reqs[:2]])
     if ort_run is not None:
         for r in reqs[:2]:
             ort_run(r)
@@ -425,12 +461,12 @@ def bench_artifact(
     max_diff = None
     if unpart is not None:
         got = runner.run(reqs[0])
-        want = _on_core(base_core, lambda: unpart(reqs[0]))
+        want = base_thread.call(lambda: unpart(reqs[0]))
         max_diff = max(float(np.max(np.abs(got[n].astype("float64") - want[n].astype("float64"))))
                        for n in got)
 
     results: dict[str, SystemResult] = {
-        "pipeline": SystemResult(f"pipeline ({k} stages)", max(1, len(used_cores)), requests * batch, requests,
+        "pipeline": SystemResult(f"pipeline ({k} stages)", len(used_cores) or k, requests * batch, requests,
                                  float("inf")),
     }
     if unpart is not None:
@@ -455,24 +491,27 @@ def bench_artifact(
         if secs < r.seconds:
             r.seconds, r.latencies_s, best_stats = secs, st.latencies_s, st
             r.cpu_s, r.busiest_thread_cpu_s = cpu, max(s.cpu_s for s in st.stages)
-        lat = []
-        for q in single_reqs:
-            t = time.perf_counter()
-            runner.run(q)
-            lat.append(time.perf_counter() - t)
-        if not r.single_latencies_s or percentile(lat, 50) < percentile(r.single_latencies_s, 50):
-            r.single_latencies_s = lat
         if unpart is not None:
             say(f"round {rnd + 1}/{rounds}: unpartitioned")
-            secs, lat_load, cpu = _on_core(base_core, lambda: _time_sequential(unpart, reqs))
-            _, lat, _ = _on_core(base_core, lambda: _time_sequential(unpart, single_reqs))
-            _keep(results["unpartitioned"], secs, lat_load, lat, cpu, cpu)
+            secs, lat_load, cpu = base_thread.call(lambda: _time_sequential(unpart, reqs))
+            _keep(results["unpartitioned"], secs, lat_load, cpu, cpu)
         if ort_run is not None:
             say(f"round {rnd + 1}/{rounds}: onnxruntime")
             secs, lat_load, cpu = _time_sequential(ort_run, reqs, time.process_time)
-            ort_single, _ = _ort_runner(sess, single_descs, layout.batched_inputs, b)
-            lat = _time_sequential(ort_single, single_reqs)[1] if ort_single is not None else []
-            _keep(results["onnxruntime"], secs, lat_load, lat, cpu, None)
+            _keep(results["onnxruntime"], secs, lat_load, cpu, None)
+        # one request at a time, the systems interleaved request by request (same machine conditions)
+        say(f"round {rnd + 1}/{rounds}: single-request latency")
+        single_lat: dict[str, list[float]] = {key: [] for key in results}
+        for q in single_reqs:
+            single_lat["pipeline"].append(_timed(runner.run, q))
+            if unpart is not None:
+                single_lat["unpartitioned"].append(base_thread.call(lambda: _timed(unpart, q)))
+            if ort_single is not None:
+                single_lat["onnxruntime"].append(_timed(ort_single, q))
+        for key, lat in single_lat.items():
+            r = results[key]
+            if lat and (not r.single_latencies_s or percentile(lat, 50) < percentile(r.single_latencies_s, 50)):
+                r.single_latencies_s = lat
     if timeline:
         runner.reset_stats()
         for _ in runner.run_batches(reqs[: min(requests, 20)], in_flight=in_flight):
@@ -480,6 +519,8 @@ def bench_artifact(
         runner.plot_timeline(timeline, title=f"{Path(artifact).name}: {min(requests, 20)} requests of {batch} rows, "
                                              f"micro-batches of {micro}")
     runner.close()
+    if base_thread is not None:
+        base_thread.close()
     if unpart is not None and baseline_dir is None:
         del base_pipe, unpart
         tmp.cleanup()
@@ -487,17 +528,14 @@ def bench_artifact(
         notes.append(f"best of {rounds} interleaved rounds per system (median throughput in --format json)")
     return BenchReport(
         artifact=str(artifact), stages=k, compiled_batch=b, batch=batch, micro_batch=micro, requests=requests,
-        cores=runner.cores, pipeline=results["pipeline"], stage_stats=best_stats,
+        cores=runner.cores, in_flight=in_flight, pipeline=results["pipeline"], stage_stats=best_stats,
         unpartitioned=results.get("unpartitioned"), onnxruntime=results.get("onnxruntime"), max_abs_diff=max_diff,
         notes=notes,
     )
 
 
-def _keep(r: SystemResult, secs: float, lat_load: list[float], lat_single: list[float], cpu: float | None,
-          busiest: float | None) -> None:
-    """Record one round: the fastest throughput run and the lowest-median single-request latencies."""
+def _keep(r: SystemResult, secs: float, lat_load: list[float], cpu: float | None, busiest: float | None) -> None:
+    """Record one throughput round, keeping the fastest."""
     r.round_seconds.append(secs)
     if secs < r.seconds:
         r.seconds, r.latencies_s, r.cpu_s, r.busiest_thread_cpu_s = secs, lat_load, cpu, busiest
-    if lat_single and (not r.single_latencies_s or percentile(lat_single, 50) < percentile(r.single_latencies_s, 50)):
-        r.single_latencies_s = lat_single
