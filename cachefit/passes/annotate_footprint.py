@@ -96,7 +96,7 @@ class AnnotateFootprint:
 
     def __init__(self, dtype: str | None = None):
         self.dtype = normalize_dtype(dtype)
-        self._alias = [tvm.ir.Op.get(n) for n in _ALIAS_OPS if _op_exists(n)]
+        self._alias = [tvm.ir.Op.get(n) for n in _ALIAS_OPS if layering.op_exists(n)]
         self._call_tir = tvm.ir.Op.get("relax.call_tir")
         self._matmul = tvm.ir.Op.get("relax.matmul")
         self._conv2d = tvm.ir.Op.get("relax.nn.conv2d")
@@ -336,13 +336,6 @@ class AnnotateFootprint:
         relax.analysis.post_order_visit(fn.body, visit)
         return total[0]
 
-
-def _op_exists(name: str) -> bool:
-    try:
-        tvm.ir.Op.get(name)
-        return True
-    except Exception:
-        return False
 
 
 def _lookup(mod, gv):

@@ -31,7 +31,7 @@ class DiscoverLayers:
 
     def __init__(self, min_layers: int = 1):
         self.min_layers = min_layers
-        self._heavy = [tvm.ir.Op.get(n) for n in _HEAVY_OPS if _op_exists(n)]
+        self._heavy = [tvm.ir.Op.get(n) for n in _HEAVY_OPS if layering.op_exists(n)]
 
     @keeps_errors
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:  # noqa: ARG002
@@ -106,10 +106,3 @@ class DiscoverLayers:
             return [(0, n - 1)]
         return merged
 
-
-def _op_exists(name: str) -> bool:
-    try:
-        tvm.ir.Op.get(name)
-        return True
-    except Exception:
-        return False

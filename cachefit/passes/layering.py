@@ -219,3 +219,12 @@ def copy_module_attrs(src: tvm.IRModule, dst: tvm.IRModule) -> tvm.IRModule:
         for k, v in src.attrs.items():
             dst = dst.with_attr(k, v)
     return dst
+
+
+def op_exists(name: str) -> bool:
+    """Whether this TVM build registers the Relax operator ``name``."""
+    try:
+        tvm.ir.Op.get(name)
+        return True
+    except Exception:
+        return False
