@@ -44,7 +44,9 @@ def make_target(target: str, arch: str = "sm_90a") -> tvm.target.Target:
         return tvm.target.Target({"kind": "llvm"})
     if target == "cuda":
         cuda_tools._arch_number(arch)
-        return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+        # 48 KB is the static shared memory a block may use on every arch (more needs a dynamic opt-in)
+        return tvm.target.Target({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152,
+                                  "max_threads_per_block": 1024, "thread_warp_size": 32}, host={"kind": "llvm"})
     raise CachefitError(f"unknown target {target!r}: use 'llvm' (CPU stages) or 'cuda' (GPU stages)")
 
 
