@@ -72,7 +72,7 @@ def compile_model(
     """
     from tvm import relax  # noqa: F401  (TVM is needed from here on)
 
-    from .codegen import build_artifact
+    from .codegen import build_artifact, make_target
     from .passes import run_pass
     from .passes.split_stages import SplitStages
 
@@ -96,7 +96,7 @@ def compile_model(
                         footprint=footprint, layout=layout, allow_spill=allow_spill, analysis=analysis)
     if progress:
         progress(f"plan: {report.plan.devices_used} stage(s), groups {report.plan.groups}")
-    split = run_pass(SplitStages(report.plan.groups, target=target), analysis.mod)
+    split = run_pass(SplitStages(report.plan.groups, target=make_target(target, arch)), analysis.mod)
     names = analysis.imported.original_names
     plan_dict = report.to_dict()
     if fit_report is not None:

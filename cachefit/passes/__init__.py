@@ -10,7 +10,19 @@ from __future__ import annotations
 import functools
 import threading
 
+import tvm_ffi
+
+from .. import errors as _errors
 from ..errors import CachefitError
+
+# Errors raised inside a pass cross TVM's FFI; registered classes come back as themselves
+# (``keeps_errors``/``run_pass`` below also cover a class registered under another name).
+for _cls in vars(_errors).values():
+    if isinstance(_cls, type) and issubclass(_cls, CachefitError):
+        try:
+            tvm_ffi.register_error(_cls)
+        except Exception:  # already registered (e.g. by name) - keep the first registration
+            pass
 
 _pending = threading.local()
 

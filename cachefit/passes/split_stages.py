@@ -7,15 +7,10 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import tvm
-import tvm_ffi
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..errors import ModelError, PlanError
-
-# Errors raised inside transform_module cross TVM's FFI; registered classes come back as themselves.
-for _err in (PlanError, ModelError):
-    tvm_ffi.register_error(_err)
 
 __all__ = ["SplitStages", "stage_names", "multi_device_module", "sanitize_name"]
 
