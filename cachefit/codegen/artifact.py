@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -18,6 +17,7 @@ from tvm import relax
 from .. import __version__
 from ..errors import CachefitError, ModelError
 from ..passes.split_stages import _Rebind, stage_names
+from ..runtime.loader import sha256_file
 from ..runtime.weights import numpy_dtype, save_weights
 from . import cuda as cuda_tools
 
@@ -28,14 +28,6 @@ FORMAT_VERSION = 1
 TARGETS = ("llvm", "cuda")
 #: the VM function every stage library exports (``stages[i].function`` in the manifest)
 ENTRY = "main"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_target(target: str, arch: str = "sm_90a") -> tvm.target.Target:

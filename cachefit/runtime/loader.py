@@ -25,7 +25,8 @@ FORMAT = "cachefit-artifact"
 SUPPORTED_VERSION = 1
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (the artifact's checksums)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -102,7 +103,7 @@ def verify_files(artifact_dir: str | Path, manifest: dict) -> None:
             if not path.is_file():
                 raise ArtifactError(f"{path} is missing (stage {st['index']}'s {key}); the artifact is incomplete: "
                                     "recompile or copy the whole directory")
-            digest = _sha256(path)
+            digest = sha256_file(path)
             if digest != entry["sha256"]:
                 raise ArtifactError(
                     f"{path} does not match its checksum in manifest.json (sha256 {digest[:16]}..., expected "
