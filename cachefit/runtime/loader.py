@@ -76,7 +76,7 @@ def _check_chain(manifest: dict) -> None:
     if _sig(stages[0]["inputs"]) != _sig(manifest["inputs"]):
         raise ArtifactError("manifest.json: stage 0's inputs are not the model inputs")
     if _sig(stages[-1]["outputs"]) != _sig(manifest["outputs"]):
-        raise ArtifactError(f"manifest.json: the last stage's outputs are not the model outputs")
+        raise ArtifactError("manifest.json: the last stage's outputs are not the model outputs")
     for i in range(len(stages) - 1):
         if _sig(stages[i]["outputs"]) != _sig(stages[i + 1]["inputs"]):
             raise ArtifactError(f"manifest.json: stage {i + 1}'s inputs are not stage {i}'s outputs "
