@@ -345,16 +345,22 @@ def test_conv2d_im2col_matches_onnxruntime(cin, cout, size, kernel, stride, pad,
     assert _rel_err(got, want) < RTOL
 
 
-def test_conv2d_is_a_scheduled_gemm():
-    """The convolution becomes one kernel whose GEMM block is tiled by the matmul rule."""
-    mod = rx_onnx.from_onnx(_conv_model(16, 32, 14, 3, 1, 1, 1, True), keep_params_in_input=True)
+@pytest.mark.parametrize("stride,kind,blocks", [
+    (1, "conv2d_direct", ("cachefit_dconv_gemm_update", "cachefit_dconv_pad")),
+    (2, "conv2d_im2col", ("cachefit_conv_gemm_update", "cachefit_im2col")),
+])
+def test_conv2d_is_a_scheduled_gemm(stride, kind, blocks):
+    """A stride-1 convolution becomes an implicit GEMM over the padded input (no column matrix),
+    a strided one im2col + GEMM; either way one kernel whose GEMM block the matmul rule tiles."""
+    mod = rx_onnx.from_onnx(_conv_model(16, 32, 14, 3, stride, 1, 1, True), keep_params_in_input=True)
     mod, _ = relax.frontend.detach_params(mod)
     low = _scheduled(mod)
-    convs = [f for g, f in low.functions_items() if "conv2d_im2col" in g.name_hint]
+    convs = [f for g, f in low.functions_items() if kind in g.name_hint]
     assert len(convs) == 1
     text = convs[0].script()
-    assert "cachefit_conv_gemm_update" in text and "cachefit_im2col" in text
-    assert tirx.ForKind.VECTORIZED in _loop_kinds(convs[0])
+    assert all(b in text for b in blocks)
+    kinds = _loop_kinds(convs[0])
+    assert tirx.ForKind.VECTORIZED in kinds and tirx.ForKind.UNROLLED in kinds
 
 
 def test_grouped_conv_falls_back_to_topi():

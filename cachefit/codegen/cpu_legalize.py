@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 import tvm
+import tvm_ffi
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -130,8 +131,71 @@ def conv2d_im2col_func(
     return tvm.script.from_source("\n".join(lines) + "\n")
 
 
+def conv2d_direct_func(
+    n: int, ci: int, h: int, w: int, co: int, kh: int, kw: int,
+    padding, dilation, dtype: str, out_dtype: str, lanes: int,
+) -> tirx.PrimFunc:
+    """A stride-1 conv2d as an implicit GEMM over the zero-padded input, no column matrix.
+
+    The padded input of each channel is stored flat (rows of ``Wp = W + pl + pr``); output pixel
+    ``(y, x)`` becomes column ``q = y * Wp + x`` and filter tap ``(ry, rx)`` reads
+    ``flat[c, q + ry * dh * Wp + rx * dw]``: a contiguous vector for consecutive columns. The
+    ``Wp - OW`` columns past each output row are computed and dropped (``cachefit_dconv_crop``),
+    a few percent of the work, against the ``KH * KW``-fold copy an im2col matrix costs.
+    """
+    pt, pl, pb, pr = padding
+    dh, dw = dilation
+    hp, wp = h + pt + pb, w + pl + pr
+    oh = hp - dh * (kh - 1)
+    ow = wp - dw * (kw - 1)
+    q = oh * wp
+    qq = padded_columns(q, lanes)
+    reach = qq + (kh - 1) * dh * wp + (kw - 1) * dw     # one past the last element a column reads
+    rows = -(-reach // wp)
+
+    def i64(x: int) -> str:
+        return f"T.int64({int(x)})"
+
+    acc = "T.Cast(\"{0}\", {1})" if dtype != out_dtype else "{1}"
+    lines = [
+        "# from tvm.script import tirx as T",
+        "@T.prim_func(private=True, s_tir=True)",
+        f"def conv2d_direct(data: T.Buffer(({i64(n)}, {i64(ci)}, {i64(h)}, {i64(w)}), \"{dtype}\"), "
+        f"weight: T.Buffer(({i64(co)}, {i64(ci)}, {i64(kh)}, {i64(kw)}), \"{dtype}\"), "
+        f"out: T.Buffer(({i64(n)}, {i64(co)}, {i64(oh)}, {i64(ow)}), \"{out_dtype}\")):",
+        "    T.func_attr({\"op_pattern\": 4, \"tirx.noalias\": True})",
+        f"    flat = T.sblock_alloc_buffer(({i64(n)}, {i64(ci)}, {i64(rows * wp)}), \"{dtype}\")",
+        f"    gemm = T.sblock_alloc_buffer(({i64(n)}, {i64(co)}, {i64(qq)}), \"{out_dtype}\")",
+        # one block writes every element (TVM's stage-pipeline analysis wants one producer per
+        # consumed region); the clamped indices keep the loads in bounds where the select
+        # discards them
+        f"    for b, c, y, x in T.grid({i64(n)}, {i64(ci)}, {i64(rows)}, {i64(wp)}):",
+        "        with T.sblock(\"cachefit_dconv_pad\"):",
+        "            vb, vc, vy, vx = T.axis.remap(\"SSSS\", [b, c, y, x])",
+        f"            flat[vb, vc, vy * {i64(wp)} + vx] = T.if_then_else("
+        f"{i64(pt)} <= vy and vy < {i64(pt + h)} and {i64(pl)} <= vx and vx < {i64(pl + w)}, "
+        f"data[vb, vc, T.max(T.min(vy - {i64(pt)}, {i64(h - 1)}), {i64(0)}), "
+        f"T.max(T.min(vx - {i64(pl)}, {i64(w - 1)}), {i64(0)})], T.{dtype}(0))",
+        f"    for b, o, j, c, ry, rx in T.grid({i64(n)}, {i64(co)}, {i64(qq)}, {i64(ci)}, {i64(kh)}, {i64(kw)}):",
+        "        with T.sblock(\"cachefit_dconv_gemm\"):",
+        "            vb, vo, vj, vc, vry, vrx = T.axis.remap(\"SSSRRR\", [b, o, j, c, ry, rx])",
+        "            with T.init():",
+        f"                gemm[vb, vo, vj] = T.{out_dtype}(0)",
+        "            gemm[vb, vo, vj] = gemm[vb, vo, vj] + "
+        + acc.format(out_dtype, "weight[vo, vc, vry, vrx]")
+        + " * "
+        + acc.format(out_dtype, f"flat[vb, vc, vj + vry * {i64(dh * wp)} + vrx * {i64(dw)}]"),
+        f"    for b, o, y, x in T.grid({i64(n)}, {i64(co)}, {i64(oh)}, {i64(ow)}):",
+        "        with T.sblock(\"cachefit_dconv_crop\"):",
+        "            vb, vo, vy, vx = T.axis.remap(\"SSSS\", [b, o, y, x])",
+        f"            out[vb, vo, vy, vx] = gemm[vb, vo, vy * {i64(wp)} + vx]",
+    ]
+    return tvm.script.from_source("\n".join(lines) + "\n")
+
+
 def make_conv2d_legalizer(lanes: int):
-    """A ``LegalizeOps`` entry for ``relax.nn.conv2d`` that emits :func:`conv2d_im2col_func`."""
+    """A ``LegalizeOps`` entry for ``relax.nn.conv2d``: :func:`conv2d_direct_func` for stride 1,
+    :func:`conv2d_im2col_func` otherwise, TOPI's loop nest for grouped or non-NCHW convolutions."""
 
     def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
         attrs = call.attrs
@@ -151,12 +215,17 @@ def make_conv2d_legalizer(lanes: int):
             return _default_legalize(bb, call)
         n, ci, h, w = dshape
         co, _, kh, kw = wshape
-        func = conv2d_im2col_func(
-            n, ci, h, w, co, kh, kw,
-            [int(s) for s in attrs.strides], [int(p) for p in attrs.padding],
-            [int(d) for d in attrs.dilation], str(data.ty.dtype), out_dtype, lanes,
-        )
-        gv = bb.add_func(func, "conv2d_im2col")
+        strides = [int(s) for s in attrs.strides]
+        padding = [int(p) for p in attrs.padding]
+        dilation = [int(d) for d in attrs.dilation]
+        if strides == [1, 1]:
+            func = conv2d_direct_func(n, ci, h, w, co, kh, kw, padding, dilation,
+                                      str(data.ty.dtype), out_dtype, lanes)
+            gv = bb.add_func(func, "conv2d_direct")
+        else:
+            func = conv2d_im2col_func(n, ci, h, w, co, kh, kw, strides, padding, dilation,
+                                      str(data.ty.dtype), out_dtype, lanes)
+            gv = bb.add_func(func, "conv2d_im2col")
         return relax.call_tir(gv, [data, weight], call.ty)
 
     return legalize
@@ -297,3 +366,198 @@ def _count_uses(func: relax.Function) -> dict:
 
     relax.analysis.post_order_visit(func.body, visit)
     return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch norm as one multiply-add, and parameter math kept out of the kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@tvm.transform.module_pass(opt_level=0, name="FoldBatchNormScale")
+class FoldBatchNormScale:
+    """Inference batch norm as ``x * scale + shift``, ``scale = gamma / sqrt(var + eps)``,
+    ``shift = beta - mean * scale`` (per channel, from the parameters).
+
+    TVM's ``DecomposeOpsForInference`` writes ``(x - mean) / sqrt(var + eps) * gamma + beta``,
+    which fusion turns into a square root and a division per output element of the convolution
+    epilogue; here each element costs one multiply-add and the per-channel terms are computed once
+    per call (see :class:`IsolateParamMath`). Runs before ``LegalizeOps``.
+    """
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mutator_ = _BatchNormMutator(mod.clone())
+        for gv, func in mutator_.mod_.functions_items():
+            if isinstance(func, relax.Function):
+                mutator_.builder_.update_func(gv, mutator_.visit_expr(func))
+        return relax.transform.CanonicalizeBindings()(mutator_.builder_.get())
+
+
+@mutator
+class _BatchNormMutator(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.mod_ = mod
+        self._bn = tvm.ir.Op.get("relax.nn.batch_norm")
+
+    def visit_call_(self, call: relax.Call):  # pylint: disable=arguments-renamed
+        call = super().visit_call_(call)
+        if not call.op.same_as(self._bn) or bool(call.attrs.training):
+            return call
+        x, gamma, beta, mean, var = call.args
+        xt = x.ty
+        if xt.shape is None or xt.ndim is None or int(xt.ndim) < 1 or str(xt.dtype) not in ("float32", "float64", "float16"):
+            return call
+        ndim = int(xt.ndim)
+        axis = int(call.attrs.axis) % ndim
+        dtype = str(xt.dtype)
+        channels = xt.shape[axis]
+        bshape = [1] * ndim
+        bshape[axis] = channels
+        eps = relax.const(float(call.attrs.epsilon), dtype)
+        scale = self.builder_.emit(relax.op.rsqrt(relax.op.add(var, eps)))
+        if bool(call.attrs.scale):
+            scale = self.builder_.emit(relax.op.multiply(gamma, scale))
+        shift = self.builder_.emit(relax.op.negative(relax.op.multiply(mean, scale)))
+        if bool(call.attrs.center):
+            shift = self.builder_.emit(relax.op.add(beta, shift))
+        y = relax.op.add(
+            relax.op.multiply(x, relax.op.reshape(scale, bshape)),
+            relax.op.reshape(shift, bshape),
+        )
+        return relax.Tuple([self.builder_.emit(y), mean, var])
+
+
+@tvm.transform.module_pass(opt_level=0, name="IsolateParamMath")
+class IsolateParamMath:
+    """Mark kernels that compute from parameters only (per-channel batch-norm terms, bias
+    reshapes) opaque, so that ``FuseOps`` keeps them out of the element-wise epilogues.
+
+    Fused into an epilogue they would be recomputed for every output element (a square root per
+    pixel); as kernels of their own they run once per call on a few thousand elements. Weight
+    transforms feeding a matmul were already grouped with it by :class:`FuseWeightPrologue`.
+    Runs after ``AnnotateTIROpPattern``, before ``FuseOps``; PrimFuncs shared with other calls
+    are copied, not changed.
+    """
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        call_tir = tvm.ir.Op.get("relax.call_tir")
+        bb = relax.BlockBuilder(mod.clone())
+        opaque_of: dict = {}
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function) or (func.attrs and "Primitive" in func.attrs):
+                continue
+            params = set(func.params)
+            param_only: set = set()
+            bindings = []
+            for block in getattr(func.body, "blocks", []):
+                bindings.extend(b for b in block.bindings if isinstance(b, relax.VarBinding))
+            remap = {}
+            for b in bindings:
+                v = b.value
+                if not (isinstance(v, relax.Call) and v.op.same_as(call_tir)):
+                    continue
+                args = list(v.args[1].fields) if isinstance(v.args[1], relax.Tuple) else []
+                if not args or not all(isinstance(a, tvm.ir.Constant) or a in params or a in param_only
+                                       for a in args):
+                    continue
+                pat = _op_pattern(mod, v.args[0])
+                if pat is None or pat > _INJECTIVE_MAX:
+                    continue
+                param_only.add(b.var)
+                g = v.args[0]
+                if g not in opaque_of:
+                    opaque_of[g] = bb.add_func(mod[g].with_attr("op_pattern", 8), g.name_hint + "_param")
+                remap[b.var] = opaque_of[g]
+            if remap:
+                updates[gv] = _retarget_calls(func, remap, call_tir)
+        for gv, func in updates.items():
+            bb.update_func(gv, func)
+        return bb.get()
+
+
+def _retarget_calls(func: relax.Function, remap: dict, call_tir) -> relax.Function:
+    """``func`` with the call_tir bound to each var of ``remap`` calling ``remap[var]`` instead."""
+
+    @mutator
+    class _Retarget(PyExprMutator):
+        def visit_var_binding_(self, binding):  # pylint: disable=arguments-renamed
+            if binding.var in remap and isinstance(binding.value, relax.Call):
+                v = binding.value
+                new = self.builder_.normalize(relax.call_tir(remap[binding.var], list(v.args[1].fields), v.ty))
+                self.builder_.emit_normalized(relax.VarBinding(binding.var, new))
+                return
+            super().visit_var_binding_(binding)
+
+    return _Retarget().visit_expr(func)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX Sum: stack + reduce -> adds
+# ---------------------------------------------------------------------------------------------
+
+
+@tvm.transform.module_pass(opt_level=0, name="SumOfStackToAdd")
+class SumOfStackToAdd:
+    """``sum(stack([a, b, ...], axis=k), axis=[k])`` (TVM's import of ONNX ``Sum``) as ``a + b + ...``.
+
+    The stacked form is a reduction, which ``FuseOps`` does not fuse into the producing
+    convolution's epilogue: a ResNet's residual additions would each cost two extra passes over
+    memory (the stacked copy, then the sum). ``broadcast_to`` operands whose shape is already the
+    target shape are dropped. Runs before ``LegalizeOps``.
+    """
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        m = _SumStackMutator(mod.clone())
+        for gv, func in m.mod_.functions_items():
+            if isinstance(func, relax.Function):
+                m.builder_.update_func(gv, m.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(m.builder_.get())
+
+
+@mutator
+class _SumStackMutator(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.mod_ = mod
+        self._sum = tvm.ir.Op.get("relax.sum")
+        self._stack = tvm.ir.Op.get("relax.stack")
+        self._bcast = tvm.ir.Op.get("relax.broadcast_to")
+
+    def _value(self, expr):
+        if isinstance(expr, relax.Var):
+            bound = self.lookup_binding(expr)
+            return bound if bound is not None else expr
+        return expr
+
+    def visit_call_(self, call: relax.Call):  # pylint: disable=arguments-renamed
+        call = super().visit_call_(call)
+        if not call.op.same_as(self._sum) or call.attrs.axis is None or bool(call.attrs.keepdims):
+            return call
+        axes = [int(a) for a in call.attrs.axis]
+        stacked = self._value(call.args[0])
+        if not (isinstance(stacked, relax.Call) and stacked.op.same_as(self._stack)):
+            return call
+        ndim = int(call.args[0].ty.ndim)
+        if len(axes) != 1 or axes[0] % ndim != int(stacked.attrs.axis) % ndim:
+            return call
+        fields = self._value(stacked.args[0])
+        fields = list(fields.fields) if isinstance(fields, relax.Tuple) else None
+        if not fields:
+            return call
+        target = call.ty
+        ops = []
+        for f in fields:
+            v = self._value(f)
+            if (isinstance(v, relax.Call) and v.op.same_as(self._bcast)
+                    and tvm_ffi.structural_equal(v.args[0].ty, target)):
+                ops.append(v.args[0])
+            else:
+                ops.append(f)
+        out = ops[0]
+        for o in ops[1:]:
+            out = self.builder_.emit(relax.op.add(out, o))
+        out = self.builder_.normalize(out)
+        if not tvm_ffi.structural_equal(out.ty, target):
+            out = relax.op.broadcast_to(out, target.shape)
+        return out

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
+import tvm.sym
 import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
@@ -191,6 +192,26 @@ def _loop_binding(sch: s_tir.Schedule, block, iter_index: int):
     return None
 
 
+def _reads_elementwise(sch: s_tir.Schedule, block, buffer) -> bool:
+    """Whether ``block`` reads ``buffer`` only at ``[v0, v1, ...]``, its own iter vars in order.
+
+    Only then may it be moved under a tile of the producer with ``reverse_compute_at``: with
+    index arithmetic (a reshape fused into the epilogue) TVM relaxes the consumed region to a
+    bounding box and computes elements whose inputs are not produced yet.
+    """
+    blk = sch.get(block)
+    ivars = [iv.var for iv in blk.iter_vars]
+    loads = [ld for ld in _loads(blk.body) if ld.source.same_as(buffer)]
+    if not loads:
+        return False
+    for ld in loads:
+        if len(ld.indices) != len(ivars):
+            return False
+        if not all(isinstance(ix, tirx.Var) and ix.same_as(v) for ix, v in zip(ld.indices, ivars)):
+            return False
+    return True
+
+
 def _split_vec(sch: s_tir.Schedule, loop, lanes: int):
     """Vectorise ``loop`` (splitting off ``lanes`` when longer); returns the vectorised loop."""
     ext = _extent(sch, loop)
@@ -310,6 +331,16 @@ def gemm_form(sch: s_tir.Schedule, block) -> GemmForm | None:
     def only_last(ld, v) -> bool:
         return last_is(ld, v) and not any(v in _vars(ix) for ix in ld.indices[:-1])
 
+    def unit_last(ld, v) -> bool:
+        """``v`` only in the last index, as ``v + (terms without v)``: contiguous along ``v``."""
+        if not ld.indices or any(v in _vars(ix) for ix in ld.indices[:-1]):
+            return False
+        last = ld.indices[-1]
+        if v not in _vars(last):
+            return False
+        coef = tvm.sym.detect_linear_equation(last, [v])
+        return len(coef) == 2 and _int(coef[0]) == 1 and v not in _vars(coef[1])
+
     dtype = str(store.buffer.dtype)
     i = out_pos[-2] if len(out_pos) >= 2 else None
     batch = [p for p in out_pos if p not in (i, j)]
@@ -322,7 +353,7 @@ def gemm_form(sch: s_tir.Schedule, block) -> GemmForm | None:
                 break
             mfuse.insert(0, p)
     batch = [p for p in batch if p not in mfuse]
-    if j_loads and all(only_last(ld, jv) for ld in j_loads):
+    if j_loads and all(unit_last(ld, jv) for ld in j_loads):
         return GemmForm("nn", batch, i, j, reduce_pos, extents, dtype,
                         _unique_buffers(ld.source for ld in j_loads), mfuse)
     if len(reduce_pos) == 1:
@@ -423,19 +454,45 @@ class GemmRule(dlight.ScheduleRule):
             except Exception:  # pylint: disable=broad-except
                 pass
         prologue_root, after = split_at_main()
-        # the conv GEMM writes padded columns: its epilogue (crop + element-wise) stays at the root
         conv = sch.get(main).name_hint.startswith(KEEP_PREFIX)
-        tile_epilogue = after[-1] if len(after) == 1 and not conv else None
+        # im2col columns are exactly the output pixels, and so are the direct conv's when no
+        # column is dropped (1x1 without padding): then the epilogue may run on the tile
+        if conv and len(after) == 1:
+            # the conv GEMM's columns are the flattened output pixels: with the epilogue's two
+            # pixel loops fused, it can run on the register tile too; if TVM cannot place it
+            # there, it runs at the root over the whole output
+            trial = sch.copy()
+            try:
+                epi = after[-1]
+                n_iter = len(trial.get(epi).iter_vars)
+                width = _int(trial.get(epi).iter_vars[-1].dom.extent)
+                # (.., oh, ow) -> (.., oh * OW + ow): one pixel axis, like the GEMM's columns
+                if n_iter == 4 and width:
+                    trial.transform_block_layout(epi, lambda a, b, c, d: (a, b, c * width + d))
+                elif n_iter == 3 and width:
+                    trial.transform_block_layout(epi, lambda a, c, d: (a, c * width + d))
+                if (_reads_elementwise(trial, epi, trial.get(main).writes[0].source)
+                        and self._finish(trial, main, form, loops, epi, [], prologue_root)):
+                    return trial
+            except Exception as err:  # pylint: disable=broad-except
+                log.debug("conv epilogue stays at the root: %s", err)
+            return sch if self._finish(sch, main, form, loops, None, after, prologue_root) else None
+        main_out = sch.get(main).writes[0].source
+        tile_epilogue = (after[-1] if len(after) == 1 and not conv
+                         and _reads_elementwise(sch, after[-1], main_out) else None)
         root_after = after if tile_epilogue is None else []
+        return sch if self._finish(sch, main, form, loops, tile_epilogue, root_after, prologue_root) else None
+
+    def _finish(self, sch, main, form, loops, tile_epilogue, root_after, prologue_root) -> bool:
         if form.kind == "nn":
             ok = self._nn(sch, main, form, loops, tile_epilogue)
         else:
             ok = self._nt(sch, main, form, loops, tile_epilogue)
         if not ok:
-            return None
-        for blk in prologue_root + root_after:
+            return False
+        for blk in list(prologue_root) + list(root_after):
             _schedule_injective(sch, blk, self.spec)
-        return sch
+        return True
 
     # -- outer product ----------------------------------------------------------------------
 
@@ -463,10 +520,10 @@ class GemmRule(dlight.ScheduleRule):
             mr, nr = _choose_nn_tile(m, n // lanes, spec.max_acc)
         n_panels = n // (nr * lanes)
         m_tiles = m // mr
-        li, lk, batch_loops = self._canonical_loops(sch, form, loops)
+        li, lks, batch_loops = self._canonical_loops(sch, form, loops)
 
-        if streaming:
-            return self._nn_streaming(sch, main, li, loops[form.j], lk, batch_loops, mr, nr, lanes, kk,
+        if streaming and len(lks) == 1:
+            return self._nn_streaming(sch, main, li, loops[form.j], lks[0], batch_loops, mr, nr, lanes, kk,
                                       threads, n_panels, epilogue)
 
         # pack B panels when they are reused by enough row tiles
@@ -484,14 +541,14 @@ class GemmRule(dlight.ScheduleRule):
         if li is not None:
             if row_block:
                 io_o, io, ii = sch.split(li, [None, mc_tiles, mr])
-                order = batch_loops + [io_o, jo, io, lk, ii, jn, jv]
+                order = batch_loops + [io_o, jo, io, *lks, ii, jn, jv]
             else:
                 io_o = None
                 io, ii = sch.split(li, [None, mr])
-                order = batch_loops + [jo, io, lk, ii, jn, jv]
+                order = batch_loops + [jo, io, *lks, ii, jn, jv]
         else:
             io_o = io = ii = None
-            order = batch_loops + [jo, lk, jn, jv]
+            order = batch_loops + [jo, *lks, jn, jv]
         sch.reorder(*order)
         tile_loop = io if io is not None else jo
 
@@ -519,7 +576,7 @@ class GemmRule(dlight.ScheduleRule):
             else:
                 outer = batch_loops + [jo, io]
             _parallel_prefix(sch, outer, threads, work)
-        sch.decompose_reduction(main, lk)
+        sch.decompose_reduction(main, lks[0])
         return True
 
     def _canonical_loops(self, sch, form: GemmForm, loops):
@@ -531,12 +588,11 @@ class GemmRule(dlight.ScheduleRule):
             spatial = batch_loops + [loops[p] for p in form.mfuse] + [li, loops[form.j]]
             sch.reorder(*spatial)
             li = sch.fuse(*[loops[p] for p in form.mfuse], li)
-        if len(form.k) > 1:
-            lk = sch.fuse(*[loops[p] for p in form.k])
-        else:
-            lk = loops[form.k[0]]
+        # several reduction loops stay nested (a conv's channel / tap loops): fusing them would
+        # put a division and a modulo into every address of the inner loop
+        lks = [loops[p] for p in form.k]
         del ext
-        return li, lk, batch_loops
+        return li, lks, batch_loops
 
     @staticmethod
     def _pack(sch, main, form: GemmForm, at_loop, lanes: int) -> None:
@@ -604,8 +660,9 @@ class GemmRule(dlight.ScheduleRule):
         work = _prod(ext)
         threads = spec.threads if work >= _PARALLEL_MIN_WORK else 1
         batch_ext = _prod([ext[p] for p in form.batch])
-        li, lk, batch_loops = self._canonical_loops(sch, form, loops)
+        li, lks, batch_loops = self._canonical_loops(sch, form, loops)
         del li, batch_loops
+        lk = lks[0]
         n_dims = len(sch.get(main).body.indices)
         ko, kv = sch.split(lk, [None, lanes])
         rf = sch.rfactor(kv, factor_axis=n_dims)
@@ -744,6 +801,16 @@ class ReductionRule(dlight.ScheduleRule):
             if n_lead == 0:
                 return None
             lead = n_lead if lead is None else min(lead, n_lead)
+        # the blocks must agree on the rows (dlight's normalisation drops unit axes, so a
+        # [1, n] softmax would otherwise take its n columns for rows)
+        row_exts = set()
+        for bi in infos:
+            doms = [_int(it.dom) for it in bi.iters[:lead]]
+            if None in doms:
+                return None
+            row_exts.add(_prod(doms))
+        if len(row_exts) != 1:
+            return None
         last = infos[-1].block_rv
         dtype = str(sch.get(last).writes[0].source.dtype) if sch.get(last).writes else "float32"
         lanes = self.spec.lanes(dtype)

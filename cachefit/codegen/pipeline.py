@@ -24,7 +24,13 @@ from tvm import relax
 
 from ..errors import CachefitError
 from .cpu_fastmath import VectorMath
-from .cpu_legalize import FuseWeightPrologue, make_conv2d_legalizer
+from .cpu_legalize import (
+    FoldBatchNormScale,
+    FuseWeightPrologue,
+    IsolateParamMath,
+    SumOfStackToAdd,
+    make_conv2d_legalizer,
+)
 from .cpu_schedule import CPUSpec, ScheduleCPU
 
 log = logging.getLogger(__name__)
@@ -90,8 +96,8 @@ def cpu_passes(target: tvm.target.Target, spec: CPUSpec, tuning_records: str | N
     return (
         # library dispatch (sampling, sort/scan): TVM's own
         cpu.library_dispatch_passes(target)
-        # inference-only decompositions: batch norm becomes element-wise ops that fuse into convs
-        + [relax.transform.DecomposeOpsForInference()]
+        # inference-only decompositions: batch norm becomes one multiply-add that fuses into convs
+        + [FoldBatchNormScale(), relax.transform.DecomposeOpsForInference(), SumOfStackToAdd()]
         # legalize, conv2d as im2col + GEMM
         + [
             relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": make_conv2d_legalizer(lanes)}),
@@ -104,6 +110,7 @@ def cpu_passes(target: tvm.target.Target, spec: CPUSpec, tuning_records: str | N
             relax.transform.DeadCodeElimination(),
             relax.transform.FuseTIR(),
             relax.transform.AnnotateTIROpPattern(),
+            IsolateParamMath(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
         ]
