@@ -445,3 +445,70 @@ def test_cuda_pipeline_builds_without_a_gpu():
     build succeeds (it fails on unscheduled TIR)."""
     ex = compile_relax(_matmul_module(8, 64, 64), tvm.target.Target({"kind": "cuda", "arch": "sm_80"}))
     assert ex is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# tuning records
+# ---------------------------------------------------------------------------------------------
+
+
+def _unrolled_extents(func) -> set:
+    ext = set()
+    tvm_ffi.structural_walk(
+        func.body,
+        (tirx.For, lambda f: ext.add(int(f.extent)) if f.kind == tirx.ForKind.UNROLLED else None),
+        order="post",
+    )
+    return ext
+
+
+def test_tuning_records_change_the_tile(tmp_path):
+    """A record for a kernel (keyed by its structural hash) replaces the default register tile;
+    kernels without a record keep the default; the numbers stay right."""
+    import json
+
+    from cachefit.codegen.cpu_schedule import workload_key
+    from cachefit.codegen.cpu_tuning import FORMAT, RECORDS_FILE, schedulable_module
+
+    mod = _matmul_module(8, 64, 64)
+    ready = schedulable_module(mod, LLVM, threads=1)
+    keys = [workload_key(f) for _, f in ready.functions_items() if isinstance(f, tirx.PrimFunc)]
+    assert len(keys) == 1
+    (tmp_path / RECORDS_FILE).write_text(json.dumps({
+        "format": FORMAT, "version": 1,
+        "records": {keys[0]: {"name": "mm", "config": {"mr": 2, "nr": 1, "pack": False, "stream": False}}},
+    }))
+    target = host_llvm_target(LLVM)
+    spec = CPUSpec.for_target(target, 1)
+    with target:
+        tuned = tvm.transform.Sequential(cpu_passes(target, spec, str(tmp_path)))(mod)
+        default = tvm.transform.Sequential(cpu_passes(target, spec))(mod)
+    f_tuned = [f for _, f in tuned.functions_items() if isinstance(f, tirx.PrimFunc)][0]
+    f_default = [f for _, f in default.functions_items() if isinstance(f, tirx.PrimFunc)][0]
+    assert _unrolled_extents(f_tuned) == {1, 2}  # 2 rows x 1 vector
+    assert _unrolled_extents(f_default) != {2}
+    rng = np.random.default_rng(1)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((8, 64), (64, 64), (64,)))
+    ex = compile_relax(mod, LLVM, threads=1, tuning_records=str(tmp_path))
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in (x, w, b)]).numpy()
+    assert _rel_err(got, np.maximum(x @ w + b, 0)) < RTOL
+
+
+def test_tune_relax_writes_records_compile_reads(tmp_path):
+    """tune_relax measures candidates for each matmul kernel and writes a records file that
+    compile_relax accepts; a file of another format is refused with a user error."""
+    import json
+
+    from cachefit.codegen.cpu_tuning import RECORDS_FILE, load_records, tune_relax
+
+    mod = _matmul_module(16, 128, 128)
+    tune_relax(mod, LLVM, tmp_path, max_trials=3, threads=1, min_gain=-1.0)
+    data = json.loads((tmp_path / RECORDS_FILE).read_text())
+    assert data["format"] == "cachefit-cpu-tuning" and len(data["records"]) == 1
+    rec = next(iter(data["records"].values()))
+    assert {"mr", "nr"} <= set(rec["config"]) and rec["best_ms"] > 0
+    assert load_records(tmp_path) == {k: v["config"] for k, v in data["records"].items()}
+    assert compile_relax(mod, LLVM, threads=1, tuning_records=str(tmp_path)) is not None
+    (tmp_path / RECORDS_FILE).write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CachefitError, match="not a cachefit tuning file"):
+        compile_relax(mod, LLVM, tuning_records=str(tmp_path))

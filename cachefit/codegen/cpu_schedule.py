@@ -409,15 +409,28 @@ def _choose_nt_tile(m: int, n: int, max_acc: int) -> tuple[int, int]:
     return best
 
 
-class GemmRule(dlight.ScheduleRule):
-    """Register-tiled, cache-blocked matmul with fused prologue and epilogue (see module doc)."""
+def workload_key(func: tirx.PrimFunc) -> str:
+    """Structural hash of an unscheduled PrimFunc: the key of its tuning record."""
+    return f"{tvm_ffi.structural_hash(func.without_attr('global_symbol')) & 0xFFFFFFFFFFFFFFFF:016x}"
 
-    def __init__(self, spec: CPUSpec):
+
+class GemmRule(dlight.ScheduleRule):
+    """Register-tiled, cache-blocked matmul with fused prologue and epilogue (see module doc).
+
+    records: workload key (:func:`workload_key`) -> tile configuration found by
+    :func:`cachefit.codegen.cpu_tuning.tune_relax` (``mr``, ``nr``, ``pack``, ``stream``); a
+    function without a record, or with one that does not fit it, gets the default heuristics.
+    """
+
+    def __init__(self, spec: CPUSpec, records: dict | None = None):
         self.spec = spec
+        self.records = dict(records or {})
+        self.config: dict = {}
 
     def apply(self, func, target, _tunable):  # pylint: disable=too-many-locals,too-many-branches
         if not isinstance(func, tirx.PrimFunc):
             return None
+        self.config = self.records.get(workload_key(func), {}) if self.records else {}
         sch = s_tir.Schedule(func)
         blocks = _root_blocks(sch)
         reductions = [b for b in blocks if _is_reduction(sch, b)]
@@ -514,10 +527,12 @@ class GemmRule(dlight.ScheduleRule):
         b_bytes = kk * n * elem
         # few rows and a weight that will come from L3 / DRAM: stream it row block by row block
         streaming = m <= 16 and b_bytes >= spec.l2_bytes // 4 and any(kk % kc == 0 for kc in (16, 8))
+        streaming = bool(self.config.get("stream", streaming)) and any(kk % kc == 0 for kc in (16, 8))
         if streaming:
             mr, nr = _choose_nn_tile(m, n // lanes, 16)
         else:
             mr, nr = _choose_nn_tile(m, n // lanes, spec.max_acc)
+        mr, nr = self._configured_tile(mr, nr, m, n // lanes)
         n_panels = n // (nr * lanes)
         m_tiles = m // mr
         li, lks, batch_loops = self._canonical_loops(sch, form, loops)
@@ -527,7 +542,7 @@ class GemmRule(dlight.ScheduleRule):
                                       threads, n_panels, epilogue)
 
         # pack B panels when they are reused by enough row tiles
-        pack = m_tiles >= 4 and bool(form.b_buffers)
+        pack = bool(self.config.get("pack", m_tiles >= 4)) and bool(form.b_buffers)
         # row blocking: A's rows of one block (mc x K) stay in half of L2
         mc_max = max(1, (spec.l2_bytes // 2) // max(1, kk * elem * mr))
         mc_tiles = max(d for d in range(1, min(mc_max, m_tiles) + 1) if m_tiles % d == 0)
@@ -578,6 +593,15 @@ class GemmRule(dlight.ScheduleRule):
             _parallel_prefix(sch, outer, threads, work)
         sch.decompose_reduction(main, lks[0])
         return True
+
+    def _configured_tile(self, mr: int, nr: int, m: int, nv: int) -> tuple[int, int]:
+        """The record's (mr, nr) when it divides the problem and fits the registers, else the default."""
+        cmr, cnr = int(self.config.get("mr", mr)), int(self.config.get("nr", nr))
+        if cmr >= 1 and cnr >= 1 and m % cmr == 0 and nv % cnr == 0 and cmr * cnr <= self.spec.max_acc:
+            return cmr, cnr
+        if self.config:
+            log.debug("tuning record tile %sx%s does not fit (m=%d, n=%d); default %dx%d", cmr, cnr, m, nv, mr, nr)
+        return mr, nr
 
     def _canonical_loops(self, sch, form: GemmForm, loops):
         """(row loop with the foldable batch dims fused in, one reduction loop, batch loops)."""
@@ -657,6 +681,7 @@ class GemmRule(dlight.ScheduleRule):
         m = form.m
         n = ext[form.j]
         mr, nr = _choose_nt_tile(m, n, spec.max_acc)
+        mr, nr = self._configured_tile(mr, nr, m, n)
         work = _prod(ext)
         threads = spec.threads if work >= _PARALLEL_MIN_WORK else 1
         batch_ext = _prod([ext[p] for p in form.batch])
@@ -904,9 +929,9 @@ class InjectiveRule(dlight.ScheduleRule):
 # ---------------------------------------------------------------------------------------------
 
 
-def default_rules(spec: CPUSpec) -> list:
-    """cachefit's CPU rules in the order they are tried."""
-    return [GemmRule(spec), ReductionRule(spec), InjectiveRule(spec)]
+def default_rules(spec: CPUSpec, records: dict | None = None) -> list:
+    """cachefit's CPU rules in the order they are tried (``records``: see :class:`GemmRule`)."""
+    return [GemmRule(spec, records), ReductionRule(spec), InjectiveRule(spec)]
 
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleCPU")
@@ -914,15 +939,16 @@ class ScheduleCPU:
     """Schedule every unscheduled PrimFunc of a module with cachefit's CPU rules.
 
     spec: tile sizes and thread count (:meth:`CPUSpec.for_target` by default).
+    records: tuned matmul tiles by workload key (:mod:`cachefit.codegen.cpu_tuning`).
     A rule that fails on a function (an unexpected block structure) is skipped and the next is
     tried; a function no rule takes keeps its naive loops. Functions already marked
     ``tirx.is_scheduled`` (meta-schedule records) are left alone.
     """
 
-    def __init__(self, target: Target, spec: CPUSpec | None = None):
+    def __init__(self, target: Target, spec: CPUSpec | None = None, records: dict | None = None):
         self.target = target
         self.spec = spec or CPUSpec.for_target(target)
-        self.rules = default_rules(self.spec)
+        self.rules = default_rules(self.spec, records)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         updates = {}

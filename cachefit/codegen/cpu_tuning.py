@@ -1,24 +1,41 @@
-"""Optional meta-schedule tuning of the kernels cachefit compiles, and records ``compile`` reuses.
+"""Optional tuning of the CPU matmul / conv tiles, and the records ``compile`` reuses.
 
-The default schedules (:mod:`cachefit.codegen.cpu_schedule`) need no tuning. When a few more
-percent matter, :func:`tune_relax` runs TVM's meta-schedule search on exactly the PrimFuncs that
-:func:`cachefit.codegen.pipeline.compile_relax` would schedule (same legalization and fusion, so the
-workloads match), and writes a JSON database to ``work_dir``. Passing that directory as
-``tuning_records`` to ``compile_relax`` (the CLI's ``--tuning-records``, as in tvmc) applies the
-records to the functions they cover; every other function keeps the default rules.
+The default schedules (:mod:`cachefit.codegen.cpu_schedule`) need no tuning: tile sizes come from
+the SIMD width and the caches. :func:`tune_relax` measures, for every matmul-like kernel of a
+module, a handful of alternative register tiles and packing / streaming choices on this machine,
+and writes the winners (when they beat the default by a margin) to ``cachefit_tuning.json`` in a
+work directory. ``compile_relax(..., tuning_records=work_dir)`` (the CLI's ``--tuning-records``,
+as in tvmc) applies them; kernels without a record keep the default.
+
+Records are keyed by the structural hash of the unscheduled kernel (:func:`workload_key`), so they
+apply to the same layer shape in any model compiled through the same pipeline.
+
+Why not meta-schedule's JSON database: in the TVM 0.27 wheel, serialising a TIR module to JSON
+(``tvm.ir.save_json``, which ``JSONDatabase`` and meta-schedule's builder both use) crashes with a
+segmentation fault, so its tuning cannot run here. ``compile_relax`` still accepts a meta-schedule
+work directory (``database_workload.json`` + ``database_tuning_record.json``) written elsewhere.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
+import time
 from pathlib import Path
 
+import numpy as np
 import tvm
+from tvm import tirx
 
 from ..errors import CachefitError
-from .cpu_schedule import CPUSpec, ScheduleCPU
+from .cpu_schedule import CPUSpec, GemmRule, ScheduleCPU, gemm_form, workload_key
 
 log = logging.getLogger(__name__)
+
+RECORDS_FILE = "cachefit_tuning.json"
+FORMAT = "cachefit-cpu-tuning"
+VERSION = 1
 
 
 def schedulable_module(mod: tvm.IRModule, target: tvm.target.Target, threads: int | None = None) -> tvm.IRModule:
@@ -32,33 +49,82 @@ def schedulable_module(mod: tvm.IRModule, target: tvm.target.Target, threads: in
         return tvm.transform.Sequential(passes)(mod)
 
 
+def load_records(path: str | Path) -> dict:
+    """Workload key -> tile configuration, from a work directory or a records file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / RECORDS_FILE
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise CachefitError(
+            f"tuning records {str(path)!r} not found: expected {RECORDS_FILE} (written by "
+            "cachefit.codegen.cpu_tuning.tune_relax) or a meta-schedule database; omit "
+            "--tuning-records to compile with the default schedules"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise CachefitError(f"tuning records {str(p)!r} are unreadable ({err}); re-run the tuning") from err
+    if data.get("format") != FORMAT or int(data.get("version", 0)) > VERSION:
+        raise CachefitError(
+            f"{str(p)!r} is not a cachefit tuning file of version <= {VERSION} "
+            f"(format {data.get('format')!r}, version {data.get('version')!r}); re-run the tuning"
+        )
+    return {k: dict(v["config"]) for k, v in data.get("records", {}).items()}
+
+
+def _candidates(form, spec: CPUSpec) -> list[dict]:
+    """Tile configurations worth measuring for one matmul form: tiles that divide it, most
+    accumulators first."""
+    if form.kind == "nn":
+        lanes = spec.lanes(form.dtype)
+        while lanes > 1 and form.extents[form.j] % lanes:
+            lanes //= 2
+        nv = form.extents[form.j] // max(lanes, 1)
+    else:
+        nv = form.extents[form.j]
+    tiles = [(mr, nr) for mr, nr in itertools.product((1, 2, 3, 4, 5, 6, 7, 8, 12, 14, 16), (1, 2, 3, 4, 6, 7))
+             if 4 <= mr * nr <= spec.max_acc and form.m % mr == 0 and nv % nr == 0]
+    tiles.sort(key=lambda t: -t[0] * t[1])
+    out = [{"mr": mr, "nr": nr} for mr, nr in tiles]
+    if form.kind == "nn":
+        out = [dict(c, pack=p) for c in out for p in (True, False)]
+        if form.m <= 16:
+            out += [dict(c, stream=True) for c in out if not c["pack"]]
+    return out
+
+
+def _time_func(func: tirx.PrimFunc, target, repeat: int = 15) -> float:
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    rng = np.random.default_rng(0)
+    args = []
+    for p in func.params:
+        shape = [int(s) for s in p.shape]
+        dt = str(p.dtype)
+        args.append(tvm.runtime.tensor(rng.standard_normal(shape).astype(dt) if "float" in dt else np.zeros(shape, dt)))
+    probe = lib.mod.time_evaluator("main", tvm.cpu(), number=1, repeat=2)
+    est = max(min(probe(*args).results), 1e-7)
+    number = max(1, int(3e-4 / est))
+    return min(lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)(*args).results)
+
+
 def tune_relax(
     mod: tvm.IRModule,
     target: tvm.target.Target,
     work_dir: str | Path,
     *,
-    max_trials: int = 64,
-    threads: int | None = None,
+    threads: int | None = 1,
+    max_trials: int = 24,
+    min_gain: float = 0.03,
     op_names: list[str] | None = None,
 ) -> Path:
-    """Tune the kernels of ``mod`` for ``target`` with meta-schedule; returns the records directory.
+    """Measure tile alternatives for every matmul-like kernel of ``mod``; write the winners.
 
-    max_trials: measured candidates over all kernels (meta-schedule's ``max_trials_global``).
-    op_names:   tune only the kernels whose name contains one of these strings (all by default).
+    max_trials: candidates measured per kernel (the default configuration is always measured).
+    min_gain:   a candidate is recorded only when it is this much faster than the default.
+    op_names:   tune only the kernels whose name contains one of these strings.
+    Returns the records directory (existing records for other kernels are kept).
     """
-    import importlib.util  # pylint: disable=import-outside-toplevel
-
-    from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
-
     from .pipeline import host_llvm_target  # pylint: disable=import-outside-toplevel
-
-    if importlib.util.find_spec("psutil") is None:
-        raise CachefitError(
-            "meta-schedule tuning needs the psutil package: pip install psutil "
-            "(compiling without --tuning-records needs nothing extra)"
-        )
-    # the XGBoost cost model when it is installed, random search otherwise
-    cost_model = "xgb" if importlib.util.find_spec("xgboost") is not None else "random"
 
     if target.kind.name != "llvm":
         raise CachefitError(
@@ -66,24 +132,53 @@ def tune_relax(
             "(GPU kernels use dlight's default schedules)"
         )
     if max_trials < 1:
-        raise CachefitError(f"max_trials={max_trials}: tuning needs at least one trial")
+        raise CachefitError(f"max_trials={max_trials}: tuning needs at least one trial per kernel")
     target = host_llvm_target(target)
-    if target.attrs.get("num-cores") is None:
-        # meta-schedule requires the core count in the target
-        import os  # pylint: disable=import-outside-toplevel
-
-        cfg = {"kind": "llvm", "num-cores": int(threads or os.cpu_count() or 1)}
-        for key in ("mcpu", "mtriple", "mattr"):
-            if target.attrs.get(key) is not None:
-                cfg[key] = target.attrs[key]
-        target = tvm.target.Target(cfg)
+    spec = CPUSpec.for_target(target, threads)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    path = work / RECORDS_FILE
+    data = json.loads(path.read_text()) if path.exists() else {}
+    records = dict(data.get("records", {})) if data.get("format") == FORMAT else {}
     ready = schedulable_module(mod, target, threads)
-    log.info("tuning %s for %s into %s (%d trials)", [g.name_hint for g in ready.get_global_vars()][:8],
-             target, work, max_trials)
-    ms.relax_integration.tune_relax(
-        mod=ready, params={}, target=target, work_dir=str(work), max_trials_global=int(max_trials),
-        op_names=op_names, cost_model=cost_model,
-    )
+    for gv, func in ready.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        if op_names and not any(name in gv.name_hint for name in op_names):
+            continue
+        key = workload_key(func)
+        from tvm import s_tir  # pylint: disable=import-outside-toplevel
+
+        base = GemmRule(spec)
+        default = base.apply(func, target, False)
+        if default is None:
+            continue
+        sch = s_tir.Schedule(func)
+        main = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+                if any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(b).iter_vars)]
+        form = gemm_form(sch, main[0]) if len(main) == 1 else None
+        if form is None:
+            continue
+        t0 = time.perf_counter()
+        best_t = default_t = _time_func(default.mod["main"], target)
+        best_cfg = None
+        for cfg in _candidates(form, spec)[: max_trials]:
+            rule = GemmRule(spec, {key: cfg})
+            try:
+                cand = rule.apply(func, target, False)
+                if cand is None:
+                    continue
+                t = _time_func(cand.mod["main"], target)
+            except Exception as err:  # pylint: disable=broad-except
+                log.debug("candidate %s of %s failed: %s", cfg, gv.name_hint, err)
+                continue
+            if t < best_t:
+                best_t, best_cfg = t, cfg
+        log.info("%s: default %.3f ms, best %.3f ms %s (%.1f s)", gv.name_hint, default_t * 1e3,
+                 best_t * 1e3, best_cfg, time.perf_counter() - t0)
+        if best_cfg is not None and best_t < default_t * (1 - min_gain):
+            records[key] = {"name": gv.name_hint, "config": best_cfg,
+                            "default_ms": round(default_t * 1e3, 4), "best_ms": round(best_t * 1e3, 4)}
+    path.write_text(json.dumps({"format": FORMAT, "version": VERSION, "target": str(target),
+                                "threads": spec.threads, "records": records}, indent=1))
     return work

@@ -7,8 +7,9 @@ kernel (a 512^3 matmul at ~2 GFLOP/s), and its CUDA pipeline is only legal with 
   (:mod:`cachefit.codegen.cpu_legalize`), weight prologues (transpose, dequantize) fused into their
   matmul, the usual operator fusion, then cachefit's CPU schedules
   (:mod:`cachefit.codegen.cpu_schedule`) tiled for this machine's caches and SIMD width, parallel
-  when the stage owns several threads. Meta-schedule records (``tuning_records``) take precedence
-  for the functions they cover; the rest keeps the default rules, so a compile never needs tuning.
+  when the stage owns several threads. Tuning records (``tuning_records``: cachefit's tile records
+  or a meta-schedule database) apply to the kernels they cover; the rest keeps the default rules,
+  so a compile never needs tuning.
 - ``cuda`` targets: TVM's CUDA pipeline with dlight's GPU rules (Matmul, GEMV, Reduction,
   GeneralReduction, Fallback) under ``with target``; tuning records are applied first when given.
 """
@@ -73,19 +74,16 @@ def _as_target(target) -> tvm.target.Target:
     )
 
 
-def _apply_records(tuning_records: str | None) -> list:
-    """``MetaScheduleApplyDatabase`` over a tuning work directory, or nothing."""
+def _records(tuning_records: str | None) -> tuple[dict, list]:
+    """(cachefit tile records, meta-schedule passes) for a ``--tuning-records`` path."""
     if tuning_records is None:
-        return []
+        return {}, []
     path = Path(tuning_records)
-    if not (path / "database_workload.json").exists() or not (path / "database_tuning_record.json").exists():
-        raise CachefitError(
-            f"tuning records {str(path)!r} are not a meta-schedule database: expected "
-            "database_workload.json and database_tuning_record.json in that directory "
-            "(written by cachefit.codegen.cpu_tuning.tune_relax); omit --tuning-records to compile "
-            "with the default schedules"
-        )
-    return [relax.transform.MetaScheduleApplyDatabase(str(path))]
+    if path.is_dir() and (path / "database_workload.json").exists() and (path / "database_tuning_record.json").exists():
+        return {}, [relax.transform.MetaScheduleApplyDatabase(str(path))]
+    from .cpu_tuning import load_records  # pylint: disable=import-outside-toplevel
+
+    return load_records(path), []
 
 
 def cpu_passes(target: tvm.target.Target, spec: CPUSpec, tuning_records: str | None = None) -> list:
@@ -93,6 +91,7 @@ def cpu_passes(target: tvm.target.Target, spec: CPUSpec, tuning_records: str | N
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # pylint: disable=import-outside-toplevel
 
     lanes = spec.lanes("float32")
+    records, ms_passes = _records(tuning_records)
     return (
         # library dispatch (sampling, sort/scan): TVM's own
         cpu.library_dispatch_passes(target)
@@ -116,9 +115,10 @@ def cpu_passes(target: tvm.target.Target, spec: CPUSpec, tuning_records: str | N
         ]
         # vectorisable exp / erf / tanh / sigmoid (libm calls are scalar)
         + [VectorMath()]
-        # schedules: tuned records first, cachefit's rules for the rest
-        + _apply_records(tuning_records)
-        + [ScheduleCPU(target, spec)]
+        # schedules: meta-schedule records first when given, cachefit's rules (with their tuned
+        # tiles) for the rest
+        + ms_passes
+        + [ScheduleCPU(target, spec, records)]
     )
 
 
@@ -152,7 +152,7 @@ def cuda_pipeline(target: tvm.target.Target, tuning_records: str | None = None):
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
     ]
-    schedule = _apply_records(tuning_records) + [
+    schedule = _records(tuning_records)[1] + [
         dl.ApplyDefaultSchedule(
             dl.gpu.Matmul(),
             dl.gpu.GEMV(),
@@ -186,9 +186,10 @@ def compile_relax(
     threads:        cores the compiled stage will run on (llvm only). ``1`` emits no parallel loops;
                     ``None`` means every core of this machine. Set ``TVM_NUM_THREADS`` to the same
                     number when running the module.
-    tuning_records: a meta-schedule work directory (``database_workload.json`` +
-                    ``database_tuning_record.json``) whose records replace the default schedule of
-                    the functions they cover.
+    tuning_records: a work directory of :func:`cachefit.codegen.cpu_tuning.tune_relax`
+                    (``cachefit_tuning.json``: tuned matmul / conv tiles) or of meta-schedule
+                    (``database_workload.json`` + ``database_tuning_record.json``); records apply
+                    to the kernels they cover, every other kernel keeps the default schedule.
     """
     target = _as_target(target)
     kind = target.kind.name
