@@ -13,7 +13,8 @@ Three systems serve the same stream of requests (``requests`` requests of ``batc
 Each system is measured ``rounds`` times, interleaved, and its best round is reported (the machine may
 be shared; the median is kept in ``to_dict()``). Latency is measured twice: per request under load
 (the throughput run: requests queued behind each other) and one request at a time, each request one
-compiled batch (``single``: the batch-1 latency for an artifact compiled with batch 1).
+compiled batch (``single``: the batch-1 latency for an artifact compiled with batch 1); the single
+requests of the pipeline and of the unpartitioned model alternate, so both see the same machine.
 """
 
 from __future__ import annotations
@@ -499,15 +500,17 @@ def bench_artifact(
             say(f"round {rnd + 1}/{rounds}: onnxruntime")
             secs, lat_load, cpu = _time_sequential(ort_run, reqs, time.process_time)
             _keep(results["onnxruntime"], secs, lat_load, cpu, None)
-        # one request at a time, the systems interleaved request by request (same machine conditions)
+        # one request at a time: the pipeline and the unpartitioned model interleaved request by request
+        # (the same machine conditions for both); onnxruntime after them (its idle threads spin for a
+        # while after each run, which would slow the request that follows)
         say(f"round {rnd + 1}/{rounds}: single-request latency")
         single_lat: dict[str, list[float]] = {key: [] for key in results}
         for q in single_reqs:
             single_lat["pipeline"].append(_timed(runner.run, q))
             if unpart is not None:
                 single_lat["unpartitioned"].append(base_thread.call(lambda: _timed(unpart, q)))
-            if ort_single is not None:
-                single_lat["onnxruntime"].append(_timed(ort_single, q))
+        if ort_single is not None:
+            single_lat["onnxruntime"] = [_timed(ort_single, q) for q in single_reqs]
         for key, lat in single_lat.items():
             r = results[key]
             if lat and (not r.single_latencies_s or percentile(lat, 50) < percentile(r.single_latencies_s, 50)):
