@@ -110,7 +110,8 @@ class PipelineStats:
         for s in self.stages:
             cores = ",".join(map(str, s.cores)) if s.cores else "-"
             lines.append(f"{s.name:10}{f'{s.layers[0]}..{s.layers[1]}':>10}{cores:>8}{s.micro_batches:>9}"
-                         f"{s.compute_s * 1e3:12.2f}{s.cpu_s * 1e3:10.2f}{s.transfer_s * 1e3:13.2f}{s.blocked_s * 1e3:12.2f}"
+                         f"{s.compute_s * 1e3:12.2f}{s.cpu_s * 1e3:10.2f}{s.transfer_s * 1e3:13.2f}"
+                         f"{s.blocked_s * 1e3:12.2f}"
                          f"{s.idle_s * 1e3:10.2f}{s.utilisation:7.0%}")
         lines.append(f"{self.requests} requests ({self.failed_requests} failed), {self.rows} rows in "
                      f"{self.window_s * 1e3:.2f} ms: {self.throughput_rows:.1f} rows/s; latency p50 "
