@@ -194,7 +194,7 @@ def _gemm_shape(func):
 def kernel_table(name: str, top: int = 8) -> dict:
     """Time each distinct PrimFunc of the model's single-thread build (one thread), with FLOP rates."""
     import tvm
-    from tvm import relax, tirx
+    from tvm import relax
 
     from cachefit.codegen.cpu_schedule import CPUSpec, ScheduleCPU
     from cachefit.codegen.pipeline import cpu_passes, host_llvm_target

@@ -23,13 +23,7 @@ import tvm.relax.frontend.onnx as rx_onnx
 from cachefit.codegen import cpu_refmodels as ref
 from cachefit.codegen.cpu_fastmath import VectorMath, fast_erf, fast_exp, fast_sigmoid, fast_tanh
 from cachefit.codegen.cpu_legalize import padded_columns
-from cachefit.codegen.cpu_schedule import (
-    CPUSpec,
-    GemmRule,
-    ScheduleCPU,
-    gemm_form,
-    target_vector_bits,
-)
+from cachefit.codegen.cpu_schedule import CPUSpec, gemm_form, target_vector_bits
 from cachefit.codegen.pipeline import compile_relax, cpu_passes, host_llvm_target
 from cachefit.errors import CachefitError
 

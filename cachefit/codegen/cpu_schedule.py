@@ -526,7 +526,7 @@ class GemmRule(dlight.ScheduleRule):
         threads = spec.threads if work >= _PARALLEL_MIN_WORK else 1
         b_bytes = kk * n * elem
         # few rows and a weight that will come from L3 / DRAM: stream it row block by row block
-        streaming = m <= 16 and b_bytes >= spec.l2_bytes // 4 and any(kk % kc == 0 for kc in (16, 8))
+        streaming = m <= 32 and b_bytes >= spec.l2_bytes // 4 and any(kk % kc == 0 for kc in (16, 8))
         streaming = bool(self.config.get("stream", streaming)) and any(kk % kc == 0 for kc in (16, 8))
         if streaming:
             mr, nr = _choose_nn_tile(m, n // lanes, 16)
