@@ -19,7 +19,6 @@ requests of the pipeline and of the unpartitioned model alternate, so both see t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import CachefitError, InputError
+from .runtime.loader import sha256_file
 from .runtime.timeline import PipelineStats, percentile
 
 logger = logging.getLogger(__name__)
@@ -165,14 +165,6 @@ def _ms(x: float) -> str:
 
 # --- the source model ------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def find_source_model(artifact_dir: str | Path, manifest: dict, model: str | Path | None = None) -> Path:
     """The ONNX file an artifact was compiled from: ``model`` when given, else a ``.onnx`` file in the
     artifact directory or next to it whose sha256 is the manifest's ``model.sha256``."""
@@ -182,7 +174,7 @@ def find_source_model(artifact_dir: str | Path, manifest: dict, model: str | Pat
         path = Path(model)
         if not path.is_file():
             raise CachefitError(f"--model {path} does not exist")
-        if want and _sha256(path) != want:
+        if want and sha256_file(path) != want:
             logger.warning("%s is not the model %s was compiled from (sha256 differs); benchmarking it anyway",
                            path, artifact_dir)
         return path
@@ -196,7 +188,7 @@ def find_source_model(artifact_dir: str | Path, manifest: dict, model: str | Pat
         candidates += sorted(folder.glob("*.onnx"))
     if want:
         for c in dict.fromkeys(candidates):
-            if c.is_file() and _sha256(c) == want:
+            if c.is_file() and sha256_file(c) == want:
                 return c
     raise CachefitError(
         f"cannot find the model {root} was compiled from (model {info.get('name')!r}, sha256 "
@@ -210,7 +202,7 @@ def compile_unpartitioned(model: Path, manifest: dict, out_dir: Path) -> Path:
     Reused when ``out_dir`` already holds it."""
     shapes = " ".join(f"{d['name']}:[{','.join(str(int(s)) for s in d['shape'])}]"
                       for d in manifest["stages"][0]["inputs"])
-    stamp = {"model_sha256": _sha256(model), "input_shapes": shapes, "threads": 1}
+    stamp = {"model_sha256": sha256_file(model), "input_shapes": shapes, "threads": 1}
     stamp_path = out_dir / "bench-baseline.json"
     if (out_dir / "manifest.json").is_file() and stamp_path.is_file():
         try:
