@@ -390,3 +390,28 @@ def test_cli_bench_needs_the_model(mlp, tmp_path):
     shutil.copytree(mlp[1], art)
     res = CliRunner().invoke(main, ["bench", str(art), "--requests", "2"])
     assert res.exit_code == 2 and "--model" in res.output
+
+
+def test_run_while_workers_are_running_goes_through_them(tmp_path_factory):
+    """``Pipeline.run`` during pipelined use must not call the stage VMs from a second thread: it
+    routes the request through the workers, and the answer equals the sequential one."""
+    import numpy as np
+
+    from cachefit.compiler import compile_model
+    from cachefit.models import export
+    from cachefit.runtime import load
+
+    d = tmp_path_factory.mktemp("run_while")
+    art = compile_model(export("mlp-tiny", d / "m.onnx", layers=2, hidden=64, batch=4), target="llvm",
+                        out_dir=d / "art", cache="1GB", strategy="balanced", devices=2).artifact_dir
+    pipe = load(art)
+    x = {"x": np.random.default_rng(0).standard_normal((4, 64)).astype("float32")}
+    want = pipe.run(x)["y"]
+    with pipe:
+        futures = [pipe.submit(x) for _ in range(8)]
+        got = pipe.run(x)["y"]
+        assert pipe._runner is not None and not pipe._runner.closed
+        rest = [f.result(timeout=60)["y"] for f in futures]
+    np.testing.assert_array_equal(got, want)
+    for r in rest:
+        np.testing.assert_array_equal(r, want)

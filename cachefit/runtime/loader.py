@@ -238,6 +238,11 @@ class Pipeline:
         """
         import tvm
 
+        runner = getattr(self, "_runner", None)
+        if runner is not None and not runner.closed:
+            # the stage workers own the stage VMs while they run: calling a VM from this thread
+            # at the same time would race with them, so the request goes through the workers
+            return runner.run(inputs)
         joined = self._run_micro_batches(inputs)
         if joined is not None:
             return joined
