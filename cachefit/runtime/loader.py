@@ -276,16 +276,19 @@ class Pipeline:
         if micro >= batch or batch % micro or not any(
                 n in inputs and np.shape(inputs[n])[:1] == (batch,) for n in split):
             return None
+        from .pipelined import join_rows, split_rows  # the pipelined runtime's splitting rules
+
+        names = list(inputs)
+        arrays = [np.asarray(inputs[n]) for n in names]
+        batched = [n in split and a.shape[:1] == (batch,) for n, a in zip(names, arrays)]
         results, times = [], None
-        for c in range(batch // micro):
-            part = {n: (np.asarray(a)[c * micro:(c + 1) * micro] if n in split and np.shape(a)[:1] == (batch,) else a)
-                    for n, a in inputs.items()}
-            results.append(self.run(part))
+        for piece in split_rows(arrays, batched, micro):
+            results.append(self.run(dict(zip(names, piece))))
             times = list(self.last_stage_seconds) if times is None else [t + u for t, u in zip(times, self.last_stage_seconds)]
         self.last_stage_seconds = times or []
-        return {d["name"]: (np.concatenate([r[d["name"]] for r in results], axis=0)
-                            if d["shape"] and d["shape"][0] == micro else results[0][d["name"]])
-                for d in self.outputs}
+        out_batched = [bool(d["shape"]) and d["shape"][0] == micro for d in self.outputs]
+        joined = join_rows([[r[d["name"]] for d in self.outputs] for r in results], out_batched)
+        return {d["name"]: a for d, a in zip(self.outputs, joined)}
 
 
 def _dev_key(d) -> tuple[int, int]:
