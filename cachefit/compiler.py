@@ -57,6 +57,9 @@ def compile_model(
     fit: str | None = None,
     max_prune: float = 0.5,
     micro_batch: int | str | None = None,
+    quantize_calibration=None,
+    quantize_int8_weights: Sequence[str] | None = None,
+    prune_heads: float = 0.0,
 ) -> CompileResult:
     """Compile an ONNX model into one library per device (see docs/artifact-format.md).
 
@@ -69,6 +72,9 @@ def compile_model(
     (INT8, INT4, pruning up to ``max_prune``, a smaller micro-batch), ``fit="none"`` only reports;
     ``micro_batch`` (``"auto"`` or N) compiles the stages for a smaller batch that the runtime
     splits the inputs into (``plan.micro_batch``). All left out: the model as it is.
+    ``quantize_calibration`` (N random batches or a list of input feeds; default data-free),
+    ``quantize_int8_weights`` (name patterns kept at INT8 under int4) and ``prune_heads`` (fraction
+    of attention heads) are passed to :func:`cachefit.fit.fit_model`.
     """
     from tvm import relax  # noqa: F401  (TVM is needed from here on)
 
@@ -87,11 +93,13 @@ def compile_model(
             "and estimated, not compiled. Export it with real weights to compile."
         )
     fit_report = None
-    if fit is not None or (quantize or "none") != "none" or prune or micro_batch is not None:
+    if fit is not None or (quantize or "none") != "none" or prune or prune_heads or micro_batch is not None:
+        fit_extra = dict(calibration=quantize_calibration, int8_weights=quantize_int8_weights, prune_heads=prune_heads)
         analysis, fit_report = _fit(analysis, cache=cache, hardware=hardware, fit=fit, quantize=quantize,
                                     group_size=group_size, prune=prune, max_prune=max_prune,
                                     micro_batch=micro_batch, footprint=footprint, layers=layers,
-                                    layer_boundaries=layer_boundaries, allow_spill=allow_spill, progress=progress)
+                                    layer_boundaries=layer_boundaries, allow_spill=allow_spill, progress=progress,
+                                    **fit_extra)
     report = plan_model(model, cache=cache, hardware=hardware, strategy=strategy, devices=devices,
                         footprint=footprint, layout=layout, allow_spill=allow_spill, analysis=analysis)
     if progress:
@@ -121,7 +129,7 @@ def compile_model(
 
 
 def _fit(analysis, *, cache, hardware, fit, quantize, group_size, prune, max_prune, micro_batch, footprint,
-         layers, layer_boundaries, allow_spill, progress):
+         layers, layer_boundaries, allow_spill, progress, **fit_extra):
     """--quantize/--prune/--fit/--micro-batch (cachefit.fit); refuses a model that still does not fit."""
     from .errors import PlanError
     from .fit import fit_model
@@ -130,7 +138,7 @@ def _fit(analysis, *, cache, hardware, fit, quantize, group_size, prune, max_pru
     cap, _hw = resolve_capacity(cache, hardware)
     new, fit_report = fit_model(analysis, cap, mode=fit or "none", quantize=quantize, group_size=group_size,
                                 prune=prune, max_prune=max_prune, micro_batch=micro_batch, footprint=footprint,
-                                layers=layers, layer_boundaries=layer_boundaries, progress=progress)
+                                layers=layers, layer_boundaries=layer_boundaries, progress=progress, **fit_extra)
     if progress:
         progress(fit_report.format_table())
     if fit == "auto" and not fit_report.fits and not allow_spill:
