@@ -24,7 +24,9 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
 
 from .errors import CachefitError
 from .partition.diagnose import diagnose
@@ -155,6 +157,8 @@ class FitReport:
     quantized: list = field(default_factory=list)
     pruned: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    calibration: int = 0           # input batches of the GPTQ calibration run (0: data-free)
+    int8_weights: list = field(default_factory=list)   # name patterns kept at INT8 under int4
 
     @property
     def fits(self) -> bool:
@@ -171,6 +175,7 @@ class FitReport:
             "group_size": self.group_size, "prune": self.prune, "max_prune": self.max_prune,
             "fits": self.fits, "layers": [l.to_dict() for l in self.layers],
             "quantized": list(self.quantized), "pruned": list(self.pruned), "notes": list(self.notes),
+            "calibration": self.calibration, "int8_weights": list(self.int8_weights),
         }
 
     def format_table(self) -> str:
@@ -178,6 +183,8 @@ class FitReport:
                 + (f", micro-batch {self.micro_batch}" if self.micro_batch != self.batch else "")
                 + (f", --quantize {self.quantize}" + (f" --group-size {self.group_size}" if self.group_size else "")
                    if self.quantize != "none" else "")
+                + (f", GPTQ calibrated on {self.calibration} batch(es)" if self.calibration else "")
+                + (f", INT8 kept for {', '.join(self.int8_weights)}" if self.int8_weights else "")
                 + (f", --prune {self.prune:g}" if self.prune else ""))
         lines = [head]
         shown = [l for l in self.layers if l.applied or not l.fits or l.bytes_before > self.capacity_bytes]
@@ -332,11 +339,14 @@ class _Workbench:
     footprint pass keeps its per-layer cache across builds: only changed layers are lowered.
     """
 
-    def __init__(self, analysis, group_size: int | None):
+    def __init__(self, analysis, group_size: int | None, hessians: dict | None = None,
+                 int8_weights: Sequence[str] | None = None):
         from .passes.annotate_footprint import AnnotateFootprint
 
         self.analysis = analysis
         self.group_size = group_size
+        self.hessians = dict(hessians or {})
+        self.int8_weights = list(int8_weights or [])
         self.annotator = AnnotateFootprint(dtype=analysis.dtype)
         self.n = len(analysis.layers)
         self._cache: dict = {}
@@ -351,14 +361,21 @@ class _Workbench:
 
         mod, params = self.analysis.mod, self.analysis.params
         quantized, pruned = [], []
+        hessians = dict(self.hessians)
         for ratio in sorted({r.prune for r in recipes if r.prune > 0}):
             sel = [i for i, r in enumerate(recipes) if r.prune == ratio]
             mod, params, done = prune_weights(mod, params, ratio, layers=sel)
             pruned += [d.to_dict() for d in done]
+            for d in done:   # fc2 lost rows of its reduction axis: the Hessian loses them too
+                kept = getattr(d, "kept", None)
+                h = hessians.get(d.weights[-1]) if d.weights else None
+                if kept is not None and h is not None and h.shape[0] == d.hidden_before:
+                    hessians[d.weights[-1]] = h[np.ix_(kept, kept)]
         for bits in (8, 4):
             sel = [i for i, r in enumerate(recipes) if r.bits == bits]
             if sel:
-                mod, params, done = quantize_weights(mod, params, bits=bits, group_size=self.group_size, layers=sel)
+                mod, params, done = quantize_weights(mod, params, bits=bits, group_size=self.group_size, layers=sel,
+                                                     hessians=hessians, int8_weights=self.int8_weights)
                 quantized += [d.to_dict() for d in done]
         if all(r == Recipe() for r in recipes):
             result = (mod, params, list(self.analysis.layers), quantized, pruned)
@@ -476,12 +493,22 @@ def fit_model(
     layers: int | None = None,
     layer_boundaries: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    calibration: int | Sequence[Mapping] | None = None,
+    int8_weights: Sequence[str] | None = None,
+    prune_heads: float = 0.0,
 ):
     """Apply ``--quantize``/``--prune`` to every layer, then (``mode="auto"``) escalate on each layer
     still over ``capacity``; ``micro_batch`` is ``None`` (auto only as a last resort of
     ``mode="auto"``), ``"auto"`` (the largest divisor of the batch that fits, see
     :func:`choose_micro_batch`) or a number. ``layers``/``layer_boundaries`` are the ones the model was
     analysed with (a smaller micro-batch imports it again).
+
+    ``calibration`` (opt-in; the default is data-free): a number N of random input batches (N(0, 1)
+    floats, token ids uniform over the embedding) or a list of input feeds (ONNX input name ->
+    array); the float model runs on them in onnxruntime, and every quantized matmul weight is
+    rounded by GPTQ against its input Hessian (:mod:`cachefit.passes.calibrate_weights`).
+    ``int8_weights``: weight-name patterns kept at INT8 where INT4 is applied (mixed precision;
+    :data:`cachefit.passes.quantize_weights.SENSITIVE_INT8` are the MoE routers).
 
     Returns ``(analysis, report)``: a :class:`~cachefit.analysis.ModelAnalysis` of the rewritten model
     (module, params, records measured on it) and the :class:`FitReport`.
@@ -498,6 +525,11 @@ def fit_model(
         raise CachefitError(f"--max-prune {max_prune} is not a fraction in [0, 1)")
     if group_size is not None and int(group_size) < 1:
         raise CachefitError(f"--group-size {group_size} must be a positive number of rows")
+    if not 0.0 <= float(prune_heads) < 1.0:
+        raise CachefitError(f"--prune-heads {prune_heads} is not a fraction in [0, 1): e.g. 0.25 removes a quarter "
+                            "of each attention layer's heads")
+    if prune_heads:
+        raise CachefitError("--prune-heads is not implemented yet")
     if capacity <= 0:
         raise CachefitError(f"the capacity must be positive, got {capacity}")
     batch = analysis.layers[0].batch if analysis.layers else 1
@@ -508,13 +540,20 @@ def fit_model(
     def rebatch(m):
         return rebatch_analysis(analysis, m, layers=layers, layer_boundaries=layer_boundaries)
 
+    hessians, n_calib = {}, 0
+    if calibration is not None and (quantize != "none" or mode == "auto"):
+        hessians, n_calib = _calibrate(analysis, calibration, progress)
+
+    def workbench(a):
+        return _Workbench(a, group_size, hessians, int8_weights)
+
     micro = batch
     current = analysis
     if micro_batch not in (None, "auto"):
         micro = int(micro_batch)
         if micro != batch:
             current = rebatch(micro)
-    bench = _Workbench(current, group_size)
+    bench = workbench(current)
 
     if mode == "auto":
         recipes, unresolved = _escalate(bench, base, capacity, footprint, max_prune, progress)
@@ -530,7 +569,7 @@ def fit_model(
                     notes.append(str(exc))
                 else:
                     micro = m
-                    bench = _Workbench(current, group_size)
+                    bench = workbench(current)
                     recipes, unresolved = _escalate(bench, base, capacity, footprint, max_prune, progress)
     else:
         recipes = [base] * bench.n
@@ -540,12 +579,13 @@ def fit_model(
             if m < micro:
                 current = rebatch(m)
                 micro = m
-                bench = _Workbench(current, group_size)
+                bench = workbench(current)
 
     mod, params, records, quantized, pruned = bench.build(recipes)
     report = FitReport(mode=mode, capacity_bytes=int(capacity), footprint=footprint, batch=batch, micro_batch=micro,
                        quantize=quantize, group_size=group_size, prune=float(prune), max_prune=float(max_prune),
-                       quantized=quantized, pruned=pruned, notes=notes)
+                       quantized=quantized, pruned=pruned, notes=notes, calibration=n_calib,
+                       int8_weights=list(int8_weights or []))
     for i, (before, after) in enumerate(zip(original, records)):
         rec = recipes[i]
         changed = rec != Recipe() or micro != batch
@@ -557,3 +597,24 @@ def fit_model(
         report.layers.append(lf)
     new = dataclasses.replace(current, mod=mod, params=params, layers=list(records))
     return new, report
+
+
+def _calibrate(analysis, calibration, progress) -> tuple[dict, int]:
+    """(weight name -> input Hessian, number of batches) from a calibration run of the float model."""
+    from .passes.calibrate_weights import collect_hessians, random_inputs
+
+    model = analysis.imported.onnx_model
+    if isinstance(calibration, (int, np.integer)) and not isinstance(calibration, bool):
+        if int(calibration) < 1:
+            raise CachefitError(f"--calibrate {calibration}: give a positive number of random input batches")
+        feeds = random_inputs(model, int(calibration))
+    else:
+        names = analysis.imported.original_names
+        back = {orig: new for new, orig in names.items()}
+        feeds = [{back.get(k, k): np.asarray(v) for k, v in dict(f).items()} for f in calibration]
+        if not feeds:
+            raise CachefitError("the calibration input list is empty: give at least one input feed or a number")
+    if progress:
+        progress(f"calibration: running the float model on {len(feeds)} batch(es) for GPTQ")
+    hessians = collect_hessians(model, feeds, weights=[k for k in analysis.params])
+    return hessians, len(feeds)

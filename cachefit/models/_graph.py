@@ -135,22 +135,23 @@ class GraphBuilder:
         return name
 
     def linear(self, name: str, x: str, fan_in: int, fan_out: int, bias: bool = True,
-               gain: float = 1.0) -> str:
+               gain: float = 1.0, std: float | None = None, bias_std: float = 0.02) -> str:
         """``x @ W (+ b)`` in scope ``name`` with W of shape [fan_in, fan_out] drawn from
-        N(0, gain/sqrt(fan_in)) and b from N(0, 0.02)."""
+        N(0, gain/sqrt(fan_in)) (or N(0, ``std``) when given) and b from N(0, ``bias_std``)."""
         with self.scope(name):
-            w = self.weight("weight", [fan_in, fan_out], std=gain / math.sqrt(fan_in))
+            w = self.weight("weight", [fan_in, fan_out], std=gain / math.sqrt(fan_in) if std is None else std)
             y = self.node("MatMul", [x, w])
             if bias:
-                b = self.weight("bias", [fan_out], std=0.02)
+                b = self.weight("bias", [fan_out], std=bias_std)
                 y = self.node("Add", [y, b])
         return y
 
-    def layer_norm(self, name: str, x: str, width: int, eps: float = 1e-5) -> str:
-        """LayerNormalization over the last axis, gamma ~ 1 + N(0, 0.02), beta ~ N(0, 0.02)."""
+    def layer_norm(self, name: str, x: str, width: int, eps: float = 1e-5, std: float = 0.02) -> str:
+        """LayerNormalization over the last axis, gamma ~ 1 + N(0, std), beta ~ N(0, std)
+        (``std=0``: gamma 1, beta 0)."""
         with self.scope(name):
-            gamma = self.weight("weight", [width], std=0.02, mean=1.0)
-            beta = self.weight("bias", [width], std=0.02)
+            gamma = self.weight("weight", [width], std=std, mean=1.0)
+            beta = self.weight("bias", [width], std=std)
             return self.node("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=eps)
 
     def activation(self, kind: str, x: str) -> str:

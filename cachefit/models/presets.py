@@ -12,16 +12,16 @@ from onnx import TensorProto
 from ..errors import CachefitError
 from ._graph import DTYPES, GraphBuilder
 from .mlp import build_mlp, mlp_num_params
-from .transformer import build_transformer, transformer_active_params, transformer_num_params
+from .transformer import INITS, build_transformer, transformer_active_params, transformer_num_params
 
 #: Defaults per family; a preset or explicit overrides replace them.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": dict(layers=6, hidden=512, batch=8, dtype="float32", seed=0, shape_only=False),
     "dense": dict(layers=4, hidden=160, heads=4, ffn=640, seq=16, batch=2, dtype="float32",
-                  activation="gelu", vocab=0, tie_embeddings=False, seed=0, shape_only=False),
+                  activation="gelu", vocab=0, tie_embeddings=False, seed=0, shape_only=False, init="default"),
     "moe": dict(layers=4, hidden=128, heads=4, ffn=256, experts=4, top_k=2, seq=16, batch=2,
                 dtype="float32", activation="gelu", vocab=0, tie_embeddings=False, seed=0,
-                shape_only=False),
+                shape_only=False, init="default"),
 }
 
 #: Preset name -> parameters (``family`` plus the family's keys; missing keys take the defaults).
@@ -94,6 +94,9 @@ def _validate(key: str, family: str, p: dict[str, Any]) -> None:
             raise CachefitError(f"model {key!r}: {k}={p[k]!r} must be True or False")
     if "activation" in p and p["activation"] not in ("gelu", "relu"):
         raise CachefitError(f"model {key!r}: activation={p['activation']!r} unsupported; use 'gelu' or 'relu'")
+    if "init" in p and p["init"] not in INITS:
+        raise CachefitError(f"model {key!r}: init={p['init']!r} unsupported; use one of {', '.join(INITS)} "
+                            "(gpt2: N(0, 0.02) with residual projections scaled by 1/sqrt(2 * layers))")
     if "heads" in p and p["hidden"] % p["heads"]:
         raise CachefitError(
             f"model {key!r}: hidden={p['hidden']} is not divisible by heads={p['heads']}; "

@@ -45,14 +45,31 @@ from onnx import TensorProto
 
 from ._graph import GraphBuilder
 
+INITS = ("default", "gpt2")
+#: GPT-2's ``initializer_range``
+GPT2_STD = 0.02
+
+
+def _std(p: dict, residual: bool = False) -> dict:
+    """``linear`` keyword arguments for a matrix under ``p["init"]`` (``residual``: an output
+    projection added to the residual stream)."""
+    if p.get("init", "default") != "gpt2":
+        return {}
+    std = GPT2_STD / math.sqrt(2 * p["layers"]) if residual else GPT2_STD
+    return {"std": std, "bias_std": 0.0}
+
+
+def _norm_std(p: dict) -> float:
+    return 0.0 if p.get("init", "default") == "gpt2" else 0.02
+
 
 def _attention(g: GraphBuilder, x: str, p: dict) -> str:
     b, s, hidden, heads = p["batch"], p["seq"], p["hidden"], p["heads"]
     d = hidden // heads
     with g.scope("attn"):
-        q = g.linear("q_proj", x, hidden, hidden)
-        k = g.linear("k_proj", x, hidden, hidden)
-        v = g.linear("v_proj", x, hidden, hidden)
+        q = g.linear("q_proj", x, hidden, hidden, **_std(p))
+        k = g.linear("k_proj", x, hidden, hidden, **_std(p))
+        v = g.linear("v_proj", x, hidden, hidden, **_std(p))
         split_shape = g.const([b, s, heads, d], "int64")
         q = g.node("Transpose", [g.node("Reshape", [q, split_shape])], perm=[0, 2, 1, 3])
         k = g.node("Transpose", [g.node("Reshape", [k, split_shape])], perm=[0, 2, 3, 1])
@@ -63,19 +80,20 @@ def _attention(g: GraphBuilder, x: str, p: dict) -> str:
         ctx = g.node("MatMul", [probs, v])                                  # [B,H,S,D]
         ctx = g.node("Transpose", [ctx], perm=[0, 2, 1, 3])
         ctx = g.node("Reshape", [ctx, g.const([b, s, hidden], "int64")])
-        return g.linear("o_proj", ctx, hidden, hidden)
+        return g.linear("o_proj", ctx, hidden, hidden, **_std(p, residual=True))
 
 
-def _mlp(g: GraphBuilder, x: str, hidden: int, ffn: int, act: str) -> str:
-    h = g.linear("fc1", x, hidden, ffn)
-    h = g.activation(act, h)
-    return g.linear("fc2", h, ffn, hidden)
+def _mlp(g: GraphBuilder, x: str, p: dict) -> str:
+    hidden, ffn = p["hidden"], p["ffn"]
+    h = g.linear("fc1", x, hidden, ffn, **_std(p))
+    h = g.activation(p["activation"], h)
+    return g.linear("fc2", h, ffn, hidden, **_std(p, residual=True))
 
 
 def _moe(g: GraphBuilder, x: str, p: dict) -> str:
-    hidden, ffn, experts, top_k = p["hidden"], p["ffn"], p["experts"], p["top_k"]
+    hidden, experts, top_k = p["hidden"], p["experts"], p["top_k"]
     with g.scope("moe"):
-        logits = g.linear("router", x, hidden, experts, bias=False)          # [B,S,E]
+        logits = g.linear("router", x, hidden, experts, bias=False, **_std(p))          # [B,S,E]
         values, _ = g.node("TopK", [logits, g.const([top_k], "int64")], num_outputs=2, axis=-1)
         kth = g.node("ReduceMin", [values], axes=[-1], keepdims=1)          # [B,S,1]
         keep = g.node("GreaterOrEqual", [logits, kth])
@@ -85,7 +103,7 @@ def _moe(g: GraphBuilder, x: str, p: dict) -> str:
         outs = []
         for e in range(experts):
             with g.scope(f"experts.{e}"):
-                y = _mlp(g, x, hidden, ffn, p["activation"])
+                y = _mlp(g, x, p)
                 outs.append(g.node("Mul", [y, gate[e]]))
         return g.node("Sum", outs) if experts > 1 else outs[0]
 
@@ -99,30 +117,31 @@ def build_transformer(p: dict, moe: bool) -> GraphBuilder:
     if vocab:
         ids = g.add_input("input_ids", [b, s], TensorProto.INT64)
         with g.scope("embed"):
-            table = g.weight("weight", [vocab, hidden], std=1.0)
+            table = g.weight("weight", [vocab, hidden], std=GPT2_STD if p.get("init") == "gpt2" else 1.0)
             x = g.node("Gather", [table, ids], axis=0)
     else:
         x = g.add_input("x", [b, s, hidden])
 
     for i in range(p["layers"]):
         with g.scope(f"layers.{i}"):
-            h = g.layer_norm("ln1", x, hidden)
+            h = g.layer_norm("ln1", x, hidden, std=_norm_std(p))
             x = g.node("Add", [x, _attention(g, h, p)])
-            h = g.layer_norm("ln2", x, hidden)
+            h = g.layer_norm("ln2", x, hidden, std=_norm_std(p))
             if moe:
                 m = _moe(g, h, p)
             else:
                 with g.scope("mlp"):
-                    m = _mlp(g, h, hidden, p["ffn"], p["activation"])
+                    m = _mlp(g, h, p)
             x = g.node("Add", [x, m])
 
     if vocab:
         with g.scope("head"):
-            h = g.layer_norm("norm", x, hidden)
+            h = g.layer_norm("norm", x, hidden, std=_norm_std(p))
             if p["tie_embeddings"]:
                 w = g.node("Transpose", [table], perm=[1, 0])
             else:
-                w = g.weight("weight", [hidden, vocab], std=1.0 / math.sqrt(hidden))
+                w = g.weight("weight", [hidden, vocab],
+                             std=GPT2_STD if p.get("init") == "gpt2" else 1.0 / math.sqrt(hidden))
             out = g.node("MatMul", [h, w])
             g.add_output(out, "logits", [b, s, vocab])
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ FLOPS_ATTR = "cachefit.flops"
 _FLOAT = ("float32", "float16", "bfloat16", "float64")
 #: clipping ratios searched per group by :func:`quantize_array` (1 = absmax)
 CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(17))   # 1.0 .. 0.6
+#: weight-name patterns that ``--quantize int4`` mixed precision keeps at INT8: MoE routers (a
+#: rounding error there flips which experts run; they are [hidden, experts], a negligible size)
+SENSITIVE_INT8 = ("*router*", "*gate.weight", "*.gate")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,26 +74,52 @@ def quantize_array(w: np.ndarray, bits: int, group_size: int | None = None) -> t
     padded = np.zeros((groups * g, n), np.float32)
     padded[:k] = w
     wg = padded.reshape(groups, g, n)
-    qmax = 127 if bits == 8 else 7
-    amax = np.abs(wg).max(axis=1)
+    scale = np.stack([group_scale(wg[i], bits) for i in range(groups)])
+    q = quantize_rows(padded, np.repeat(scale, g, axis=0), bits)[:k]
+    return pack(q, bits), scale
+
+
+def qmax_of(bits: int) -> int:
+    """The largest stored magnitude: 127 (INT8) or 7 (INT4)."""
+    return 127 if bits == 8 else 7
+
+
+def group_scale(block: np.ndarray, bits: int) -> np.ndarray:
+    """The float32 scale [N] of each column of one group ``block`` [g, N]: c * max|w| / qmax with
+    the clipping ratio c among ``CLIP_RATIOS`` of least squared error (1 for an all-zero column)."""
+    block = np.asarray(block, np.float32)
+    qmax = qmax_of(bits)
+    amax = np.abs(block).max(axis=0)
     scale = best_err = None
     for c in CLIP_RATIOS:
         s = (amax * np.float32(c) / np.float32(qmax)).astype(np.float32)
         s[s == 0] = 1.0
-        err = np.square(np.clip(np.rint(wg / s[:, None, :]), -qmax, qmax) * s[:, None, :] - wg).sum(axis=1)
+        err = np.square(np.clip(np.rint(block / s), -qmax, qmax) * s - block).sum(axis=0)
         if scale is None:
             scale, best_err = s, err
         else:
             better = err < best_err
             scale = np.where(better, s, scale)
             best_err = np.where(better, err, best_err)
-    q = np.clip(np.rint(wg / scale[:, None, :]), -qmax, qmax).reshape(groups * g, n)[:k]
+    return scale.astype(np.float32)
+
+
+def quantize_rows(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    """round(w / scale) clipped to [-qmax, qmax] (``scale`` broadcast against ``w``), as float32."""
+    qmax = qmax_of(bits)
+    return np.clip(np.rint(np.asarray(w, np.float32) / scale), -qmax, qmax).astype(np.float32)
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """The stored integers of the quantized values ``q`` [K, N]: int8 [K, N] for INT8; for INT4
+    uint8 [ceil(K/2), N] with ``q + 8`` of row 2i in the low nibble and of row 2i+1 in the high one."""
     if bits == 8:
-        return q.astype(np.int8), scale
+        return q.astype(np.int8)
+    k, n = q.shape
     u = (q + 8).astype(np.uint8)
     if k % 2:
         u = np.concatenate([u, np.full((1, n), 8, np.uint8)])
-    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8), scale
+    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
 
 
 def dequantize_array(q: np.ndarray, scale: np.ndarray, bits: int, k: int, group_size: int | None = None) -> np.ndarray:
@@ -240,9 +270,11 @@ class QuantizedWeight:
     bytes_before: int
     bytes_after: int
     k: int = 0   # rows of the logical [K, N] matrix (dequantize_array's ``k``)
+    method: str = "rtn"   # "rtn" (round to nearest) or "gptq" (calibrated error compensation)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "bits": self.bits, "group_size": self.group_size, "k": self.k,
+                "method": self.method,
                 "q_name": self.q_name, "scale_name": self.scale_name, "q_shape": list(self.q_shape),
                 "scale_shape": list(self.scale_shape), "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after}
@@ -564,11 +596,19 @@ class QuantizeWeights:
         group_size: rows of K per scale; None for one scale per output channel.
         layers:     layer indices or names to quantize (None: every layer); a weight is quantized
                     only when every layer reading it is selected.
-    ``quantized`` lists what was done (QuantizedWeight records).
+        hessians:   weight name -> X^T X [K, K] of the inputs that multiply it (a calibration run,
+                    :func:`cachefit.passes.calibrate_weights.collect_hessians`): the matmul weights
+                    that have one are quantized by GPTQ error compensation
+                    (:func:`~cachefit.passes.calibrate_weights.gptq_quantize`) instead of round to
+                    nearest; same stored format. None: data-free (round to nearest).
+        int8_weights: fnmatch patterns of weight names kept at INT8 when ``bits`` is 4 (mixed
+                    precision, e.g. ``["*router*"]``); see :data:`SENSITIVE_INT8`.
+    ``quantized`` lists what was done (QuantizedWeight records, with their own ``bits``).
     """
 
     def __init__(self, params: Mapping | None = None, bits: int = 8, group_size: int | None = None,
-                 layers: Iterable | None = None):
+                 layers: Iterable | None = None, hessians: Mapping | None = None,
+                 int8_weights: Iterable[str] | None = None):
         if bits not in (8, 4):
             raise CachefitError(f"weight quantization to {bits} bits is not supported: use 8 (int8) or 4 (int4)")
         if group_size is not None and int(group_size) < 1:
@@ -577,6 +617,8 @@ class QuantizeWeights:
         self.bits = int(bits)
         self.group_size = int(group_size) if group_size else None
         self.layers = list(layers) if layers is not None else None
+        self.hessians = dict(hessians or {})
+        self.int8_weights = [str(p) for p in (int8_weights or ())]
         self.new_params: dict | None = None
         self.quantized: list[QuantizedWeight] = []
         self._ops = _Ops()
@@ -592,32 +634,43 @@ class QuantizeWeights:
             return mod
         taken = {gv.name_hint for gv in mod.get_global_vars()}
         names = {p.name for p in mod["main"].params}
-        suffix = f"int{self.bits}"
         expansion: dict = {}
         for name, u in uses.items():
+            bits = 8 if self.bits == 4 and any(fnmatch.fnmatchcase(name, pat) for pat in self.int8_weights) else self.bits
             g = self.group_size if self.group_size and self.group_size < u.k else None
-            q_shape = (packed_rows(u.k, self.bits), u.n)
+            q_shape = (packed_rows(u.k, bits), u.n)
             s_shape = (num_groups(u.k, g), u.n)
-            q_name = unique_name(names, f"{name}_{suffix}")
+            q_name = unique_name(names, f"{name}_int{bits}")
             s_name = unique_name(names, f"{name}_scale")
-            expansion[name] = [(q_name, relax.TensorType(q_shape, "int8" if self.bits == 8 else "uint8")),
+            expansion[name] = [(q_name, relax.TensorType(q_shape, "int8" if bits == 8 else "uint8")),
                                (s_name, relax.TensorType(s_shape, "float32"))]
             value = self.params.get(name)
+            hess = self.hessians.get(name)
+            method = "rtn"
             if value is not None:
                 w = np.asarray(value).astype(np.float32)
                 if u.kind == "nk":
                     w = w.T
                 elif u.kind == "oihw":
                     w = w.reshape(u.n, u.k).T
-                q, s = quantize_array(np.ascontiguousarray(w), self.bits, g)
+                if hess is not None and u.kind in ("kn", "nk") and np.shape(hess) == (u.k, u.k):
+                    from .calibrate_weights import gptq_quantize
+
+                    q, s = gptq_quantize(np.ascontiguousarray(w), hess, bits, g)
+                    method = "gptq"
+                else:
+                    if hess is not None:
+                        log.warning("QuantizeWeights: the Hessian of %s is %s, not [%d, %d]: round to nearest",
+                                    name, list(np.shape(hess)), u.k, u.k)
+                    q, s = quantize_array(np.ascontiguousarray(w), bits, g)
                 self.new_params[q_name], self.new_params[s_name] = q, s
             else:
                 self.new_params[q_name] = self.new_params[s_name] = None
             if not u.shared:
                 self.new_params.pop(name, None)
             before = (u.numel * _bits(u.dtype) + 7) // 8
-            self.quantized.append(QuantizedWeight(name, u.kind, self.bits, g, q_name, s_name, q_shape, s_shape,
-                                                  before, quantized_bytes(u.k, u.n, self.bits, g), u.k))
+            self.quantized.append(QuantizedWeight(name, u.kind, bits, g, q_name, s_name, q_shape, s_shape,
+                                                  before, quantized_bytes(u.k, u.n, bits, g), u.k, method))
         info = {q.name: q for q in self.quantized}
 
         kernels: dict = {}   # key -> (gv, func)
@@ -654,7 +707,6 @@ class QuantizeWeights:
 
     def _rewrite(self, fn, gv, which, info, uses, expansion, kernel):
         ops = self._ops
-        bits = self.bits
         transposed: dict = {}
 
         def param_types(p):
@@ -671,6 +723,7 @@ class QuantizeWeights:
                 p = v.args[1] if v.args[1] in replaced else transposed[v.args[1]]
                 q, s = replaced[p]
                 qi, u = info[which[p]], uses[which[p]]
+                bits = qi.bits
                 x = remap(v.args[0])
                 x_shape = _dims(x.ty)
                 out_ty = b.var.ty
@@ -682,6 +735,7 @@ class QuantizeWeights:
                 p = v.args[1]
                 q, s = replaced[p]
                 qi, u = info[which[p]], uses[which[p]]
+                bits = qi.bits
                 key = (f"cachefit_dequantize_int{bits}", f"g{qi.group_size or 0}", u.shape, u.dtype)
                 kgv = kernel(key, lambda: dequant_conv_weight_func(u.shape, bits, qi.group_size, u.dtype))
                 w = bb.emit(relax.call_tir(kgv, [q, s], relax.TensorType(u.shape, u.dtype)), name_hint=f"{p.name}_dq")
@@ -689,7 +743,7 @@ class QuantizeWeights:
             return None
 
         new = rewrite_layer(fn, gv, param_types, rewrite)
-        return new.with_attr("cachefit.weight_bits", bits)
+        return new.with_attr("cachefit.weight_bits", self.bits)
 
 
 def _bits(dtype: str) -> int:
@@ -699,10 +753,12 @@ def _bits(dtype: str) -> int:
 
 
 def quantize_weights(mod: tvm.IRModule, params: Mapping | None, bits: int = 8, group_size: int | None = None,
-                     layers: Iterable | None = None) -> tuple[tvm.IRModule, dict, list[QuantizedWeight]]:
+                     layers: Iterable | None = None, hessians: Mapping | None = None,
+                     int8_weights: Iterable[str] | None = None) -> tuple[tvm.IRModule, dict, list[QuantizedWeight]]:
     """Run :class:`QuantizeWeights`; returns ``(module, new params, what was quantized)``."""
     from . import run_pass
 
-    p = QuantizeWeights(params, bits=bits, group_size=group_size, layers=layers)
+    p = QuantizeWeights(params, bits=bits, group_size=group_size, layers=layers, hessians=hessians,
+                        int8_weights=int8_weights)
     out = run_pass(p, mod)
     return out, p.new_params, list(p.quantized)
