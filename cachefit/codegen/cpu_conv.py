@@ -1,0 +1,590 @@
+"""Channel-blocked (NCHWc) convolutions for llvm targets: layout pass, kernels, schedule rule.
+
+- :class:`BlockConvLayout` (a Relax pass, before ``LegalizeOps``): chains of ``relax.nn.conv2d``
+  (NCHW / OIHW, one group, static float32 shapes, output channels a multiple of the block) run on
+  activations stored ``[N, C / cb, H, W, cb]`` (``cb`` = the target's float32 lanes: 16 with
+  AVX-512). Element-wise operators (batch-norm multiply-add, bias, residual add, relu), pooling,
+  spatial means and channel concatenation between the convolutions work on the blocked tensors;
+  every other consumer gets an NCHW copy (one transform per tensor, made where first needed). Each
+  convolution becomes ``R.call_tir(cachefit_conv2d_nchwc, (x_blocked, w_packed))`` with the
+  weight re-laid out ``[CO / ob, CI / cb, KH, KW, cb, ob]`` by a separate
+  ``R.call_tir(cachefit_pack_conv_weight, (w,))`` whose PrimFunc carries
+  ``"cachefit.weight_pack": True`` (a pure re-layout of one weight parameter, which the compile
+  may evaluate once instead of per call).
+- :class:`NCHWcConvRule` (a schedule rule): the kernel as a register tile of ``owt`` output pixels
+  along W x ``ocr`` output-channel vectors, accumulated over input-channel blocks, taps and the
+  channels of a block (one broadcast input element and ``ocr`` weight vectors per step); the fused
+  epilogue (bias, batch norm, residual add, relu) runs on the tile; parallel over output-channel
+  blocks x rows when the stage owns several threads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax, s_tir, te, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.s_tir import dlight
+
+log = logging.getLogger(__name__)
+
+#: attribute of a PrimFunc that re-lays out one weight parameter (evaluated at compile time when
+#: the pipeline supports it)
+WEIGHT_PACK_ATTR = "cachefit.weight_pack"
+CONV_BLOCK = "cachefit_nchwc_conv"
+PAD_BLOCK = "cachefit_nchwc_pad"
+
+# relax op patterns (tvm/relax/op_attr_types.h)
+_INJECTIVE = 2
+_OUT_EWISE_FUSABLE = 4
+_OPAQUE = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels (TE -> PrimFunc)
+# ---------------------------------------------------------------------------------------------
+
+
+def _i64(*dims):
+    return tuple(tirx.IntImm("int64", int(d)) for d in dims)
+
+
+def conv_out_size(size: int, k: int, stride: int, pad_lo: int, pad_hi: int, dil: int) -> int:
+    return (size + pad_lo + pad_hi - dil * (k - 1) - 1) // stride + 1
+
+
+#: accumulator vectors of a tile: TVM puts a local buffer of more than 1 KiB (16 float32 vectors of
+#: 16 lanes) into a heap workspace, where the accumulators stay in memory instead of registers
+MAX_TILE_BYTES = 1024
+
+
+def choose_tile(ow: int, cob: int, max_acc: int = 16) -> tuple[int, int, int]:
+    """(owt, ocr, owp): ``owt`` output pixels x ``ocr`` channel vectors per register tile,
+    ``owp`` the output width computed (``ow`` rounded up to a multiple of ``owt``).
+
+    A tile needs about 8 independent accumulators to hide the FMA latency and at most
+    ``max_acc`` of the 32 vector registers; two channel vectors per broadcast halve the input
+    loads. Widths without a good divisor (111, 109) are padded to a multiple of the tile.
+    """
+    best, best_score = (1, 1, ow), -1.0
+    for ocr in (2, 1, 3, 4):
+        if cob % ocr:
+            continue
+        cap = max_acc // ocr
+        for owt in range(min(cap, ow), 0, -1):
+            owp = -(-ow // owt) * owt
+            acc = owt * ocr
+            waste = (owp - ow) / owp
+            score = min(acc, 16) * (1.0 - 2.0 * waste) + (0.6 if ocr == 2 else 0.0)
+            if score > best_score + 1e-9:
+                best, best_score = (owt, ocr, owp), score
+    return best
+
+
+def conv2d_nchwc_func(n, cib, cb, h, w, cob, ob, kh, kw, strides, padding, dilation, owp, dtype="float32"):
+    """``out[b, o, y, x, v] = sum_{c, ry, rx, i} xpad[b, c, y*sh + ry*dh, x*sw + rx*dw, i] *
+    wp[o, c, ry, rx, i, v]`` with ``x`` up to ``owp`` (>= the real width; the extra columns are
+    computed into a scratch row and dropped)."""
+    sh, sw = strides
+    pt, pl, pb, pr = padding
+    dh, dw = dilation
+    oh = conv_out_size(h, kh, sh, pt, pb, dh)
+    ow = conv_out_size(w, kw, sw, pl, pr, dw)
+    hp = h + pt + pb
+    wp_need = (owp - 1) * sw + (kw - 1) * dw + 1
+    wpad = max(w + pl + pr, wp_need)
+    data = te.placeholder(_i64(n, cib, h, w, cb), dtype, name="data")
+    weight = te.placeholder(_i64(cob, cib, kh, kw, cb, ob), dtype, name="weight")
+    needs_pad = bool(pt or pl or pb or pr or wpad != w)
+    if needs_pad:
+        def pad_fn(b, c, y, x, i):
+            inside = tvm.tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w)
+            return tirx.if_then_else(
+                inside,
+                data[b, c, tvm.te.max(tvm.te.min(y - pt, h - 1), 0), tvm.te.max(tvm.te.min(x - pl, w - 1), 0), i],
+                tirx.const(0, dtype))
+        src = te.compute(_i64(n, cib, hp, wpad, cb), pad_fn, name=PAD_BLOCK)
+    else:
+        src = data
+    rc = te.reduce_axis(_i64(0, cib), name="rc")
+    ry = te.reduce_axis(_i64(0, kh), name="ry")
+    rx = te.reduce_axis(_i64(0, kw), name="rx")
+    ri = te.reduce_axis(_i64(0, cb), name="ri")
+    conv = te.compute(
+        _i64(n, cob, oh, owp, ob),
+        lambda b, o, y, x, v: te.sum(
+            src[b, rc, y * sh + ry * dh, x * sw + rx * dw, ri] * weight[o, rc, ry, rx, ri, v],
+            axis=[rc, ry, rx, ri]),
+        name=CONV_BLOCK,
+    )
+    if owp != ow:
+        out = te.compute(_i64(n, cob, oh, ow, ob), lambda b, o, y, x, v: conv[b, o, y, x, v], name="cachefit_nchwc_crop")
+    else:
+        out = conv
+    func = te.create_prim_func([data, weight, out])
+    return func.with_attr({"op_pattern": _OUT_EWISE_FUSABLE, "tirx.noalias": True})
+
+
+def pack_weight_func(co, ci, kh, kw, cb, ob, dtype="float32"):
+    """``OIHW`` -> ``[CO / ob, CI / cb, KH, KW, cb, ob]`` (a pure re-layout, marked as a weight pack)."""
+    w = te.placeholder(_i64(co, ci, kh, kw), dtype, name="w")
+    packed = te.compute(
+        _i64(co // ob, ci // cb, kh, kw, cb, ob),
+        lambda o, c, y, x, i, v: w[o * ob + v, c * cb + i, y, x],
+        name="cachefit_pack_conv_weight",
+    )
+    func = te.create_prim_func([w, packed])
+    return func.with_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, WEIGHT_PACK_ATTR: True})
+
+
+def to_blocked_func(n, c, h, w, cb, dtype="float32"):
+    x = te.placeholder(_i64(n, c, h, w), dtype, name="x")
+    y = te.compute(_i64(n, c // cb, h, w, cb), lambda b, o, i, j, v: x[b, o * cb + v, i, j], name="cachefit_to_nchwc")
+    return te.create_prim_func([x, y]).with_attr({"op_pattern": _INJECTIVE, "tirx.noalias": True})
+
+
+def to_nchw_func(n, c, h, w, cb, dtype="float32"):
+    x = te.placeholder(_i64(n, c // cb, h, w, cb), dtype, name="x")
+    y = te.compute(_i64(n, c, h, w), lambda b, o, i, j: x[b, o // cb, i, j, o % cb], name="cachefit_from_nchwc")
+    return te.create_prim_func([x, y]).with_attr({"op_pattern": _INJECTIVE, "tirx.noalias": True})
+
+
+# ---------------------------------------------------------------------------------------------
+# The layout pass
+# ---------------------------------------------------------------------------------------------
+
+
+def _static_shape(expr) -> list | None:
+    ty = getattr(expr, "ty", None)
+    shape = getattr(ty, "shape", None)
+    if shape is None or not isinstance(shape, relax.ShapeExpr):
+        return None
+    out = []
+    for d in shape.values:
+        if not isinstance(d, (int, tirx.IntImm)):
+            return None
+        out.append(int(d))
+    return out
+
+
+def _dtype(expr) -> str:
+    return str(getattr(expr.ty, "dtype", ""))
+
+
+@dataclass
+class _Blocked:
+    """A 4-D NCHW activation held as ``var`` of shape ``[N, C / cb, H, W, cb]``."""
+
+    var: relax.Var
+    shape: list  # the logical NCHW shape
+    cb: int
+
+
+_ELEMWISE = ("relax.add", "relax.multiply", "relax.subtract", "relax.divide", "relax.maximum", "relax.minimum")
+_UNARY = ("relax.nn.relu", "relax.sigmoid", "relax.tanh", "relax.negative", "relax.clip", "relax.nn.silu")
+_POOL = ("relax.nn.max_pool2d", "relax.nn.avg_pool2d")
+
+
+@tvm.transform.module_pass(opt_level=0, name="BlockConvLayout")
+class BlockConvLayout:
+    """Run chains of convolutions on channel-blocked activations (see the module doc).
+
+    lanes: the channel block ``cb`` (float32 vector lanes of the target).
+    min_chain: the fewest eligible convolutions a connected region needs to be converted (a lone
+               convolution pays two layout transforms; the NCHW path keeps it).
+    Convolutions whose input channels are not a multiple of ``lanes`` (an RGB stem) read their
+    NCHW input as ``cb = 1`` blocks (a reshape, no copy); other shapes keep the NCHW path.
+    """
+
+    def __init__(self, lanes: int = 16, min_chain: int = 2):
+        self.lanes = int(lanes)
+        self.min_chain = int(min_chain)
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if self.lanes < 4:
+            return mod
+        m = _LayoutMutator(mod.clone(), self.lanes, self.min_chain)
+        changed = False
+        for gv, func in m.mod_.functions_items():
+            if not isinstance(func, relax.Function) or (func.attrs and "Primitive" in func.attrs):
+                continue
+            regions = m.analyse(func)
+            if not regions:
+                continue
+            changed = True
+            m.builder_.update_func(gv, m.visit_expr(func))
+        if not changed:
+            return mod
+        return relax.transform.DeadCodeElimination()(m.builder_.get())
+
+
+@mutator
+class _LayoutMutator(PyExprMutator):  # pylint: disable=too-many-instance-attributes
+    def __init__(self, mod: tvm.IRModule, lanes: int, min_chain: int):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.lanes = lanes
+        self.min_chain = min_chain
+        self._ops = {name: tvm.ir.Op.get(name) for name in
+                     ("relax.nn.conv2d", "relax.concat", "relax.mean", *_ELEMWISE, *_UNARY, *_POOL)}
+        self.blocked: dict = {}     # original var -> _Blocked
+        self.nchw: dict = {}        # original var -> NCHW var (made from the blocked one)
+        self.convert: set = set()   # bindings (vars) to convert
+        self._funcs: dict = {}      # cache of added PrimFuncs by key
+
+    # -- analysis: which bindings run blocked ---------------------------------------------
+
+    def _op_name(self, value) -> str | None:
+        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+            name = value.op.name
+            return name if name in self._ops else None
+        return None
+
+    def _conv_ok(self, call) -> bool:
+        a = call.attrs
+        data, weight = call.args
+        ds, ws = _static_shape(data), _static_shape(weight)
+        return (
+            int(a.groups) == 1 and a.data_layout == "NCHW" and a.kernel_layout == "OIHW"
+            and a.out_layout == "NCHW" and ds is not None and ws is not None and len(ds) == 4
+            and len(ws) == 4 and _dtype(data) == "float32" and _dtype(weight) == "float32"
+            and str(a.out_dtype) in ("", "void", "float32", "None")
+            and ws[0] % self.lanes == 0
+            and (ws[1] % self.lanes == 0 or ws[1] < self.lanes)
+        )
+
+    def _activation_like(self, expr, shape) -> bool:
+        return isinstance(expr, relax.Var) and _static_shape(expr) == shape
+
+    def _per_channel(self, expr, channels) -> bool:
+        s = _static_shape(expr)
+        if s is None:
+            return False
+        if all(d == 1 for d in s):
+            return True
+        return s in ([1, channels, 1, 1], [channels, 1, 1])
+
+    def analyse(self, func: relax.Function) -> set:
+        """Mark the bindings of regions with at least ``min_chain`` eligible convolutions."""
+        parent: dict = {}
+
+        def find(v):
+            while parent[v] is not v:
+                parent[v] = parent[parent[v]]
+                v = parent[v]
+            return v
+
+        def union(a, b):
+            ra, rb = find(a), find(b)
+            if ra is not rb:
+                parent[ra] = rb
+
+        convs, members = [], []
+        bindings = []
+        for block in getattr(func.body, "blocks", []):
+            bindings.extend(b for b in block.bindings if isinstance(b, relax.VarBinding))
+        for b in bindings:
+            name = self._op_name(b.value)
+            if name is None:
+                continue
+            shape = _static_shape(b.var)
+            if shape is None or len(shape) != 4 or _dtype(b.var) != "float32" or shape[1] % self.lanes:
+                continue
+            call = b.value
+            links = []
+            if name == "relax.nn.conv2d":
+                if not self._conv_ok(call):
+                    continue
+                convs.append(b.var)
+                links = [call.args[0]] if call.args[0] in parent else []
+            elif name in _ELEMWISE:
+                ops = list(call.args)
+                acts = [x for x in ops if x in parent and self._activation_like(x, shape)]
+                if not acts or not all(x in acts or self._per_channel(x, shape[1]) for x in ops):
+                    continue
+                links = acts
+            elif name in _UNARY or name in _POOL:
+                x = call.args[0]
+                if x not in parent:
+                    continue
+                if name in _POOL and (call.attrs.layout != "NCHW" or call.attrs.out_layout != "NCHW"):
+                    continue
+                links = [x]
+            elif name == "relax.mean":
+                x = call.args[0]
+                axes = sorted(int(a) % 4 for a in call.attrs.axis) if call.attrs.axis is not None else None
+                if x not in parent or axes != [2, 3] or not bool(call.attrs.keepdims):
+                    continue
+                links = [x]
+            elif name == "relax.concat":
+                fields = call.args[0]
+                fields = list(fields.fields) if isinstance(fields, relax.Tuple) else None
+                if (int(call.attrs.axis) % 4 != 1 or not fields
+                        or not all(f in parent and (_static_shape(f) or [0, 1])[1] % self.lanes == 0 for f in fields)):
+                    continue
+                links = fields
+            parent[b.var] = b.var
+            members.append(b.var)
+            for x in links:
+                union(b.var, x)
+        count: dict = {}
+        for c in convs:
+            count[find(c)] = count.get(find(c), 0) + 1
+        self.convert = {v for v in members if count.get(find(v), 0) >= self.min_chain}
+        return self.convert
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _add_func(self, key, make, name):
+        if key not in self._funcs:
+            func = make()
+            if func.attrs is not None and "global_symbol" in func.attrs:
+                func = func.without_attr("global_symbol")
+            self._funcs[key] = self.builder_.add_func(func, name)
+        return self._funcs[key]
+
+    def _as_blocked(self, expr, cb=None) -> _Blocked:
+        """The blocked form of an NCHW activation (emitting the transform when needed)."""
+        if isinstance(expr, relax.Var) and expr in self.blocked:
+            return self.blocked[expr]
+        new = self.visit_expr(expr)
+        shape = _static_shape(new)
+        n, c, h, w = shape
+        cb = cb or self.lanes
+        gv = self._add_func(("to", n, c, h, w, cb), lambda: to_blocked_func(n, c, h, w, cb), "cachefit_to_nchwc")
+        var = self.builder_.emit(relax.call_tir(gv, [new], relax.TensorType([n, c // cb, h, w, cb], "float32")))
+        info = _Blocked(var, shape, cb)
+        if isinstance(expr, relax.Var) and cb == self.lanes:
+            self.blocked[expr] = info
+        return info
+
+    def _as_nchw(self, var):
+        if var in self.nchw:
+            return self.nchw[var]
+        info = self.blocked[var]
+        n, c, h, w = info.shape
+        gv = self._add_func(("from", n, c, h, w, info.cb), lambda: to_nchw_func(n, c, h, w, info.cb),
+                            "cachefit_from_nchwc")
+        out = self.builder_.emit(relax.call_tir(gv, [info.var], relax.TensorType([n, c, h, w], "float32")))
+        self.nchw[var] = out
+        return out
+
+    def _operand(self, expr, channels):
+        """An element-wise operand in the blocked layout (a per-channel vector reshaped)."""
+        if isinstance(expr, relax.Var) and expr in self.blocked:
+            return self.blocked[expr].var
+        s = _static_shape(expr)
+        new = self.visit_expr(expr)
+        if all(d == 1 for d in s):
+            return new if len(s) <= 1 else self.builder_.emit(relax.op.reshape(new, [1] * 5))
+        if s in ([1, channels, 1, 1], [channels, 1, 1]):
+            cb = self.lanes
+            return self.builder_.emit(relax.op.reshape(new, [1, channels // cb, 1, 1, cb]))
+        return self._as_blocked(expr).var
+
+    # -- rewriting --------------------------------------------------------------------------
+
+    def visit_var_(self, var):  # pylint: disable=arguments-renamed
+        if var in self.blocked and var not in self.nchw:
+            return self._as_nchw(var)
+        if var in self.nchw:
+            return self.nchw[var]
+        return super().visit_var_(var)
+
+    def visit_dataflow_var_(self, var):  # pylint: disable=arguments-renamed
+        return self.visit_var_(var)
+
+    def visit_var_binding_(self, binding):  # pylint: disable=arguments-renamed
+        var = binding.var
+        if var not in self.convert:
+            super().visit_var_binding_(binding)
+            return
+        call = binding.value
+        name = self._op_name(call)
+        shape = _static_shape(var)
+        n, c, h, w = shape
+        cb = self.lanes
+        if name == "relax.nn.conv2d":
+            result = self._conv(call, shape)
+        elif name in _ELEMWISE:
+            args = [self._operand(x, c) for x in call.args]
+            result = self.builder_.emit(relax.Call(call.op, args, call.attrs))
+        elif name in _UNARY:
+            result = self.builder_.emit(relax.Call(call.op, [self._as_blocked(call.args[0]).var], call.attrs))
+        elif name in _POOL:
+            a = call.attrs
+            x = self._as_blocked(call.args[0]).var
+            layout = f"NCHW{cb}c"
+            fn = relax.op.nn.max_pool2d if name == "relax.nn.max_pool2d" else relax.op.nn.avg_pool2d
+            result = self.builder_.emit(fn(
+                x, [int(p) for p in a.pool_size], [int(s) for s in a.strides], [int(p) for p in a.padding],
+                [int(d) for d in a.dilation], bool(a.ceil_mode), bool(a.count_include_pad),
+                layout=layout, out_layout=layout))
+        elif name == "relax.mean":
+            x = self._as_blocked(call.args[0]).var
+            result = self.builder_.emit(relax.op.mean(x, axis=[2, 3], keepdims=True))
+        else:  # concat
+            fields = [self._as_blocked(f).var for f in call.args[0].fields]
+            result = self.builder_.emit(relax.op.concat(fields, axis=1))
+        self.blocked[var] = _Blocked(result, shape, cb)
+        if not isinstance(var, relax.DataflowVar):
+            # an output of the dataflow block: it must exist in NCHW under its own name
+            out = self._as_nchw(var)
+            self.builder_.emit_normalized(relax.VarBinding(var, out))
+            self.nchw[var] = var
+
+    def _conv(self, call, oshape):
+        a = call.attrs
+        data, weight = call.args
+        n, ci, h, w = _static_shape(data)
+        co, _, kh, kw = _static_shape(weight)
+        cb_in = self.lanes if ci % self.lanes == 0 else 1
+        ob = self.lanes
+        x = self._as_blocked(data, cb_in)
+        wv = self.visit_expr(weight)
+        pack = self._add_func(("pack", co, ci, kh, kw, cb_in, ob),
+                              lambda: pack_weight_func(co, ci, kh, kw, cb_in, ob), "cachefit_pack_conv_weight")
+        wp = self.builder_.emit(relax.call_tir(
+            pack, [wv], relax.TensorType([co // ob, ci // cb_in, kh, kw, cb_in, ob], "float32")))
+        strides = [int(s) for s in a.strides]
+        padding = [int(p) for p in a.padding]
+        dilation = [int(d) for d in a.dilation]
+        ow = oshape[3]
+        _, _, owp = choose_tile(ow, co // ob)
+        key = ("conv", n, ci // cb_in, cb_in, h, w, co // ob, ob, kh, kw, *strides, *padding, *dilation, owp)
+        gv = self._add_func(key, lambda: conv2d_nchwc_func(n, ci // cb_in, cb_in, h, w, co // ob, ob, kh, kw,
+                                                           strides, padding, dilation, owp),
+                            "cachefit_conv2d_nchwc")
+        return self.builder_.emit(relax.call_tir(
+            gv, [x.var, wp], relax.TensorType([n, co // ob, oshape[2], oshape[3], ob], "float32")))
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule rule
+# ---------------------------------------------------------------------------------------------
+
+
+def _root_blocks(sch):
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _is_reduction(sch, block) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+class NCHWcConvRule(dlight.ScheduleRule):
+    """Register-tiled NCHWc convolution with the fused epilogue on the tile (see the module doc).
+
+    spec: a :class:`cachefit.codegen.cpu_schedule.CPUSpec` (lanes, registers, L2, threads).
+    Takes functions holding a block named ``cachefit_nchwc_conv``; returns None for others.
+    """
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def apply(self, func, target, _tunable):  # pylint: disable=too-many-locals,too-many-branches,too-many-statements
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        try:
+            conv = sch.get_sblock(CONV_BLOCK)
+        except Exception:  # pylint: disable=broad-except
+            return None
+        blocks = _root_blocks(sch)
+        names = [sch.get(b).name_hint for b in blocks]
+        at = names.index(CONV_BLOCK)
+        # prologue: element-wise producers of the input inline into the padding (or the conv)
+        for blk in reversed(blocks[:at]):
+            if sch.get(blk).name_hint == PAD_BLOCK:
+                continue
+            try:
+                sch.compute_inline(blk)
+            except Exception:  # pylint: disable=broad-except
+                pass
+        # epilogue: the chain inlines into its last block
+        after = _root_blocks(sch)
+        after = after[[sch.get(b).name_hint for b in after].index(CONV_BLOCK) + 1:]
+        for blk in after[:-1]:
+            try:
+                sch.compute_inline(blk)
+            except Exception:  # pylint: disable=broad-except
+                pass
+        after = _root_blocks(sch)
+        after = after[[sch.get(b).name_hint for b in after].index(CONV_BLOCK) + 1:]
+        if len(after) > 1 or any(_is_reduction(sch, b) for b in after):
+            return None
+        epi = after[0] if after else None
+        loops = sch.get_loops(conv)
+        if len(loops) != 9:
+            return None
+        b, o, y, x, v, rc, ry, rx, ri = loops
+        ext = [int(sch.get(lp).extent) for lp in loops]
+        cob, oh, owp, ob = ext[1], ext[2], ext[3], ext[4]
+        lanes = self.spec.lanes("float32")
+        if ob % lanes and ob > lanes:
+            return None
+        owt, ocr, _ = choose_tile(owp, cob, min(self.spec.max_acc, MAX_TILE_BYTES // (4 * ob)))
+        if owp % owt:
+            owt = max(d for d in range(1, owt + 1) if owp % d == 0)
+        oo, oi = sch.split(o, [None, ocr])
+        xo, xi = sch.split(x, [None, owt])
+        # big activations (VGG's 224x224 layers): rows outside the channel blocks, so that a few
+        # input rows stay in L2 while every weight block passes over them; otherwise one weight
+        # block stays in L2 while the rows pass
+        cib, kh, kw, cb = ext[5], ext[6], ext[7], ext[8]
+        in_bytes = cib * cb * (oh * 1) * owp * 4 * max(1, kh)  # about the input read per channel block
+        w_bytes = cob * ob * cib * cb * kh * kw * 4
+        rows_outer = in_bytes > self.spec.l2_bytes // 2 and w_bytes <= self.spec.l2_bytes // 2
+        if rows_outer:
+            sch.reorder(b, y, oo, xo, rc, ry, rx, ri, oi, xi, v)
+            outer = [b, y, oo]
+        else:
+            sch.reorder(b, oo, y, xo, rc, ry, rx, ri, oi, xi, v)
+            outer = [b, oo, y]
+        if epi is not None:
+            sch.set_scope(conv, 0, "local")
+            sch.reverse_compute_at(epi, xo, preserve_unit_loops=True)
+            eloops = sch.get_loops(epi)
+            _vec_inner(sch, eloops[-1], lanes)
+        else:
+            cw = sch.cache_write(conv, 0, "local")
+            sch.reverse_compute_at(cw, xo, preserve_unit_loops=True)
+            _vec_inner(sch, sch.get_loops(cw)[-1], lanes)
+        sch.unroll(oi)
+        sch.unroll(xi)
+        sch.vectorize(v)
+        if cb <= 16:
+            sch.unroll(ri)
+        threads = self.spec.threads
+        work = ext[0] * cob * oh * owp * ob * cib * kh * kw * cb
+        if threads > 1 and work >= (1 << 17):
+            prefix, n_par = [], 1
+            for lp in outer:
+                prefix.append(lp)
+                n_par *= int(sch.get(lp).extent)
+                if n_par >= 4 * threads:
+                    break
+            if n_par >= threads:
+                sch.parallel(sch.fuse(*prefix) if len(prefix) > 1 else prefix[0])
+        sch.decompose_reduction(conv, rc)
+        # padding: its own pass, vectorised along the channel block, parallel over channel blocks
+        try:
+            pad = sch.get_sblock(PAD_BLOCK)
+            pl = sch.get_loops(pad)
+            _vec_inner(sch, pl[-1], lanes)
+            if threads > 1:
+                sch.parallel(sch.fuse(pl[0], pl[1]))
+        except Exception:  # pylint: disable=broad-except
+            pass
+        return sch
+
+
+def _vec_inner(sch, loop, lanes: int) -> None:
+    ext = int(sch.get(loop).extent)
+    if ext <= lanes:
+        sch.vectorize(loop)
+    elif ext % lanes == 0:
+        _, inner = sch.split(loop, [None, lanes])
+        sch.vectorize(inner)
