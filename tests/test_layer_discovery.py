@@ -292,7 +292,8 @@ def test_merge_dense_tiny_into_two_layers(analyzed):
 
 
 def test_merge_balances_weight_bytes(analyzed):
-    """mlp-tiny's 6 equal layers into 4: the largest group holds 2 layers, never 3."""
+    """mlp-tiny's 6 equal layers into 4: the largest group holds 2 layers, never 3; MergeLayers'
+    tie break (the partitioner's ``late``) puts the two pairs last, so layers.0 stays alone."""
     merged = analyzed("mlp-tiny", layers=4)
     sizes = [r.weight_bytes for r in merged.layers]
     one = analyzed("mlp-tiny").layers[0].weight_bytes

@@ -79,6 +79,15 @@ def test_partition_errors_name_the_numbers():
         partition([1, -1], 1)
 
 
+def test_tie_break_early_and_late():
+    """Six equal layers into four groups: the largest holds two layers either way; `early` puts
+    the pairs first, `late` last (the mirror image). An unknown rule is refused."""
+    assert partition([1] * 6, 100, devices=4) == [(0, 1), (2, 3), (4, 4), (5, 5)]
+    assert partition([1] * 6, 100, devices=4, tie_break="late") == [(0, 0), (1, 1), (2, 3), (4, 5)]
+    with pytest.raises(PlanError, match="unknown tie_break 'middle': use one of early, late"):
+        partition([1], 1, tie_break="middle")
+
+
 def test_seed_dp_without_group_count_degenerates():
     """The seed's DP has no k: minimising the largest group alone gives one layer per group,
     whose bottleneck is the largest layer; given k it balances instead."""

@@ -151,11 +151,22 @@ def test_sizes_all_strategies_optimal(inst):
     assert all(sum(sizes[a:b + 1]) <= capacity for a, b in greedy)
 
     for strategy in ("balanced", "balanced-reference"):
-        groups = partition(sizes, capacity, strategy, devices)
-        check_groups(groups, n)
-        assert max(sum(sizes[a:b + 1]) for a, b in groups) == best, strategy
-        # Additive sizes: the optimum is reachable with exactly min(k, n) groups, and both use it.
-        assert len(groups) == min(k, n), strategy
+        for tie_break in ("early", "late"):
+            groups = partition(sizes, capacity, strategy, devices, tie_break=tie_break)
+            check_groups(groups, n)
+            assert max(sum(sizes[a:b + 1]) for a, b in groups) == best, strategy
+            # Additive sizes: the optimum is reachable with exactly min(k, n) groups, and both use it.
+            assert len(groups) == min(k, n), strategy
+
+    # The tie break of balanced: among the optimal partitions into min(k, n) groups, `early` has
+    # every cut as late as any of them (the componentwise-largest cut vector), `late` every cut
+    # as early as any of them.
+    optimal = [[a for a, _ in p] for p in feasible
+               if len(p) == min(k, n) and max(sum(sizes[a:b]) for a, b in p) == best]
+    early = [a for a, _ in partition(sizes, capacity, "balanced", devices)]
+    late = [a for a, _ in partition(sizes, capacity, "balanced", devices, tie_break="late")]
+    assert early in optimal and late in optimal
+    assert all(e >= c and l <= c for cuts in optimal for e, l, c in zip(early, late, cuts))
 
 
 # ---------------------------------------------------------------- layer records
@@ -237,8 +248,10 @@ def test_records_greedy_fewest(inst):
 def test_records_balanced_and_reference_optimal(inst):
     layers, capacity, devices, mode, allow_spill = inst
     brute = Brute(layers, capacity, mode, allow_spill)
-    for strategy in ("balanced", "balanced-reference"):
-        run = lambda: make_plan(layers, capacity, strategy, devices, mode, allow_spill=allow_spill)  # noqa: E731
+    for strategy, tie_break in (("balanced", "early"), ("balanced", "late"), ("balanced-reference", "early")):
+        run = lambda: make_plan(  # noqa: E731
+            layers, capacity, strategy, devices, mode, allow_spill=allow_spill, tie_break=tie_break
+        )
         if expect_errors(brute, devices, run):
             return
         plan = run()
@@ -255,12 +268,13 @@ def test_records_balanced_and_reference_optimal(inst):
 
 
 @SETTINGS
-@given(record_instances())
-def test_records_min_time_optimal(inst):
+@given(record_instances(), st.sampled_from(["early", "late"]))
+def test_records_min_time_optimal(inst, tie_break):
     layers, capacity, devices, mode, allow_spill = inst
     brute = Brute(layers, capacity, mode, allow_spill, MODEL)
     run = lambda: make_plan(  # noqa: E731
-        layers, capacity, "min-time", devices, mode, allow_spill=allow_spill, cost_model=MODEL
+        layers, capacity, "min-time", devices, mode, allow_spill=allow_spill, cost_model=MODEL,
+        tie_break=tie_break,
     )
     if expect_errors(brute, devices, run):
         return

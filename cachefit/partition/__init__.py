@@ -15,13 +15,22 @@ from .footprint import (
     Footprint,
     FootprintCost,
     GroupCost,
+    Mirrored,
     group_footprint,
     make_footprint_cost,
 )
 from .layout import Layout, parse_layout, resolve_layout
 from .plan import Cut, OversizedLayerError, Plan, Stage, make_plan
 from .records import LayerRecord, StageCostModel
-from .strategies import STRATEGIES, DeviceCountError, Solution, partition, solve, unplaceable_layers
+from .strategies import (
+    STRATEGIES,
+    TIE_BREAKS,
+    DeviceCountError,
+    Solution,
+    partition,
+    solve,
+    unplaceable_layers,
+)
 
 __all__ = [
     "FOOTPRINT_MODES",
@@ -34,6 +43,7 @@ __all__ = [
     "FootprintCost",
     "GroupCost",
     "LayerRecord",
+    "Mirrored",
     "Layout",
     "OversizedLayer",
     "OversizedLayerError",
@@ -43,6 +53,7 @@ __all__ = [
     "Stage",
     "StageCostModel",
     "StageTime",
+    "TIE_BREAKS",
     "default_cost_model",
     "diagnose",
     "group_footprint",

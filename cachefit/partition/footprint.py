@@ -115,6 +115,11 @@ class GroupCost:
     def cost(self, a: int, b: int):
         return self.core(a, b) + self.x[a] + self.y[b - 1]
 
+    def mirrored(self) -> "GroupCost":
+        """The same costs on the layers in reverse order: group ``[a, b)`` of the mirror is
+        group ``[n - b, n - a)`` of this one (``x`` and ``y`` swap roles)."""
+        return Mirrored(self)
+
     def reach(self, a: int, end: int, bound, hint: int = 1) -> int:
         """Largest ``b`` in ``(a, end]`` with ``cost(a, b) <= bound``, or ``a`` if none.
 
@@ -151,6 +156,30 @@ class GroupCost:
         return lo
 
 
+class Mirrored(GroupCost):
+    """``base`` with the layer order reversed (see :meth:`GroupCost.mirrored`)."""
+
+    def __init__(self, base: GroupCost):
+        self.base = base
+        self.n = base.n
+        self.x = list(reversed(base.y))
+        self.y = list(reversed(base.x))
+        self.monotone = base.monotone
+
+    def core(self, a: int, b: int):
+        return self.base.core(self.n - b, self.n - a)
+
+    def cost(self, a: int, b: int):
+        return self.base.cost(self.n - b, self.n - a)
+
+    def mirrored(self) -> GroupCost:
+        return self.base
+
+    def spill_time(self, layer: int):
+        """Forwarded for stage-time oracles (:class:`~.cost.StageTime`)."""
+        return self.base.spill_time(self.n - 1 - layer)
+
+
 class AdditiveCost(GroupCost):
     """Integer sizes that add up: ``cost(a, b) = sum(values[a:b])`` (the seed's model)."""
 
@@ -168,6 +197,9 @@ class AdditiveCost(GroupCost):
 
     def cost(self, a: int, b: int) -> int:
         return self.prefix[b] - self.prefix[a]
+
+    def mirrored(self) -> "AdditiveCost":
+        return AdditiveCost(self.values[::-1])
 
     def reach(self, a: int, end: int, bound, hint: int = 1) -> int:
         if a >= end:

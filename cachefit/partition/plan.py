@@ -16,7 +16,7 @@ from .diagnose import diagnose
 from .footprint import check_mode, group_footprint, make_footprint_cost
 from .layout import Layout, parse_layout, resolve_layout
 from .records import LayerRecord, StageCostModel
-from .strategies import STRATEGIES, check_strategy, solve, unplaceable_layers
+from .strategies import STRATEGIES, check_strategy, check_tie_break, solve, unplaceable_layers
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +227,7 @@ def make_plan(
     layout=None,
     allow_spill: bool = False,
     cost_model: StageCostModel | None = None,
+    tie_break: str = "early",
 ) -> Plan:
     """Partition ``layers`` into contiguous stages for devices of ``capacity`` bytes.
 
@@ -242,12 +243,15 @@ def make_plan(
                  instead of raising :class:`OversizedLayerError`.
     cost_model:  layer and transfer times (``min-time`` defaults to the h100 roofline; other
                  strategies report predicted times only when one is given).
+    tie_break:   among plans with the same optimum, ``early`` (earlier stages take as many layers
+                 as the bound allows) or ``late`` (later stages do; the mirror image).
     """
     layers = list(layers)
     if layout is not None and strategy == "balanced":
         strategy = "layout"
     check_strategy(strategy, STRATEGIES)
     check_mode(footprint)
+    check_tie_break(tie_break)
     if not layers:
         raise PlanError("the model has no layers to partition")
     cap = int(capacity)
@@ -290,7 +294,8 @@ def make_plan(
             "stage times are not monotone in a stage's extent (an input transfer longer than the layer "
             "before it), so the exact dynamic programme replaced the greedy feasibility test"
         )
-    sol = solve(cost, cap, strategy, int(devices) if devices is not None else None, stuck, time, names)
+    sol = solve(cost, cap, strategy, int(devices) if devices is not None else None, stuck, time, names,
+                tie_break=tie_break)
     if devices is None:
         notes.append(f"devices not given: planned for the minimum, {sol.minimum}")
     notes += sol.notes

@@ -19,6 +19,7 @@ from .search import (
 
 STRATEGIES = ("greedy", "balanced", "balanced-reference", "min-time", "layout")
 SIZE_STRATEGIES = ("greedy", "balanced", "balanced-reference")
+TIE_BREAKS = ("early", "late")
 
 
 class DeviceCountError(PlanError):
@@ -51,6 +52,12 @@ def check_strategy(strategy: str, allowed: Sequence[str] = STRATEGIES) -> str:
     if strategy not in allowed:
         raise PlanError(f"unknown strategy {strategy!r}: use one of {', '.join(allowed)}")
     return strategy
+
+
+def check_tie_break(tie_break: str) -> str:
+    if tie_break not in TIE_BREAKS:
+        raise PlanError(f"unknown tie_break {tie_break!r}: use one of {', '.join(TIE_BREAKS)}")
+    return tie_break
 
 
 def unplaceable_layers(cost: GroupCost, capacity) -> list[int]:
@@ -103,6 +110,7 @@ def solve(
     time: GroupCost | None = None,
     names=lambda i: f"layer {i}",
     force_dp: bool = False,
+    tie_break: str = "early",
 ) -> Solution:
     """Run ``strategy`` (``greedy``, ``balanced``, ``balanced-reference``, ``min-time``).
 
@@ -111,8 +119,15 @@ def solve(
     ``time`` is the stage-time oracle (:class:`~.cost.StageTime`), required by ``min-time``.
     ``force_dp`` makes the exact dynamic programme run even where the greedy test is exact
     (tests use it to check one against the other).
+
+    ``tie_break`` chooses among the partitions that reach the same optimum: ``early`` (the
+    searches' natural order: earlier groups take as many layers as the bound allows; with a
+    monotone cost every cut is as late as any optimal partition's, the componentwise-largest
+    cut vector) or ``late``, its mirror image (the same search on the layers in reverse order:
+    later groups take as many layers as they can, every cut as early as possible).
     """
     check_strategy(strategy, ("greedy", "balanced", "balanced-reference", "min-time"))
+    check_tie_break(tie_break)
     if devices is not None and devices < 1:
         raise PlanError(f"--devices must be at least 1, got {devices}")
     n = cost.n
@@ -132,6 +147,11 @@ def solve(
             minimum,
             devices,
         )
+    if tie_break == "late":  # after the checks above, whose messages name the layers in order
+        sol = solve(cost.mirrored(), capacity, strategy, devices, [n - 1 - s for s in spill],
+                    time.mirrored() if time is not None else None, lambda i: names(n - 1 - i), force_dp)
+        sol.groups = sorted((n - b, n - a) for a, b in sol.groups)
+        return sol
     k = devices if devices is not None else minimum
     sol = Solution([], minimum, k)
     free = k - len(spill)  # devices left for the ordinary segments
@@ -194,7 +214,11 @@ def _even_split(segments: Sequence[Segment], groups: int) -> list:
 
 
 def partition(
-    sizes: Sequence[int], capacity: int, strategy: str = "balanced", devices: int | None = None
+    sizes: Sequence[int],
+    capacity: int,
+    strategy: str = "balanced",
+    devices: int | None = None,
+    tie_break: str = "early",
 ) -> list[tuple[int, int]]:
     """Partition layers of additive integer ``sizes`` into contiguous groups within ``capacity``.
 
@@ -203,6 +227,8 @@ def partition(
     ``greedy``: fewest groups (the seed's accumulation). ``balanced``: ``devices`` groups
     (default: the greedy minimum; at most one per layer) minimising the largest group sum.
     ``balanced-reference``: the same optimum by the O(n^2 k) dynamic programme.
+    ``tie_break``: among partitions with the same optimum, ``early`` lets earlier groups take as
+    many layers as the bound allows, ``late`` later ones (see :func:`solve`).
     Raises :class:`PlanError` when a layer exceeds ``capacity`` and :class:`DeviceCountError`
     when ``devices`` is below the minimum.
     """
@@ -223,5 +249,6 @@ def partition(
             f"{' ...' if len(over) > 5 else ''}; no partition can hold them. Shrink those layers "
             "(quantization, pruning, a smaller micro-batch), split them, or use make_plan(..., allow_spill=True)"
         )
-    sol = solve(AdditiveCost(values), capacity, strategy, devices)
+    check_tie_break(tie_break)
+    sol = solve(AdditiveCost(values), capacity, strategy, devices, tie_break=tie_break)
     return [(a, b - 1) for a, b in sol.groups]

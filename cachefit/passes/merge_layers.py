@@ -6,6 +6,7 @@ import tvm
 from tvm import relax
 
 from ..errors import CachefitError
+from ..partition import partition
 from . import keeps_errors, layering
 
 
@@ -13,10 +14,15 @@ from . import keeps_errors, layering
 class MergeLayers:
     """Merge the layers of a layered module into ``count`` contiguous groups (``--layers N``).
 
-    The groups balance the weight bytes (smallest possible largest group, exact DP over the layer
-    sizes); a merged layer is named ``first..last`` after the layers it holds. ``groups`` (a list of
-    (first, last) layer indices) fixes the grouping instead. Asking for more layers than there are
-    is an error; asking for as many leaves the module unchanged.
+    The groups balance the weight elements: the smallest possible largest group, computed by the
+    partitioner (:func:`cachefit.partition.partition`, ``balanced`` with ``count`` devices, exact).
+    Among the groupings with that optimum it takes ``tie_break="late"``: later groups hold as many
+    layers as the optimum allows, every cut as early as any optimal grouping's (this keeps the
+    groupings ``--layers N`` gave before for equal layers, e.g. six into four as 1, 1, 2, 2 layers,
+    so merged layer names stay as they were). A merged layer is named
+    ``first..last`` after the layers it holds. ``groups`` (a list of (first, last) layer indices)
+    fixes the grouping instead. Asking for more layers than there are is an error; asking for as
+    many leaves the module unchanged.
     """
 
     def __init__(self, count: int | None = None, groups: list[tuple[int, int]] | None = None):
@@ -39,7 +45,7 @@ class MergeLayers:
             if self.count == n:
                 return mod
             sizes = _weight_elems(mod, layers)
-            groups = balanced_groups(sizes, self.count)
+            groups = partition(sizes, sum(sizes), "balanced", devices=self.count, tie_break="late")
         flat = layering.flatten(mod)
         names = flat.layer_names
         # binding ranges per group
@@ -73,28 +79,3 @@ def _bytes(ty) -> int:
     for d in ty.shape.values:
         n *= int(d)
     return n
-
-
-def balanced_groups(sizes: list[int], k: int) -> list[tuple[int, int]]:
-    """Contiguous groups of ``sizes`` into exactly ``k`` non-empty groups minimising the largest sum."""
-    n = len(sizes)
-    pre = [0]
-    for s in sizes:
-        pre.append(pre[-1] + s)
-    INF = float("inf")
-    best = [[INF] * (n + 1) for _ in range(k + 1)]
-    arg = [[0] * (n + 1) for _ in range(k + 1)]
-    best[0][0] = 0
-    for g in range(1, k + 1):
-        for j in range(g, n + 1):
-            for i in range(g - 1, j):
-                v = max(best[g - 1][i], pre[j] - pre[i])
-                if v < best[g][j]:
-                    best[g][j], arg[g][j] = v, i
-    out = []
-    j = n
-    for g in range(k, 0, -1):
-        i = arg[g][j]
-        out.append((i, j - 1))
-        j = i
-    return out[::-1]

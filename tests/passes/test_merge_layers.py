@@ -7,7 +7,8 @@ from tvm.script import relax as R
 
 from cachefit.errors import CachefitError
 from cachefit.passes import run_pass
-from cachefit.passes.merge_layers import MergeLayers, balanced_groups
+from cachefit.partition import partition
+from cachefit.passes.merge_layers import MergeLayers
 
 
 @I.ir_module
@@ -96,16 +97,31 @@ def test_explicit_groups():
     assert names == ["layers.0", "layers.1..layers.2"]
 
 
-@pytest.mark.parametrize("sizes,k", [([5, 1, 1, 1, 5], 2), ([1] * 7, 3), ([9, 1, 1, 1, 1, 1, 1, 1, 1, 1], 2), ([3], 1)])
-def test_balanced_groups_is_optimal(sizes, k):
-    """Against brute force over every split into k contiguous non-empty groups."""
+def merge_groups(sizes, k):
+    """The grouping MergeLayers(k) takes for layers of ``sizes`` weight elements."""
+    return partition(sizes, sum(sizes), "balanced", devices=k, tie_break="late")
+
+
+@pytest.mark.parametrize("sizes,k", [([5, 1, 1, 1, 5], 2), ([1] * 7, 3), ([9, 1, 1, 1, 1, 1, 1, 1, 1, 1], 2), ([3], 1),
+                                     ([1, 1, 1, 1, 1, 5], 3), ([1] * 6, 4), ([0, 0, 0], 2)])
+def test_merge_grouping_is_optimal_with_every_cut_earliest(sizes, k):
+    """Against brute force over every split into k contiguous non-empty groups: the largest group
+    is the smallest possible, and among the splits reaching it every cut is as early as in any of
+    them (later groups hold as many layers as the optimum allows)."""
     import itertools
 
-    groups = balanced_groups(sizes, k)
+    groups = merge_groups(sizes, k)
     assert len(groups) == k and groups[0][0] == 0 and groups[-1][1] == len(sizes) - 1
     got = max(sum(sizes[a:b + 1]) for a, b in groups)
-    best = min(
-        max(sum(sizes[a:b]) for a, b in zip((0,) + cuts, cuts + (len(sizes),)))
-        for cuts in itertools.combinations(range(1, len(sizes)), k - 1)
-    )
+    splits = [(0,) + cuts + (len(sizes),) for cuts in itertools.combinations(range(1, len(sizes)), k - 1)]
+    best = min(max(sum(sizes[a:b]) for a, b in zip(c, c[1:])) for c in splits)
     assert got == best
+    optimal = [c for c in splits if max(sum(sizes[a:b]) for a, b in zip(c, c[1:])) == best]
+    cuts = tuple(a for a, _ in groups) + (len(sizes),)
+    assert all(x <= y for c in optimal for x, y in zip(cuts, c))
+
+
+def test_merge_six_equal_layers_into_four_puts_the_pairs_last():
+    """Six layers of 16 elements into four: the largest group must hold two layers; the late tie
+    break gives 1, 1, 2, 2 (the pinned mlp-tiny grouping of tests/test_layer_discovery.py)."""
+    assert merge_groups([16] * 6, 4) == [(0, 0), (1, 1), (2, 3), (4, 5)]
