@@ -11,7 +11,7 @@ from cachefit.cli import main
 from cachefit.errors import CachefitError
 from cachefit.partition.records import LayerRecord
 from cachefit.perf.analytic import preset_records, transformer_records
-from cachefit.perf.costmodel import CostModel, requantize
+from cachefit.perf.costmodel import CostModel, estimate_pipeline, requantize
 from cachefit.perf.estimate import balanced_time_groups, estimate_layers
 from cachefit.perf.hardware import Hardware
 
@@ -72,6 +72,61 @@ def test_time_balanced_fallback_is_optimal_on_a_small_case():
     layers = [LayerRecord(f"l{i}", weight_bytes=0, activation_bytes=0, flops=f * 1_000_000)
               for i, f in enumerate([1, 2, 3, 4])]
     assert balanced_time_groups(layers, CostModel(HW), 2) == [(0, 2), (3, 3)]
+
+
+def _brute_time_balanced(layers, model, k):
+    """(bottleneck, fewest stages reaching it) over every split into at most k contiguous stages;
+    a stage is resident when its exact footprint fits, spilling otherwise, and pays the transfer
+    of its input unless it is the first."""
+    import itertools
+
+    from cachefit.partition import group_footprint
+
+    n = len(layers)
+
+    def stage(a, b):
+        resident = group_footprint(layers[a:b]).total_bytes <= model.capacity_bytes
+        return sum(model.layer_time(x, resident) for x in layers[a:b]) + (
+            model.transfer_time(layers[a].in_bytes) if a > 0 else 0.0)
+
+    best = None
+    for t in range(1, k + 1):
+        for cuts in itertools.combinations(range(1, n), t - 1):
+            edges = (0, *cuts, n)
+            v = max(stage(a, b) for a, b in zip(edges, edges[1:]))
+            if best is None or v < best[0] * (1 - 1e-12):
+                best = (v, t)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_time_balanced_fallback_matches_brute_force(seed):
+    """Random models of up to 8 layers on 1 MB devices, some stages spilling: the fallback's largest
+    stage time is the brute-force optimum and it uses the fewest stages that reach it. Seeds with
+    large boundary tensors make the footprint non-monotone (the reference DP path), the others
+    take the bottleneck search."""
+    import random
+
+    from cachefit.perf.estimate import _ResidentOrSpillingStageTime
+
+    rng = random.Random(seed)
+    n = rng.randint(1, 8)
+    big_io = seed % 2 == 1
+    layers = [LayerRecord(f"l{i}", weight_bytes=rng.randint(50_000, 700_000), activation_bytes=rng.randint(0, 50_000),
+                          in_bytes=rng.randint(0, 400_000 if big_io else 2_000),
+                          out_bytes=rng.randint(0, 400_000 if big_io else 2_000),
+                          flops=rng.randint(0, 2_000_000), batch=4) for i in range(n)]
+    model = CostModel(HW)
+    k = rng.randint(1, n)
+    groups = balanced_time_groups(layers, model, k)
+    assert groups[0][0] == 0 and groups[-1][1] == n - 1
+    assert all(b + 1 == c for (_, b), (c, _) in zip(groups, groups[1:]))
+    value, fewest = _brute_time_balanced(layers, model, k)
+    est = estimate_pipeline(layers, groups, model, tokens_per_microbatch=4)
+    assert est.bottleneck_s == pytest.approx(value, rel=1e-9)
+    assert len(groups) == fewest
+    if not big_io:
+        assert _ResidentOrSpillingStageTime(layers, model).core_monotone
 
 
 def test_requantize_scales_weights_only():

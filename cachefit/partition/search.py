@@ -501,13 +501,16 @@ def reference_balanced(
     max_groups: int,
     capacity,
     spill: Sequence[int] = (),
+    fewest: bool = False,
 ) -> tuple[list, object] | None:
     """The seed's dynamic programme, given the group count: O(n^2 k) cost evaluations.
 
     ``best[t][b]`` = smallest bottleneck covering layers ``0 .. b-1`` with exactly ``t`` groups,
     every group within ``capacity``, except that a layer in ``spill`` may form a group alone
     (contributing nothing to the bottleneck). Returns the groups and the bottleneck of the
-    best ``t <= max_groups`` (the largest such ``t`` on ties), or None if none is feasible.
+    best ``t <= max_groups`` (the largest such ``t`` on ties, the smallest with ``fewest``), or
+    None if none is feasible. ``cost`` may be any function of the group: no monotonicity is
+    assumed.
     """
     spill = set(spill)
     k = min(max_groups, n)
@@ -534,7 +537,7 @@ def reference_balanced(
             row[b], par[b] = bb, arg
     value, t_best = INF, -1
     for t in range(1, k + 1):
-        if best[t][n] <= value:
+        if best[t][n] < value or (best[t][n] == value and not fewest):
             value, t_best = best[t][n], t
     if t_best < 0 or value == INF:
         return None

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..errors import CachefitError, PlanError
+from ..partition.footprint import GroupCost
 from ..partition.records import LayerRecord
 from .baselines import Baseline, estimate_tensor_pipeline, parse_baselines
-from .costmodel import CostModel, PipelineEstimate, estimate_pipeline, rebatch, requantize, stage_footprint
+from .costmodel import CostModel, PipelineEstimate, estimate_pipeline, rebatch, requantize
 from .hardware import Hardware, format_bytes, get_hardware
 
 logger = logging.getLogger(__name__)
@@ -171,45 +172,65 @@ def plan_groups(layers: Sequence[LayerRecord], model: CostModel, devices: int,
         return balanced_time_groups(layers, model, devices), "time-balanced split (fallback)", notes
 
 
+class _ResidentOrSpillingStageTime(GroupCost):
+    """Adapter: the cost model's stage time as a partitioner group cost, any stage allowed.
+
+    ``cost(a, b)`` = the layers' times at the stage's residency (resident when its exact
+    footprint, :class:`~cachefit.partition.FootprintCost`, the same as :func:`stage_footprint`,
+    fits ``model.capacity_bytes``; spilling otherwise) + the transfer of layer ``a``'s input for
+    every stage but the first, as :func:`estimate_stage` counts it. ``core`` is the sum of layer
+    times, ``x`` the transfer. ``core`` is monotone under inclusion, as the partitioner's exact
+    searches require, when residency is (the footprint is monotone: a part of a resident stage
+    is resident) and no layer is faster spilling than resident: ``core_monotone``.
+    """
+
+    def __init__(self, layers: Sequence[LayerRecord], model: CostModel):
+        from itertools import accumulate
+
+        from ..partition.footprint import FootprintCost
+
+        self.n = len(layers)
+        self.footprint = FootprintCost(layers)
+        self.capacity = model.capacity_bytes
+        on = [float(model.layer_time(x, True)) for x in layers]
+        off = [float(model.layer_time(x, False)) for x in layers]
+        self.on = list(accumulate(on, initial=0.0))
+        self.off = list(accumulate(off, initial=0.0))
+        self.x = [0.0] + [float(model.transfer_time(x.in_bytes)) for x in layers[1:]]
+        self.y = [0.0] * self.n
+        self.core_monotone = self.footprint.monotone and all(f >= o for f, o in zip(off, on))
+        # Left extension adds a layer's time and that layer's transfer, and drops x[a].
+        self.monotone = self.core_monotone and all(
+            on[a - 1] + self.x[a - 1] >= self.x[a] for a in range(1, self.n))
+
+    def core(self, a: int, b: int) -> float:
+        times = self.on if self.footprint.cost(a, b) <= self.capacity else self.off
+        return times[b] - times[a]
+
+
 def balanced_time_groups(layers: Sequence[LayerRecord], model: CostModel, k: int) -> list[tuple[int, int]]:
-    """At most ``k`` contiguous stages minimising the largest predicted stage time (exact O(n^2 k)
-    dynamic programme on the full model: residency per stage from its footprint)."""
+    """At most ``k`` contiguous stages minimising the largest predicted stage time, any stage
+    allowed to spill (residency per stage from its footprint); the fewest stages reaching it.
+
+    The partitioner's exact bottleneck search (:func:`cachefit.partition.search.min_bottleneck`)
+    on :class:`_ResidentOrSpillingStageTime`; where that cost is outside the search's contract
+    (a non-monotone footprint, or a layer faster spilling than resident) its reference dynamic
+    programme, O(n^2 k), up to 400 layers, and an even split beyond."""
+    from ..partition.search import Segment, min_bottleneck, reference_balanced
+
     n = len(layers)
     k = max(1, min(k, n))
-    if n > 400:
+    cost = _ResidentOrSpillingStageTime(layers, model)
+    if cost.core_monotone:
+        res = min_bottleneck(cost, [], [Segment(0, n)], k, 0.0, cost.cost(0, n), integer=False)
+        groups = res.groups
+    elif n <= 400:
+        groups = reference_balanced(cost.cost, n, k, math.inf, fewest=True)[0]
+    else:
         from .baselines import even_groups
 
         return even_groups(n, k)
-    stage_t = {}
-
-    def t(a: int, b: int) -> float:  # layers a..b inclusive
-        key = (a, b)
-        if key not in stage_t:
-            group = layers[a:b + 1]
-            resident = stage_footprint(group).total_bytes <= model.capacity_bytes
-            stage_t[key] = sum(model.layer_time(x, resident) for x in group) + (
-                model.transfer_time(group[0].in_bytes) if a > 0 else 0.0)
-        return stage_t[key]
-
-    inf = math.inf
-    best = [[inf] * (n + 1) for _ in range(k + 1)]
-    cut = [[0] * (n + 1) for _ in range(k + 1)]
-    best[0][0] = 0.0
-    for j in range(1, k + 1):
-        for b in range(1, n + 1):
-            for a in range(j - 1, b):
-                if best[j - 1][a] == inf:
-                    continue
-                v = max(best[j - 1][a], t(a, b - 1))
-                if v < best[j][b]:
-                    best[j][b], cut[j][b] = v, a
-    j = min(range(1, k + 1), key=lambda jj: best[jj][n])
-    groups, b = [], n
-    while j > 0:
-        a = cut[j][b]
-        groups.append((a, b - 1))
-        b, j = a, j - 1
-    return groups[::-1]
+    return [(a, b - 1) for a, b in groups]
 
 
 def estimate_layers(
