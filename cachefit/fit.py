@@ -157,6 +157,7 @@ class FitReport:
     quantized: list = field(default_factory=list)
     pruned: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    prune_heads: float = 0.0       # fraction of the attention heads removed (every layer with heads)
     calibration: int = 0           # input batches of the GPTQ calibration run (0: data-free)
     int8_weights: list = field(default_factory=list)   # name patterns kept at INT8 under int4
 
@@ -175,7 +176,7 @@ class FitReport:
             "group_size": self.group_size, "prune": self.prune, "max_prune": self.max_prune,
             "fits": self.fits, "layers": [l.to_dict() for l in self.layers],
             "quantized": list(self.quantized), "pruned": list(self.pruned), "notes": list(self.notes),
-            "calibration": self.calibration, "int8_weights": list(self.int8_weights),
+            "calibration": self.calibration, "int8_weights": list(self.int8_weights), "prune_heads": self.prune_heads,
         }
 
     def format_table(self) -> str:
@@ -185,7 +186,8 @@ class FitReport:
                    if self.quantize != "none" else "")
                 + (f", GPTQ calibrated on {self.calibration} batch(es)" if self.calibration else "")
                 + (f", INT8 kept for {', '.join(self.int8_weights)}" if self.int8_weights else "")
-                + (f", --prune {self.prune:g}" if self.prune else ""))
+                + (f", --prune {self.prune:g}" if self.prune else "")
+                + (f", --prune-heads {self.prune_heads:g}" if self.prune_heads else ""))
         lines = [head]
         shown = [l for l in self.layers if l.applied or not l.fits or l.bytes_before > self.capacity_bytes]
         if not shown:
@@ -340,13 +342,14 @@ class _Workbench:
     """
 
     def __init__(self, analysis, group_size: int | None, hessians: dict | None = None,
-                 int8_weights: Sequence[str] | None = None):
+                 int8_weights: Sequence[str] | None = None, prune_heads: float = 0.0):
         from .passes.annotate_footprint import AnnotateFootprint
 
         self.analysis = analysis
         self.group_size = group_size
         self.hessians = dict(hessians or {})
         self.int8_weights = list(int8_weights or [])
+        self.prune_heads = float(prune_heads)
         self.annotator = AnnotateFootprint(dtype=analysis.dtype)
         self.n = len(analysis.layers)
         self._cache: dict = {}
@@ -362,14 +365,21 @@ class _Workbench:
         mod, params = self.analysis.mod, self.analysis.params
         quantized, pruned = [], []
         hessians = dict(self.hessians)
+        if self.prune_heads:
+            mod, params, done = prune_weights(mod, params, 0.0, heads=self.prune_heads)
+            pruned += [d.to_dict() for d in done]
+            for d in done:   # the output projection lost rows of its reduction axis
+                for name, rows in d.reduced:
+                    if name in hessians:
+                        hessians[name] = hessians[name][np.ix_(rows, rows)]
         for ratio in sorted({r.prune for r in recipes if r.prune > 0}):
             sel = [i for i, r in enumerate(recipes) if r.prune == ratio]
             mod, params, done = prune_weights(mod, params, ratio, layers=sel)
             pruned += [d.to_dict() for d in done]
             for d in done:   # fc2 lost rows of its reduction axis: the Hessian loses them too
-                kept = getattr(d, "kept", None)
+                kept = d.kept
                 h = hessians.get(d.weights[-1]) if d.weights else None
-                if kept is not None and h is not None and h.shape[0] == d.hidden_before:
+                if h is not None and h.shape[0] == d.hidden_before:
                     hessians[d.weights[-1]] = h[np.ix_(kept, kept)]
         for bits in (8, 4):
             sel = [i for i, r in enumerate(recipes) if r.bits == bits]
@@ -377,7 +387,7 @@ class _Workbench:
                 mod, params, done = quantize_weights(mod, params, bits=bits, group_size=self.group_size, layers=sel,
                                                      hessians=hessians, int8_weights=self.int8_weights)
                 quantized += [d.to_dict() for d in done]
-        if all(r == Recipe() for r in recipes):
+        if all(r == Recipe() for r in recipes) and not self.prune_heads:
             result = (mod, params, list(self.analysis.layers), quantized, pruned)
         else:
             mod, records = self.measure(mod)
@@ -528,8 +538,6 @@ def fit_model(
     if not 0.0 <= float(prune_heads) < 1.0:
         raise CachefitError(f"--prune-heads {prune_heads} is not a fraction in [0, 1): e.g. 0.25 removes a quarter "
                             "of each attention layer's heads")
-    if prune_heads:
-        raise CachefitError("--prune-heads is not implemented yet")
     if capacity <= 0:
         raise CachefitError(f"the capacity must be positive, got {capacity}")
     batch = analysis.layers[0].batch if analysis.layers else 1
@@ -545,7 +553,7 @@ def fit_model(
         hessians, n_calib = _calibrate(analysis, calibration, progress)
 
     def workbench(a):
-        return _Workbench(a, group_size, hessians, int8_weights)
+        return _Workbench(a, group_size, hessians, int8_weights, prune_heads)
 
     micro = batch
     current = analysis
@@ -585,11 +593,15 @@ def fit_model(
     report = FitReport(mode=mode, capacity_bytes=int(capacity), footprint=footprint, batch=batch, micro_batch=micro,
                        quantize=quantize, group_size=group_size, prune=float(prune), max_prune=float(max_prune),
                        quantized=quantized, pruned=pruned, notes=notes, calibration=n_calib,
-                       int8_weights=list(int8_weights or []))
+                       int8_weights=list(int8_weights or []), prune_heads=float(prune_heads))
+    head_layers = {d["layer"]: d for d in pruned if "heads_before" in d}
     for i, (before, after) in enumerate(zip(original, records)):
         rec = recipes[i]
-        changed = rec != Recipe() or micro != batch
+        changed = rec != Recipe() or micro != batch or i in head_layers
         lf = _layer_fit(i, before, after, rec, capacity, footprint, micro if micro != batch else None)
+        if i in head_layers:
+            d = head_layers[i]
+            lf.applied.append(f"prune heads {d['heads_before']} -> {d['heads_after']}")
         if not changed:
             lf.applied = []
         if mode == "none" and not lf.fits:
