@@ -321,3 +321,201 @@ def test_exported_gpt2_mlps_are_found(analyzed):
     a = analyzed("gpt2_dynamo.onnx")
     pairs = find_mlp_pairs(a.mod)
     assert [p.layer for p in pairs] == [1, 2, 3] and all(p.reshapes for p in pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention heads
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dense_attention_heads_are_found(analyzed):
+    """dense-tiny: one attention per block, 4 heads of 40; Q/K/V columns and biases and O rows are
+    sliced per head (40 consecutive entries), O along its reduction axis."""
+    from cachefit.passes.prune_weights import HeadLayout, find_attention_heads
+
+    atts = find_attention_heads(analyzed("dense-tiny").mod)
+    assert [(t.layer, t.units, t.heads, t.head_dim) for t in atts] == [(i, 4, 4, 40) for i in range(4)]
+    w = {n: (ax, lay) for n, ax, lay in atts[2].weights}
+    p = "layers_2_attn_"
+    assert w == {p + "q_proj_weight": (1, HeadLayout(1, (40,))), p + "k_proj_weight": (1, HeadLayout(1, (40,))),
+                 p + "v_proj_weight": (1, HeadLayout(1, (40,))), p + "q_proj_bias": (0, HeadLayout(0, (40,))),
+                 p + "k_proj_bias": (0, HeadLayout(0, (40,))), p + "v_proj_bias": (0, HeadLayout(0, (40,))),
+                 p + "o_proj_weight": (0, HeadLayout(0, (40,)))}
+    assert atts[2].reduced == (p + "o_proj_weight",)
+    # a fused QKV layout: head 1 of 2 owns entries 2-3, 6-7 and 10-11 of a [12] axis
+    assert HeadLayout(0, (2, 2, 2)).indices(2, [1]).tolist() == [2, 3, 6, 7, 10, 11]
+
+
+def _fewer_heads_onnx(model, keep_of, heads, head_dim, batch, seq):
+    """The dense reference model with only the heads ``keep_of[i]`` of block i, built in numpy:
+    Q/K/V columns and biases, O rows taken, and the attention's reshape constants rewritten."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    for i, keep in keep_of.items():
+        cols = np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in keep])
+        for n in "qkv":
+            for leaf, axis in (("weight", 1), ("bias", 0)):
+                name = f"layers.{i}.attn.{n}_proj.{leaf}"
+                arr = np.take(numpy_helper.to_array(inits[name]), cols, axis=axis)
+                inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        name = f"layers.{i}.attn.o_proj.weight"
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(inits[name])[cols]), name))
+    hidden = heads * head_dim
+    for node in m.graph.node:
+        if node.op_type != "Constant" or "/attn/" not in node.name:
+            continue
+        v = numpy_helper.to_array(node.attribute[0].t)
+        k = len(keep_of[int(node.name.split("/")[1].split(".")[1])])
+        if v.dtype == np.int64 and v.tolist() == [batch, seq, heads, head_dim]:
+            node.attribute[0].t.CopyFrom(numpy_helper.from_array(np.array([batch, seq, k, head_dim], np.int64)))
+        elif v.dtype == np.int64 and v.tolist() == [batch, seq, hidden]:
+            node.attribute[0].t.CopyFrom(numpy_helper.from_array(np.array([batch, seq, k * head_dim], np.int64)))
+    del m.graph.value_info[:]
+    return m
+
+
+@pytest.mark.slow
+def test_compiled_head_pruned_dense_model_matches_an_onnx_model_with_fewer_heads(analyzed, tmp_path):
+    """Acceptance: ``compile(prune_heads=0.5)`` of dense-tiny runs and equals onnxruntime on an ONNX
+    model with 2 heads per block, built in numpy (heads by the product of the L2 norms of their
+    Q, K, V columns and O rows). Weight bytes drop by exactly half of Q/K/V/O and their Q/K/V
+    biases; the FLOPs and bytes equal those of the smaller model analysed on its own."""
+    import onnx
+    from onnx import numpy_helper
+
+    from cachefit.analysis import analyze_onnx
+    from cachefit.compiler import compile_model, reference_outputs
+    from cachefit.models import build
+    from cachefit.runtime import load
+
+    model = build("dense-tiny")
+    a = analyzed("dense-tiny")
+    res = compile_model(model, out_dir=tmp_path / "heads", cache="64MB", threads=1, analysis=a, prune_heads=0.5)
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    keep_of = {}
+    for i in range(4):
+        w = {n: inits[f"layers.{i}.attn.{n}_proj.weight"] for n in "qkvo"}
+        score = [np.prod([np.linalg.norm(w[n][:, h * 40:(h + 1) * 40]) for n in "qkv"])
+                 * np.linalg.norm(w["o"][h * 40:(h + 1) * 40]) for h in range(4)]
+        keep_of[i] = np.sort(np.argsort(-np.array(score), kind="stable")[:2])
+    assert [d["kept_units"] for d in res.fit.pruned] == [keep_of[i].tolist() for i in range(4)]
+    assert [(d["heads_before"], d["heads_after"]) for d in res.fit.pruned] == [(4, 2)] * 4
+    small = _fewer_heads_onnx(model, keep_of, 4, 40, 2, 16)
+    onnx.save(small, str(tmp_path / "small.onnx"))
+    x = np.random.default_rng(7).standard_normal((2, 16, 160)).astype(np.float32)
+    want = reference_outputs(tmp_path / "small.onnx", {"x": x})["y"]
+    got = load(res.artifact_dir).run({"x": x})["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    b = analyze_onnx(tmp_path / "small.onnx")
+    attn = (4 * 160 * 160 + 3 * 160) * 4
+    for old, new, ref in zip(a.layers, res.analysis.layers, b.layers):
+        assert old.weight_bytes - new.weight_bytes == attn // 2
+        assert (new.weight_bytes, new.flops, new.activation_bytes) == (ref.weight_bytes, ref.flops, ref.activation_bytes)
+    # the attention's FLOPs (4 projections, scores and context) halve
+    proj = 4 * 2 * 32 * 160 * 160
+    bmm = 2 * (2 * 2 * 4 * 16 * 16 * 40)
+    assert a.layers[0].flops - res.analysis.layers[0].flops >= (proj + bmm) // 2
+
+
+def _run_layered(mod, params, feeds):
+    main = mod["main"]
+    n = int(main.attrs["num_input"])
+    args = [feeds[p.name] for p in main.params[:n]] + [params[p.name] for p in main.params[n:]]
+    return _run(mod, args)
+
+
+def _zero_heads_reference(name, a, done, feeds):
+    """onnxruntime on the original export with the rows of the output projection that belong to
+    the removed heads set to zero: a head whose output rows are zero contributes nothing, so this
+    is the model without those heads."""
+    import onnx
+    from onnx import numpy_helper
+
+    from cachefit.compiler import reference_outputs
+    from tests.conftest import DATA_DIR
+
+    m = onnx.load(str(DATA_DIR / name))
+    inits = {t.name: t for t in m.graph.initializer}
+    orig = a.imported.original_names
+    for d in done:
+        for wname, rows in d.reduced:
+            t = inits[orig.get(wname, wname)]
+            arr = numpy_helper.to_array(t).copy()
+            mask = np.ones(arr.shape[0], bool)
+            mask[list(rows)] = False
+            arr[mask] = 0
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(m, str(Path(tmp) / "z.onnx"))
+        return next(iter(reference_outputs(Path(tmp) / "z.onnx", feeds).values()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,units,kept_rows", [("gpt2_legacy.onnx", 4, 32), ("llama_dynamo.onnx", 2, 32)])
+def test_exported_models_heads_are_pruned(analyzed, name, units, kept_rows):
+    """Real exports: GPT-2 (one fused QKV projection split in three: each head owns a slice of
+    each third) and Llama (rotary embeddings, GQA with 4 query heads over 2 key/value heads, so a
+    whole key/value group goes). Half the units are removed; the pruned module equals onnxruntime
+    on the original export whose output-projection rows of the removed heads are zero."""
+    from cachefit.passes.prune_weights import find_attention_heads
+
+    a = analyzed(name)
+    atts = find_attention_heads(a.mod)
+    assert len(atts) == (3 if "gpt2" in name else 4) and all(t.units == units and t.heads == 4 for t in atts)
+    mod, params, done = prune_weights(a.mod, a.params, 0.0, heads=0.5)
+    assert all(d.heads_after == 2 and len(d.kept) == units // 2 for d in done)
+    assert all(len(rows) == kept_rows for d in done for _, rows in d.reduced)
+    if "gpt2" in name:
+        w = params["transformer_h_0_attn_c_attn_weight"]
+        assert w.shape == (64, 96) and params["transformer_h_0_attn_c_attn_bias"].shape == (96,)
+    ids = np.random.default_rng(3).integers(0, 100, size=(1, 16)).astype(np.int64)
+    got = _run_layered(mod, params, {"input_ids": ids})
+    want = _zero_heads_reference(name, a, done, {"input_ids": ids})
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    old = sum(r.weight_bytes for r in a.layers)
+    new = sum(r.weight_bytes for r in layer_records(run_pass(AnnotateFootprint(), mod)))
+    attn = sum(int(np.prod(a.params[n].shape)) * 4 for t in atts for n, _, _ in t.weights)
+    assert old - new == attn // 2
+
+
+@I.ir_module
+class HeadsLeave:
+    """The heads are split and the [B, H, S, D] tensor is the layer's output: not followed."""
+
+    @R.function(private=True)
+    def layer_0(x: R.Tensor((1, 4, 8), "float32"), wq: R.Tensor((8, 8), "float32")) -> R.Tensor((1, 2, 4, 4), "float32"):
+        R.func_attr({"cachefit.layer": 0, "cachefit.layer_name": "layers.0"})
+        with R.dataflow():
+            q = R.matmul(x, wq)
+            h = R.reshape(q, R.shape([1, 4, 2, 4]))
+            gv = R.permute_dims(h, axes=[0, 2, 1, 3])
+            R.output(gv)
+        return gv
+
+    @R.function
+    def main(x: R.Tensor((1, 4, 8), "float32"), wq: R.Tensor((8, 8), "float32")) -> R.Tensor((1, 2, 4, 4), "float32"):
+        R.func_attr({"num_input": 1})
+        cls = HeadsLeave
+        with R.dataflow():
+            gv = cls.layer_0(x, wq)
+            R.output(gv)
+        return gv
+
+
+def test_heads_that_cannot_be_followed_are_refused_by_name():
+    """A layer whose head axis leaves the layer raises HeadsNotFound naming the layer and why;
+    without --prune-heads the same module is left alone."""
+    from cachefit.passes.prune_weights import HeadsNotFound
+
+    with pytest.raises(HeadsNotFound, match=r"layer layers\.0: gv, which carries the heads, leaves the layer"):
+        prune_weights(HeadsLeave, {}, 0.0, heads=0.5)
+    assert prune_weights(HeadsLeave, {}, 0.0)[0].same_as(HeadsLeave)
+    with pytest.raises(CachefitError, match="prune-heads 1.0 is not a fraction"):
+        PruneWeights({}, 0.0, heads=1.0)
