@@ -1,13 +1,16 @@
 """Cost-model benchmarks.
 
     python bench/costmodel.py paper            # the numbers of docs/paper-check.md (seconds)
-    python bench/costmodel.py cpu [--stages 1,2,3,4] [--repeat 20] [--model dense-tiny]
+    python bench/costmodel.py cpu [--stages 1,2,3,4] [--repeat 20] [--model dense-tiny] [--diagnose]
                                                # calibration: predicted vs measured per-stage time
                                                # of the compiled dense reference model on this CPU
 
 ``paper`` works from shapes alone (cachefit.perf.analytic, cross-checked against the Relax IR
-analysis of the exported shape-only ONNX files). ``cpu`` calibrates this CPU with TVM kernels,
-compiles the model into k stages, times every stage on one core and compares with the model.
+analysis of the exported shape-only ONNX files). ``cpu`` compiles the model into k stages,
+calibrates this CPU with TVM kernels (``cachefit calibrate``'s measurements: generic shapes, not the
+model), times every stage on one core and compares with the per-kernel cost model (each layer's
+kernels from its Relax IR, timed with the calibrated kernel table) and with the older
+``flops / peak`` model.
 """
 
 from __future__ import annotations
@@ -161,69 +164,176 @@ def paper() -> str:
 # --- calibration on this CPU ------------------------------------------------------------------------
 
 
-def cpu(stages: list[int], repeat: int, model: str, method: str) -> str:
-    """Calibrate, compile ``model`` into k stages, time each stage alone on one core, compare."""
+def cpu(stages: list[int], repeat: int, model: str, method: str, diagnose: bool = False) -> str:
+    """Compile ``model`` into k stages, calibrate, time each stage alone on one core, compare.
+
+    Order: every k-stage artifact is compiled first (no timing), then ``cachefit calibrate``'s
+    measurements run (generic kernels only; nothing of ``model`` is compiled or timed there), then
+    all stages are timed, interleaved: calibration and stage timings are close in time on this
+    shared machine.
+    """
     from cachefit.analysis import analyze_onnx
     from cachefit.models import export
     from cachefit.perf.calibrate import measure_cpu
     from cachefit.perf.costmodel import CostModel, estimate_pipeline
+    from cachefit.perf.flops import module_kernels
 
-    hw, meas = measure_cpu(method=method)
-    lines = [f"calibrated: peak {hw.flops_for('float32') / 1e9:.2f} GFLOP/s, on-chip {hw.onchip_bw / 1e9:.1f} GB/s, "
-             f"off-chip {hw.offchip_bw / 1e9:.1f} GB/s, link {hw.link_bw / 1e9:.2f} GB/s + "
-             f"{hw.link_latency * 1e6:.0f} us, compute/memory overlap {hw.memory_overlap:.2f}, bare matmul "
-             f"{meas['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s"]
+    load0 = Path("/proc/loadavg").read_text().split()[:3]
     tmp = Path(tempfile.mkdtemp(prefix="cachefit-bench-"))
     path = export(model, tmp / f"{model}.onnx")
     analysis = analyze_onnx(path)
     layers = analysis.layers
-    cm = CostModel(hw)
-    rows = []
-    errors = []
+    pipes = {k: _compile(path, tmp / f"k{k}", k) for k in stages}
+
+    t_cal = time.perf_counter()
+    hw, meas = measure_cpu(method=method)
+    t_cal = time.perf_counter() - t_cal
+    table = hw.kernels
+    lines = [f"calibrated ({t_cal:.0f} s): block peak {hw.flops_for('float32') / 1e9:.2f} GFLOP/s, on-chip "
+             f"{hw.onchip_bw / 1e9:.1f} GB/s, off-chip {hw.offchip_bw / 1e9:.1f} GB/s, link {hw.link_bw / 1e9:.2f} GB/s"
+             f" + {hw.link_latency * 1e6:.0f} us, compute/memory overlap {hw.memory_overlap:.2f}, matmul grid median "
+             f"{meas['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s"]
+    if table is not None:
+        rates = sorted(table.matmul_flops_per_s)
+        lines.append(
+            f"kernel table: matmul grid {len(table.matmul_m)}x{len(table.matmul_n)}x{len(table.matmul_k)} shapes, "
+            f"{rates[0] / 1e9:.1f}..{rates[-1] / 1e9:.1f} GFLOP/s; per element (ns): "
+            + ", ".join(f"{c} {v * 1e9:.3f}" for c, v in table.per_element.items())
+            + "; fused: " + ", ".join(f"{c} {v * 1e9:.3f}" for c, v in table.fused_per_element.items())
+            + f"; per kernel {table.per_kernel_s * 1e6:.2f} us, VM call {table.call_s * 1e6:.2f} us")
+    timed = _time_stages(pipes, repeat)
+    load1 = Path("/proc/loadavg").read_text().split()[:3]
+
+    per_kernel = CostModel(hw, kernels=module_kernels(analysis.mod))
+    per_peak = CostModel(hw)
+    rows, errors, errors_peak = [], [], []
     for k in stages:
-        art = tmp / f"k{k}"
-        groups, stage_times = _compile_and_time(path, art, k, repeat)
-        est = estimate_pipeline(layers, groups, cm, tokens_per_microbatch=analysis.tokens_per_batch)
-        for s, measured in zip(est.stages, stage_times):
+        groups, stage_times = timed[k]
+        est = estimate_pipeline(layers, groups, per_kernel, tokens_per_microbatch=analysis.tokens_per_batch)
+        old = estimate_pipeline(layers, groups, per_peak, tokens_per_microbatch=analysis.tokens_per_batch)
+        for s, o, measured in zip(est.stages, old.stages, stage_times):
             predicted = s.layers_s  # compute/memory part; the stage's own run excludes the hand-off
-            err = predicted / measured - 1
+            err, err_old = predicted / measured - 1, o.layers_s / measured - 1
             errors.append(abs(err))
+            errors_peak.append(abs(err_old))
             rows.append([k, s.index, f"{s.first_layer}..{s.last_layer}", format_bytes(s.footprint.total_bytes),
-                         "yes" if s.resident else "no", _ms(measured), _ms(predicted), f"{err:+.0%}"])
-    lines.append(_table(["stages", "stage", "layers", "footprint", "resident", "measured ms", "predicted ms", "error"],
-                        rows))
-    lines.append(f"\nmedian |error| {statistics.median(errors):.0%}, max |error| {max(errors):.0%} over {len(errors)} stages")
+                         "yes" if s.resident else "no", _ms(measured), _ms(s.compute_s), _ms(predicted),
+                         f"{err:+.0%}", _ms(o.layers_s), f"{err_old:+.0%}"])
+    lines.append(_table(["stages", "stage", "layers", "footprint", "resident", "measured ms", "kernels ms",
+                         "predicted ms", "error", "flops/peak ms", "error"], rows))
+    lines.append(f"\nper-kernel model: median |error| {statistics.median(errors):.0%}, max |error| {max(errors):.0%} "
+                 f"over {len(errors)} stages; flops / block peak: median {statistics.median(errors_peak):.0%}, "
+                 f"max {max(errors_peak):.0%}")
+    lines.append(f"load average (1, 5, 15 min): {' '.join(load0)} at the start, {' '.join(load1)} at the end")
+    if diagnose and table is not None:
+        lines.append(_diagnose(analysis, per_kernel, repeat))
     return "\n".join(lines)
 
 
-def _compile_and_time(model_path: Path, out: Path, k: int, repeat: int):
-    """Compile with cachefit into k CPU stages (one thread each), run each stage alone on the previous
-    stage's real outputs; returns (groups, median seconds per stage)."""
+def _diagnose(analysis, cost_model, repeat: int) -> str:
+    """For the analysis only (the model never sees it): layer 0 compiled alone, each of its kernel
+    calls timed on its own (best of ``repeat`` x 10 calls, operands warm), against the kernels the
+    cost model predicts for that layer."""
     import numpy as np
     import tvm
+    from tvm import relax
 
+    from cachefit.codegen.pipeline import compile_relax
+    from cachefit.passes import layering
+
+    _, fn = layering.layer_functions(analysis.mod)[0]
+    mod = tvm.IRModule({"main": fn.with_attr("global_symbol", "main")})
+    ex = compile_relax(mod, tvm.target.Target({"kind": "llvm"}), threads=1)
+    dev = tvm.cpu()
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.standard_normal([int(v) for v in p.ty.shape.values]).astype("float32"), dev)
+            for p in fn.params]
+    vm = relax.VirtualMachine(ex, dev)
+    vm["main"](*args)
+    whole = float(vm.time_evaluator("main", dev, number=20, repeat=max(repeat, 10))(*args).min)
+    calls = []
+
+    def instrument(func, symbol, before, _ret, *call_args):
+        if before and not symbol.startswith("vm.builtin"):
+            best = float("inf")
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    func(*call_args)
+                best = min(best, (time.perf_counter() - t0) / 10)
+            calls.append((symbol, best))
+        return 0
+
+    vm.set_instrument(instrument)
+    vm["main"](*args)
+    table = cost_model.hardware.kernels
+    profile = cost_model.kernels[analysis.layers[0].name]
+    predicted = [(k, k.seconds(table)) for k in profile.kernels]
+    rows = []
+    for i in range(max(len(calls), len(predicted))):
+        c = calls[i] if i < len(calls) else ("", 0.0)
+        p = predicted[i] if i < len(predicted) else (None, 0.0)
+        spec = p[0]
+        what = "" if spec is None else (
+            f"matmul {spec.batch:g} x {spec.m:g}x{spec.k:g}x{spec.n:g}" if spec.kind == "matmul"
+            else f"{spec.kind} {spec.elements:g}") + (f" + {len(spec.fused)} fused" if spec and spec.fused else "")
+        rows.append([c[0], f"{c[1] * 1e6:.1f}" if c[0] else "", what, f"{p[1] * 1e6:.1f}" if spec else ""])
+    out = [f"\nlayer 0 compiled alone: {whole * 1e3:.3f} ms per call; kernel calls timed one by one "
+           f"(sum {sum(t for _, t in calls) * 1e3:.3f} ms) against the cost model's kernels "
+           f"(sum {sum(t for _, t in predicted) * 1e3:.3f} ms); rows paired in order, not matched:"]
+    out.append(_table(["compiled kernel", "measured us", "model kernel", "predicted us"], rows))
+    mm_meas = sum(t for name, t in calls if "matmul" in name)
+    mm_pred = sum(t for k, t in predicted if k.kind == "matmul")
+    out.append(f"matmul kernels: measured {mm_meas * 1e6:.1f} us, predicted {mm_pred * 1e6:.1f} us; others: measured "
+               f"{(sum(t for _, t in calls) - mm_meas) * 1e6:.1f} us, predicted "
+               f"{(sum(t for _, t in predicted) - mm_pred) * 1e6:.1f} us")
+    return "\n".join(out)
+
+
+def _compile(model_path: Path, out: Path, k: int):
+    """Compile with cachefit into k CPU stages (one thread each, balanced split); the loaded pipeline."""
     from cachefit import runtime
     from cachefit.compiler import compile_model
 
     compile_model(str(model_path), out_dir=str(out), target="llvm", devices=k, strategy="balanced",
                   cache="1GB", threads=1)
-    pipe = runtime.load(str(out))
-    groups = [(int(s["first_layer"]), int(s["last_layer"])) for s in pipe.manifest["plan"]["stages"]]
-    rng = np.random.default_rng(0)
-    current = [tvm.runtime.tensor(rng.standard_normal(d["shape"]).astype(d["dtype"]), pipe.stages[0].device)
-               for d in pipe.inputs]
-    times = []
-    for stage in pipe.stages:
-        stage(current)  # warm up
-        samples = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            result = stage(current)
-            stage.device.sync()
-            samples.append(time.perf_counter() - t0)
-        times.append(min(samples))  # other processes on this shared machine only ever add time
-        current = result
-    return groups, times
+    return runtime.load(str(out))
+
+
+def _time_stages(pipes: dict, repeat: int) -> dict:
+    """Time every stage of every pipeline alone on the previous stage's real outputs.
+
+    ``repeat`` round-robin passes over all stages; in each pass a stage runs once untimed (its
+    weights warm, as in a steady pipeline) and 3 times timed. A stage's time is the minimum over
+    all its timed runs: other processes on this shared machine only ever add time, and spreading
+    each stage's runs over the whole measurement keeps a busy moment from spoiling one stage.
+    Returns ``k -> (groups, seconds per stage)``.
+    """
+    import numpy as np
+    import tvm
+
+    calls = []  # (k, stage index, stage, its inputs)
+    for k, pipe in pipes.items():
+        rng = np.random.default_rng(0)
+        current = [tvm.runtime.tensor(rng.standard_normal(d["shape"]).astype(d["dtype"]), pipe.stages[0].device)
+                   for d in pipe.inputs]
+        for i, stage in enumerate(pipe.stages):
+            calls.append((k, i, stage, current))
+            current = stage(current)
+    best = {(k, i): float("inf") for k, i, _, _ in calls}
+    for _ in range(repeat):
+        for k, i, stage, args in calls:
+            stage(args)
+            for _ in range(3):
+                t0 = time.perf_counter()
+                stage(args)
+                stage.device.sync()
+                best[(k, i)] = min(best[(k, i)], time.perf_counter() - t0)
+    out = {}
+    for k, pipe in pipes.items():
+        groups = [(int(s["first_layer"]), int(s["last_layer"])) for s in pipe.manifest["plan"]["stages"]]
+        out[k] = (groups, [best[(k, i)] for i in range(len(pipe.stages))])
+    return out
 
 
 def main(argv=None) -> int:
@@ -235,12 +345,14 @@ def main(argv=None) -> int:
     c.add_argument("--repeat", type=int, default=20)
     c.add_argument("--model", default="dense-tiny")
     c.add_argument("--method", default="tvm", choices=["tvm", "numpy"])
+    c.add_argument("--diagnose", action="store_true",
+                   help="also time layer 0's compiled kernels one by one against the model's (analysis only)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     if args.cmd == "paper":
         print(paper())
     else:
-        print(cpu([int(x) for x in args.stages.split(",")], args.repeat, args.model, args.method))
+        print(cpu([int(x) for x in args.stages.split(",")], args.repeat, args.model, args.method, args.diagnose))
     print(f"\n({time.perf_counter() - t0:.1f} s)")
     return 0
 

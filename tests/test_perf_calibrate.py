@@ -39,7 +39,20 @@ def test_cli_calibrate_with_tvm_kernels(tmp_path):
     assert doc["path"] == str(path)
     assert doc["measurements"]["method"] == "tvm"
     assert doc["measurements"]["per_kernel_seconds"] >= 0
-    assert get_hardware(str(path)).source.startswith("calibrated (tvm")
+    hw = get_hardware(str(path))
+    assert hw.source.startswith("calibrated (tvm")
+    # the kernel table: the quick grid, every rate and per-element cost measured
+    from cachefit.perf.calibrate import QUICK_GRID_M, QUICK_GRID_NK
+    from cachefit.perf.hardware import KERNEL_CLASSES
+
+    table = hw.kernels
+    assert table.matmul_m == QUICK_GRID_M and table.matmul_n == table.matmul_k == QUICK_GRID_NK
+    assert len(doc["measurements"]["matmul_grid"]) == len(QUICK_GRID_M) * len(QUICK_GRID_NK) ** 2
+    assert all(r > 0 for r in table.matmul_flops_per_s)
+    assert set(table.per_element) == set(KERNEL_CLASSES)
+    assert all(v > 0 for v in table.per_element.values())
+    assert set(table.fused_per_element) == {"elementwise", "transcendental"}
+    assert 0.0 <= hw.memory_overlap <= 1.0 and doc["measurements"]["spill_matmul"]["count"] >= 2
 
 
 def test_calibrate_refuses_an_unwritable_path(tmp_path):
@@ -49,3 +62,38 @@ def test_calibrate_refuses_an_unwritable_path(tmp_path):
     blocker.write_text("x")
     with pytest.raises(CachefitError, match="cannot write the CPU preset"):
         calibrate(blocker / "cpu.json", method="numpy", quick=True)
+
+
+def test_numpy_calibration_has_no_kernel_table(tmp_path):
+    """numpy kernels say nothing of cachefit's compiled kernels: no table, the flops / peak model."""
+    hw, _, _ = calibrate(tmp_path / "cpu.json", method="numpy", quick=True)
+    assert hw.kernels is None
+    assert get_hardware(str(tmp_path / "cpu.json")).kernels is None
+
+
+def test_kernel_table_round_trip_and_old_files(tmp_path):
+    """The table travels in the preset file under "kernels"; a file written before it existed loads
+    with no table; a malformed table is refused with a message naming it."""
+    from cachefit.errors import CachefitError
+    from cachefit.perf.hardware import Hardware, KernelTable, load_hardware, save_hardware
+
+    table = KernelTable(matmul_m=(4, 64), matmul_n=(32,), matmul_k=(32, 128),
+                        matmul_flops_per_s=(1e9, 2e9, 3e9, 4e9), per_element={"norm": 3e-10},
+                        fused_per_element={"elementwise": 1e-10}, per_kernel_s=5e-7, call_s=1e-6)
+    hw = Hardware(name="cpu", onchip_bytes=2_000_000, onchip_bw=6e10, offchip_bw=1e10,
+                  peak_flops={"float32": 5e10}, kernels=table)
+    path = save_hardware(hw, tmp_path / "cpu.json")
+    assert load_hardware(path) == hw
+    assert load_hardware(path).kernels.matmul_rate(64, 32, 128) == pytest.approx(4e9)
+    doc = json.loads(path.read_text())
+    del doc["kernels"]
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    assert load_hardware(tmp_path / "old.json").kernels is None
+    doc["kernels"] = {**table.to_dict(), "matmul_flops_per_s": [1e9, 2e9]}
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(CachefitError, match=r"2 matmul rates for a 2 x 1 x 2 grid of shapes \(4 expected\)"):
+        load_hardware(tmp_path / "bad.json")
+    doc["kernels"] = {"per_element": {}}
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(CachefitError, match="malformed kernel table"):
+        load_hardware(tmp_path / "bad.json")

@@ -256,3 +256,142 @@ def test_memory_overlap_between_roofline_and_sum():
     for overlap, expect in ((1.0, 2.637824e-3), (0.0, 3.6864e-3), (0.5, 2.637824e-3 + 0.5 * 1.048576e-3)):
         hw = Hardware(**{**TOY.to_dict(), "onchip_bytes": 100_000, "memory_overlap": overlap})
         assert CostModel(hw).layer_time(layer, False) == pytest.approx(expect)
+
+
+# --- the per-kernel model (a calibrated KernelTable and the layers' kernels) ------------------------
+
+from cachefit.perf.costmodel import KernelProfile, KernelSpec  # noqa: E402
+from cachefit.perf.hardware import KernelTable  # noqa: E402
+
+
+def power_law_table() -> KernelTable:
+    """Rates 1 GFLOP/s x sqrt(m) x n^(1/4) (k has no effect) on a 2 x 2 x 2 grid: log rate is linear
+    in log m, log n, log k, so log-space interpolation reproduces the law exactly inside the grid."""
+    ms, ns, ks = (4, 64), (16, 256), (16, 256)
+    rates = tuple(1e9 * m ** 0.5 * n ** 0.25 for m in ms for n in ns for k in ks)
+    return KernelTable(matmul_m=ms, matmul_n=ns, matmul_k=ks, matmul_flops_per_s=rates,
+                       per_element={"elementwise": 1e-9, "norm": 4e-9}, fused_per_element={"elementwise": 0.5e-9},
+                       per_kernel_s=1e-6)
+
+
+def test_matmul_rate_interpolates_in_log_space():
+    """Inside the grid: m=16, n=64 -> 1e9 x 4 x 64^(1/4) = 11.3137 GFLOP/s; between two rates on one
+    axis the log-midpoint gets their geometric mean; outside the grid the nearest edge's rate."""
+    t = power_law_table()
+    assert t.matmul_rate(16, 64, 40) == pytest.approx(1e9 * 4 * 64 ** 0.25)
+    assert t.matmul_rate(16, 16, 16) == pytest.approx(math.sqrt(t.matmul_rate(4, 16, 16) * t.matmul_rate(64, 16, 16)))
+    assert t.matmul_rate(1, 16, 16) == pytest.approx(1e9 * 2 * 2)          # m clamped to 4
+    assert t.matmul_rate(4096, 4096, 1) == pytest.approx(1e9 * 8 * 4)      # m to 64, n to 256
+    # seconds: 2 m n k FLOPs at that rate, times the batch
+    assert t.matmul_seconds(16, 64, 40, batch=3) == pytest.approx(3 * 2 * 16 * 64 * 40 / (1e9 * 4 * 64 ** 0.25))
+
+
+def test_kernel_seconds_by_hand():
+    """A batch of 2 matmuls 10x30x20 at a flat 1.2 GFLOP/s: 2 x 12,000 FLOPs = 20 us; a fused bias of
+    400 elements at 0.5 ns = 0.2 us; one kernel call 1 us: 21.2 us. A 1,000-element norm kernel at
+    4 ns per element: 4 us + 1 us."""
+    flat = KernelTable(matmul_m=(1,), matmul_n=(1,), matmul_k=(1,), matmul_flops_per_s=(1.2e9,),
+                       per_element={"norm": 4e-9}, fused_per_element={"elementwise": 0.5e-9}, per_kernel_s=1e-6)
+    mm = KernelSpec("matmul", m=10, n=20, k=30, batch=2, fused=(("elementwise", 400),))
+    assert mm.seconds(flat) == pytest.approx(21.2e-6)
+    assert KernelSpec("norm", elements=1000).seconds(flat) == pytest.approx(5e-6)
+    # a class the table lacks is timed as element-wise (0 here: the table has no element-wise rate)
+    assert KernelSpec("softmax", elements=1000).seconds(flat) == pytest.approx(1e-6)
+    with pytest.raises(CachefitError, match="unknown kernel class 'gemm'"):
+        KernelSpec("gemm")
+
+
+def kernel_layer(name="layers.0") -> tuple[LayerRecord, KernelProfile]:
+    """The 8x256x256 matmul layer with its kernels: the matmul plus its fused bias, then a norm."""
+    layer = matmul_layer(name=name)
+    prof = KernelProfile(batch=8, kernels=(
+        KernelSpec("matmul", m=8, n=256, k=256, fused=(("elementwise", 2048),)),
+        KernelSpec("norm", elements=2048)))
+    return layer, prof
+
+
+def test_layer_compute_is_the_sum_of_its_kernels():
+    """On TOY with a flat 2 GFLOP/s table: matmul 1,048,576 FLOPs = 524.288 us + bias 2,048 x 1 ns
+    + 1 us call; norm 2,048 x 3 ns + 1 us: 534.432 us. Resident: the kernel times already hold the
+    on-chip traffic, so the layer takes exactly that (no memory time on top)."""
+    table = KernelTable(matmul_m=(1,), matmul_n=(1,), matmul_k=(1,), matmul_flops_per_s=(2e9,),
+                        per_element={"norm": 3e-9}, fused_per_element={"elementwise": 1e-9}, per_kernel_s=1e-6)
+    hw = Hardware(name="toy", onchip_bytes=1_000_000, onchip_bw=1e9, offchip_bw=1e8, peak_flops={"float32": 1e9},
+                  link_bw=1e7, link_latency=1e-3, kernels=table, memory_overlap=0.5)
+    layer, prof = kernel_layer()
+    model = CostModel(hw, kernels={"layers.0": prof})
+    expect = 1_048_576 / 2e9 + 2_048e-9 + 1e-6 + 2_048 * 3e-9 + 1e-6
+    cost = model.layer_cost(layer, resident=True)
+    assert cost.compute_s == pytest.approx(expect)
+    assert cost.memory_s == 0.0 and cost.time_s == pytest.approx(expect)
+    # spilling (1 MB capacity, but the stage is not resident): the 262,144 weight bytes come from
+    # off chip at 0.1 GB/s = 2.62144 ms; the activations stay on chip (working set within capacity).
+    # overlap 0.5: max(2.62144 ms, compute) + 0.5 x compute
+    spill = model.layer_cost(layer, resident=False)
+    assert spill.weight_s == pytest.approx(262_144 / 1e8) and spill.activation_s == 0.0
+    assert spill.time_s == pytest.approx(262_144 / 1e8 + 0.5 * expect)
+    # compute_efficiency divides the kernel sum as it divides the peak
+    assert CostModel(hw, kernels={"layers.0": prof}, compute_efficiency=0.5).compute_time(layer) == pytest.approx(
+        2 * expect)
+    # a layer without kernels falls back to flops / peak (1 GFLOP/s): 1.048576 ms
+    other = matmul_layer(name="layers.9")
+    assert model.compute_time(other) == pytest.approx(1_048_576 / 1e9)
+
+
+def test_without_a_kernel_table_the_model_is_flops_over_peak():
+    """A datasheet preset (no table) ignores the kernels: the GPU path is unchanged."""
+    layer, prof = kernel_layer()
+    plain, with_kernels = CostModel(TOY), CostModel(TOY, kernels={"layers.0": prof})
+    for resident in (True, False):
+        assert with_kernels.layer_cost(layer, resident) == plain.layer_cost(layer, resident)
+    assert with_kernels.layer_time(layer, True) == pytest.approx(1.048576e-3)
+
+
+def test_kernel_profile_follows_the_micro_batch():
+    """Counted at batch 2, timed at batch 4: a weight matmul gets twice the rows, a batched matmul
+    twice the batch, element counts double (power-law table: rate at m=32 is sqrt(2) x rate at 16)."""
+    t = power_law_table()
+    weight_mm = KernelSpec("matmul", m=16, n=64, k=64, rows_in_m=True, fused=(("elementwise", 1024),))
+    batched = KernelSpec("matmul", m=16, n=16, k=64, batch=8, rows_in_m=False)
+    norm = KernelSpec("norm", elements=1024)
+    prof = KernelProfile(batch=2, kernels=(weight_mm, batched, norm))
+    expect = (t.matmul_seconds(32, 64, 64) + 2048 * 0.5e-9 + t.matmul_seconds(16, 16, 64, batch=16)
+              + 2048 * 4e-9 + 3 * 1e-6)
+    assert prof.seconds(t, 4) == pytest.approx(expect)
+    assert prof.seconds(t) == pytest.approx(sum(k.seconds(t) for k in prof.kernels))
+    assert KernelSpec.from_dict(weight_mm.to_dict()) == weight_mm
+
+
+def test_layer_kernels_follow_the_fusion_of_the_pipeline():
+    """matmul + bias + erf is one kernel (2 fused ops); a matmul through a transposed weight costs no
+    transpose (a weight prologue); reshape + permute is one move kernel, the softmax its own, and a
+    transpose of that move's output joins it; the attention-like product is a batched matmul."""
+    from tvm import relax
+
+    from cachefit.perf.flops import layer_kernels
+
+    def t(shape):
+        return relax.TensorType(shape, "float32")
+
+    x, w, b, w2 = (relax.Var("x", t((2, 16, 64))), relax.Var("w", t((64, 128))), relax.Var("b", t((128,))),
+                   relax.Var("w2", t((32, 128))))
+    op = relax.op
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w, b, w2]):
+        with bb.dataflow():
+            y = bb.emit(op.erf(bb.emit(op.add(bb.emit(op.matmul(x, w)), b))))
+            z = bb.emit(op.matmul(y, bb.emit(op.permute_dims(w2, [1, 0]))))
+            h = bb.emit(op.permute_dims(bb.emit(op.reshape(y, (2, 16, 4, 32))), [0, 2, 1, 3]))
+            s = bb.emit(op.nn.softmax(h, axis=-1))
+            ht = bb.emit(op.permute_dims(h, [0, 1, 3, 2]))
+            a = bb.emit(op.matmul(s, ht))
+            out = bb.emit_output(relax.Tuple([z, a]))
+        bb.emit_func_output(out)
+    kernels = layer_kernels(bb.get()["main"], num_weights=3)
+    assert kernels == (
+        KernelSpec("matmul", m=32, n=128, k=64, batch=1, fused=(("elementwise", 4096.0), ("transcendental", 4096.0))),
+        KernelSpec("matmul", m=32, n=32, k=128, batch=1),
+        KernelSpec("move", elements=4096.0),
+        KernelSpec("softmax", elements=4096.0),
+        KernelSpec("matmul", m=16, n=16, k=32, batch=8, rows_in_m=False),
+    )

@@ -2,7 +2,15 @@
 
 What is measured, single-threaded (one pipeline stage owns one core):
 
-* **FLOP/s**: float32 matmuls of a few transformer-like shapes (their median is recorded) and, with
+* **kernel table** (``method="tvm"``): the per-shape, per-class kernel speeds the cost model sums a
+  layer's kernels with (:class:`~cachefit.perf.hardware.KernelTable`): float32 matmuls
+  ``[M, K] x [K, N]`` on a grid of shapes (M, N and K every power of two, M 4..256, N and K 32..512:
+  operands within a 2 MB L2) compiled together in one module; per output element, the standalone
+  kernels of each non-matmul class (binary add, erf, layer norm, softmax, a 4-D transpose) at two
+  sizes on chip (the slope); per element, one more add or erf fused into a chain (the cost of an
+  epilogue op); the fixed cost of one more kernel call (a chain of softmaxes, which never fuse)
+  and of one VM call. Generic shapes only: nothing of the model to be predicted is compiled.
+* **FLOP/s** (the ``flops / peak`` fallback): float32 matmuls of a few transformer-like shapes (their median is recorded) and, with
   ``method="tvm"``, one small transformer block (hidden 128, ffn 512, 2 x 16 tokens, 0.8 MB of
   weights; narrower than any reference preset) compiled by ``cachefit compile`` into a single-thread stage: its FLOPs over its
   time become the peak, since a layer's kernel mix (fused epilogues, norms, softmax, small batched
@@ -13,10 +21,13 @@ What is measured, single-threaded (one pipeline stage owns one core):
 * **bandwidth**: an element-wise ``c = a + b`` over float32 vectors whose three arrays together
   are a given working set: below the per-core L2 (on-chip), at 8x L2 (off-chip: the shared L3
   here) and at 64x L2 (DRAM, recorded for information).
-* **compute/memory overlap**: a matmul whose weights (2.5x L2) stream from beyond the L2, timed
-  against ``max(compute, memory)`` (overlap 1) and ``compute + memory`` (overlap 0).
-* **launch overhead**: the extra time of one more tiny kernel in a VM function (per kernel; fused
-  element-wise chains make it 0 with cachefit's pipeline, reported for information).
+* **compute/memory overlap**: with TVM kernels, a chain of 16x512x512 matmuls through distinct
+  weights (2.5x L2 in all) against the same chain through one resident weight (compute) and the
+  weights' bytes at the off-chip bandwidth (memory); with numpy, one matmul whose weights (2.5x L2)
+  stream from beyond the L2 against the matmul rate. Timed against ``max(compute, memory)``
+  (overlap 1) and ``compute + memory`` (overlap 0).
+* **launch overhead**: part of the kernel table (``per_kernel_s``); the preset's per-layer
+  ``launch_overhead`` stays 0.
 * **link**: a stage-to-stage transfer on one machine is a memory copy handed to another thread:
   numpy copy bandwidth of a 4 MiB buffer, and the latency of a thread hand-off through a queue.
 """
@@ -34,11 +45,20 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CachefitError
-from .hardware import GB, Hardware, cpu_preset, cpu_preset_path, format_bytes, save_hardware
+from .hardware import GB, Hardware, KernelTable, cpu_preset, cpu_preset_path, format_bytes, save_hardware
 
 logger = logging.getLogger(__name__)
 
 MATMUL_SHAPES = [(32, 160, 160), (32, 160, 640), (32, 640, 160), (64, 256, 256), (128, 512, 512)]
+"""(m, k, n) of the bare-matmul figure of ``method="numpy"`` (and the quick TVM fallback figure)."""
+
+# the kernel table's matmul grid (m, n, k); quick: a 2 x 2 x 2 corner of it
+GRID_M = (4, 8, 16, 32, 64, 128, 256)
+GRID_NK = (32, 64, 128, 256, 512)
+QUICK_GRID_M = (16, 64)
+QUICK_GRID_NK = (32, 128)
+# element counts of the per-element measurements (both on chip: at most 768 KB for an add)
+ELEMENTS = (4096, 65536)
 
 
 def _best_time(fn: Callable[[], object], *, min_time: float = 0.05, repeats: int = 5) -> float:
@@ -97,23 +117,6 @@ def _tvm_time(vm, dev, args, *, min_time: float, repeats: int) -> float:
     return float(f(*tensors).min)
 
 
-def _matmul_tvm(m: int, k: int, n: int, *, min_time: float, repeats: int) -> float:
-    from tvm import relax
-
-    def build(bb):
-        x = relax.Var("x", relax.TensorType((m, k), "float32"))
-        w = relax.Var("w", relax.TensorType((k, n), "float32"))
-        with bb.function("main", [x, w]):
-            with bb.dataflow():
-                out = bb.emit_output(bb.emit(relax.op.matmul(x, w)))
-            bb.emit_func_output(out)
-
-    vm, dev = _tvm_build(build)
-    rng = np.random.default_rng(0)
-    args = [rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)]
-    return _tvm_time(vm, dev, args, min_time=min_time, repeats=repeats)
-
-
 def _add_tvm(elems: int, chain: int = 1, *, min_time: float, repeats: int) -> float:
     from tvm import relax
 
@@ -131,6 +134,222 @@ def _add_tvm(elems: int, chain: int = 1, *, min_time: float, repeats: int) -> fl
     vm, dev = _tvm_build(build)
     args = [np.ones(elems, np.float32), np.ones(elems, np.float32)]
     return _tvm_time(vm, dev, args, min_time=min_time, repeats=repeats)
+
+
+def _build_many(builders: dict):
+    """Compile several one-output Relax functions into one module; returns (vm, device)."""
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    for name, build in builders.items():
+        build(bb, name)
+    ex = _compile(bb.get())
+    dev = tvm.cpu()
+    return relax.VirtualMachine(ex, dev), dev
+
+
+def _time_interleaved(vm, dev, items: dict, *, passes: int, per_pass: float) -> dict:
+    """Best time of one call of each function ``name -> args`` of ``vm``: ``passes`` round-robin
+    passes over all of them, each timing a function for about ``per_pass`` seconds in short batches
+    (about 0.3 ms each), and the minimum over every batch of every pass. On a shared machine other
+    processes only ever add time, and spreading each function's batches over the whole run keeps a
+    busy moment from spoiling one function's figure."""
+    numbers = {}
+    for name, args in items.items():
+        probe = float(vm.time_evaluator(name, dev, number=1, repeat=3)(*args).min)
+        numbers[name] = (max(1, int(3e-4 / max(probe, 1e-9))), probe)
+    best = {name: float("inf") for name in items}
+    for _ in range(passes):
+        for name, args in items.items():
+            number, probe = numbers[name]
+            repeat = max(3, min(200, int(per_pass / max(probe * number, 1e-9))))
+            f = vm.time_evaluator(name, dev, number=number, repeat=repeat)
+            best[name] = min(best[name], float(f(*args).min))
+    return best
+
+
+def _unary(op_name: str, shape: tuple, chain: int = 1, *, params: tuple = ()):
+    """A builder of ``main(a, *params) = op(op(...op(a)))`` (``chain`` times)."""
+    from tvm import relax
+
+    def build(bb, name):
+        a = relax.Var("a", relax.TensorType(shape, "float32"))
+        extra = [relax.Var(f"p{i}", relax.TensorType(s, "float32")) for i, s in enumerate(params)]
+        with bb.function(name, [a, *extra]):
+            with bb.dataflow():
+                y = a
+                for _ in range(chain):
+                    y = bb.emit(_apply(op_name, y, extra))
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+
+    return build
+
+
+def _apply(op_name: str, y, extra):
+    from tvm import relax
+
+    op = relax.op
+    if op_name == "add":
+        return op.add(y, extra[0])
+    if op_name == "erf":
+        return op.erf(y)
+    if op_name == "layer_norm":
+        return op.nn.layer_norm(y, extra[0], extra[1], axes=[-1])
+    if op_name == "softmax":
+        return op.nn.softmax(y, axis=-1)
+    if op_name == "transpose":
+        return op.permute_dims(y, [0, 2, 1, 3])
+    raise CachefitError(f"internal: no calibration kernel {op_name!r}")
+
+
+def _class_shapes(elements: int) -> dict:
+    """(op, input shape, parameter shapes) of each kernel class at ``elements`` output elements."""
+    rows = elements // 256
+    return {
+        "elementwise": ("add", (rows, 256), ((rows, 256),)),
+        "transcendental": ("erf", (rows, 256), ()),
+        "norm": ("layer_norm", (rows, 256), ((256,), (256,))),
+        "softmax": ("softmax", (rows, 256), ()),
+        "move": ("transpose", (rows // 16, 16, 4, 64), ()),
+    }
+
+
+def measure_kernel_table(*, quick: bool = False, min_time: float = 0.1,
+                         say: Callable[[str], None] = lambda msg: None) -> tuple[KernelTable, dict]:
+    """Time the kernel table's kernels, as cachefit's pipeline compiles them for one thread."""
+    import tvm
+
+    rng = np.random.default_rng(0)
+    meas: dict = {}
+
+    def tensors(shapes):
+        return [tvm.runtime.tensor(rng.standard_normal(s).astype(np.float32), dev) for s in shapes]
+
+    # fixed costs: one VM call with one tiny kernel; one more kernel (softmaxes never fuse)
+    builders = {"tiny": _unary("add", (1, 16), 1, params=((1, 16),)),
+                "soft1": _unary("softmax", (1, 16), 1), "soft21": _unary("softmax", (1, 16), 21)}
+    # per-element: each class alone at two sizes; one more add / erf fused into a chain
+    n2 = ELEMENTS[1]
+    for elements in ELEMENTS:
+        for cls, (op, shape, params) in _class_shapes(elements).items():
+            builders[f"{cls}_{elements}"] = _unary(op, shape, 1, params=params)
+    chain = 4 if quick else 8
+    builders["add_chain"] = _unary("add", (n2 // 256, 256), 1 + chain, params=((n2 // 256, 256),))
+    builders["erf_chain"] = _unary("erf", (n2 // 256, 256), 1 + chain)
+    # the matmul grid
+    gm, gnk = (QUICK_GRID_M, QUICK_GRID_NK) if quick else (GRID_M, GRID_NK)
+    shapes = [(m, n, k) for m in gm for n in gnk for k in gnk]
+    for m, n, k in shapes:
+        builders[f"mm_{m}_{n}_{k}"] = _matmul_builder(m, n, k)
+    say(f"compiling {len(builders)} calibration kernels")
+    vm, dev = _build_many(builders)
+
+    # every function's arguments, then all timed together, interleaved
+    n1, n2 = ELEMENTS
+    shape2 = (n2 // 256, 256)
+    items = {"tiny": [(1, 16), (1, 16)], "soft1": [(1, 16)], "soft21": [(1, 16)],
+             "add_chain": [shape2, shape2], "erf_chain": [shape2]}
+    for elements in ELEMENTS:
+        for cls, (op, shape, params) in _class_shapes(elements).items():
+            items[f"{cls}_{elements}"] = [shape, *params]
+    for m, n, k in shapes:
+        items[f"mm_{m}_{n}_{k}"] = [(m, k), (k, n)]
+    say(f"timing {len(items)} kernels ({3 if quick else 10} interleaved passes)")
+    best = _time_interleaved(vm, dev, {name: tensors(shp) for name, shp in items.items()},
+                             passes=3 if quick else 10, per_pass=min_time / 5)
+
+    t_tiny, t1, t21 = best["tiny"], best["soft1"], best["soft21"]
+    per_kernel = max(0.0, (t21 - t1) / 20)
+    call = max(0.0, t_tiny - per_kernel)
+    meas.update(vm_call_seconds=t_tiny, per_kernel_seconds=per_kernel, call_seconds=call)
+
+    per_element, rows = {}, []
+    for cls in _class_shapes(n1):
+        times = [best[f"{cls}_{elements}"] for elements in ELEMENTS]
+        per_element[cls] = max((times[1] - times[0]) / (n2 - n1), 1e-15)
+        rows.append({"class": cls, "op": _class_shapes(n1)[cls][0], "elements": list(ELEMENTS),
+                     "seconds": times, "seconds_per_element": per_element[cls]})
+    meas["kernels"] = rows
+
+    t_add1, t_addc = best[f"elementwise_{n2}"], best["add_chain"]
+    t_erf1, t_erfc = best[f"transcendental_{n2}"], best["erf_chain"]
+    fused = {"elementwise": max((t_addc - t_add1) / (chain * n2), 0.0),
+             "transcendental": max((t_erfc - t_erf1) / (chain * n2), 0.0)}
+    meas["fused"] = {"chain": chain, "elements": n2, "add_seconds": [t_add1, t_addc],
+                     "erf_seconds": [t_erf1, t_erfc], "seconds_per_element": fused}
+
+    rates, grid = [], []
+    for m, n, k in shapes:
+        t = best[f"mm_{m}_{n}_{k}"]
+        work = max(t - call - per_kernel, 0.5 * t)  # the kernel alone, as KernelSpec.seconds adds a call
+        rate = 2 * m * n * k / work
+        rates.append(rate)
+        grid.append({"m": m, "n": n, "k": k, "seconds": t, "flops_per_s": rate})
+    meas["matmul_grid"] = grid
+    table = KernelTable(matmul_m=tuple(gm), matmul_n=tuple(gnk), matmul_k=tuple(gnk),
+                        matmul_flops_per_s=tuple(rates), per_element=per_element, fused_per_element=fused,
+                        per_kernel_s=per_kernel, call_s=call)
+    return table, meas
+
+
+def _matmul_builder(m: int, n: int, k: int):
+    from tvm import relax
+
+    def build(bb, name):
+        x = relax.Var("x", relax.TensorType((m, k), "float32"))
+        w = relax.Var("w", relax.TensorType((k, n), "float32"))
+        with bb.function(name, [x, w]):
+            with bb.dataflow():
+                out = bb.emit_output(bb.emit(relax.op.matmul(x, w)))
+            bb.emit_func_output(out)
+
+    return build
+
+
+def _spill_chain_tvm(l2: int, offchip: float, *, min_time: float, say) -> dict:
+    """Time ``y = x @ W_1 @ W_2 ... @ W_n`` (16 x 512 x 512 each, ``n`` distinct 1 MB weights adding up
+    to 2.5x the L2) and the same chain through one weight ``n`` times (resident). Compute: the
+    resident chain; memory: the distinct weights read from off chip."""
+    import math
+
+    import tvm
+    from tvm import relax
+
+    rows, width = 16, 512
+    count = max(2, math.ceil(2.5 * l2 / (4 * width * width)))
+    say(f"spilling matmul chain {count} x {rows}x{width}x{width} "
+        f"({format_bytes(count * 4 * width * width)} of weights)")
+
+    def chain(distinct: bool):
+        def build(bb, name):
+            x = relax.Var("x", relax.TensorType((rows, width), "float32"))
+            ws = [relax.Var(f"w{i}", relax.TensorType((width, width), "float32"))
+                  for i in range(count if distinct else 1)]
+            with bb.function(name, [x, *ws]):
+                with bb.dataflow():
+                    y = x
+                    for i in range(count):
+                        y = bb.emit(relax.op.matmul(y, ws[i if distinct else 0]))
+                    out = bb.emit_output(y)
+                bb.emit_func_output(out)
+
+        return build
+
+    vm, dev = _build_many({"spill": chain(True), "resident": chain(False)})
+    rng = np.random.default_rng(0)
+    scale = np.float32(1 / np.sqrt(width))  # keeps the chain's values finite
+
+    def tensor(shape, s=1.0):
+        return tvm.runtime.tensor((rng.standard_normal(shape) * s).astype(np.float32), dev)
+
+    x = tensor((rows, width))
+    ws = [tensor((width, width), scale) for _ in range(count)]
+    best = _time_interleaved(vm, dev, {"spill": [x, *ws], "resident": [x, ws[0]]}, passes=10,
+                             per_pass=min_time / 2)
+    return {"m": rows, "k": width, "n": width, "count": count, "seconds": best["spill"],
+            "compute_s": best["resident"], "memory_s": count * 4 * width * width / offchip}
 
 
 def _block_tvm(*, min_time: float, repeats: int) -> dict | None:
@@ -200,20 +419,25 @@ def measure_cpu(*, method: str = "tvm", quick: bool = False, progress: Callable[
     min_time, repeats = (0.02, 3) if quick else (0.1, 5)
     meas: dict = {"method": method, "l2_bytes": l2, "matmul": [], "bandwidth": []}
 
-    # compute: matmul FLOP/s over a few shapes
-    shapes = MATMUL_SHAPES[:3] if quick else MATMUL_SHAPES
-    rates = []
-    for m, k, n in shapes:
-        say(f"matmul {m}x{k}x{n}")
-        if method == "tvm":
-            t = _matmul_tvm(m, k, n, min_time=min_time, repeats=repeats)
-        else:
+    table = None
+    if method == "tvm":
+        # per-shape, per-class kernel speeds: what the cost model sums a layer's kernels with
+        table, kmeas = measure_kernel_table(quick=quick, min_time=min_time, say=say)
+        meas.update(kmeas)
+
+    # compute: matmul FLOP/s over a few shapes (numpy), or the kernel table's grid (tvm)
+    if table is not None:
+        rates = list(table.matmul_flops_per_s)
+    else:
+        rates = []
+        for m, k, n in MATMUL_SHAPES[:3] if quick else MATMUL_SHAPES:
+            say(f"matmul {m}x{k}x{n}")
             a = np.ones((m, k), np.float32)
             b = np.ones((k, n), np.float32)
             t = _best_time(lambda: a @ b, min_time=min_time, repeats=repeats)
-        rate = 2 * m * k * n / t
-        rates.append(rate)
-        meas["matmul"].append({"m": m, "k": k, "n": n, "seconds": t, "flops_per_s": rate})
+            rate = 2 * m * k * n / t
+            rates.append(rate)
+            meas["matmul"].append({"m": m, "k": k, "n": n, "seconds": t, "flops_per_s": rate})
     peak = statistics.median(rates)
     meas["matmul_flops_per_s"] = peak
     if method == "tvm":
@@ -247,31 +471,26 @@ def measure_cpu(*, method: str = "tvm", quick: bool = False, progress: Callable[
     offchip = bw[8]
     meas["dram_bytes_per_s"] = bw.get(64)
 
-    # compute/memory overlap: a matmul whose weights spill out of L2, against max(compute, memory)
-    k_n = max(256, int((2.5 * l2 / 4) ** 0.5) // 64 * 64)
-    say(f"spilling matmul 16x{k_n}x{k_n} ({format_bytes(4 * k_n * k_n)} of weights)")
+    # compute/memory overlap
     if method == "tvm":
-        t_sp = _matmul_tvm(16, k_n, k_n, min_time=min_time, repeats=repeats)
+        # a chain of 16x512x512 matmuls through distinct weights (2.5x L2 in all, cycled as a spilling
+        # stage cycles its layers' weights) against the same chain through one weight (resident):
+        # the same kernels, only the weights' residency differs
+        spill = _spill_chain_tvm(l2, offchip, min_time=min_time, say=say)
+        t_sp, c, m = spill["seconds"], spill["compute_s"], spill["memory_s"]
     else:
+        # a matmul whose weights spill out of L2, against max(compute, memory)
+        k_n = max(256, int((2.5 * l2 / 4) ** 0.5) // 64 * 64)
+        say(f"spilling matmul 16x{k_n}x{k_n} ({format_bytes(4 * k_n * k_n)} of weights)")
         a16 = np.ones((16, k_n), np.float32)
         wbig = np.ones((k_n, k_n), np.float32)
         t_sp = _best_time(lambda: a16 @ wbig, min_time=min_time, repeats=repeats)
-    c = 2 * 16 * k_n * k_n / meas["matmul_flops_per_s"]
-    m = (4 * k_n * k_n) / offchip + (2 * 16 * k_n * 4) / onchip
+        c = 2 * 16 * k_n * k_n / meas["matmul_flops_per_s"]
+        m = (4 * k_n * k_n) / offchip + (2 * 16 * k_n * 4) / onchip
+        spill = {"k": k_n, "n": k_n, "m": 16, "seconds": t_sp, "compute_s": c, "memory_s": m}
     overlap = 1.0 - (t_sp - max(c, m)) / min(c, m)
     overlap = min(1.0, max(0.0, overlap))
-    meas["spill_matmul"] = {"k": k_n, "n": k_n, "m": 16, "seconds": t_sp, "compute_s": c, "memory_s": m,
-                            "memory_overlap": overlap}
-
-    # per-kernel overhead (TVM only): one more tiny kernel in the same VM function
-    overhead = 0.0
-    if method == "tvm":
-        say("kernel launch overhead")
-        t1 = _add_tvm(16, 1, min_time=min_time, repeats=repeats)
-        t20 = _add_tvm(16, 21, min_time=min_time, repeats=repeats)
-        overhead = max(0.0, (t20 - t1) / 20)
-        meas["vm_call_seconds"] = t1
-        meas["per_kernel_seconds"] = overhead
+    meas["spill_matmul"] = {**spill, "memory_overlap": overlap}
 
     # link: memory copy to another core + thread hand-off latency
     say("stage-to-stage copy")
@@ -294,6 +513,7 @@ def measure_cpu(*, method: str = "tvm", quick: bool = False, progress: Callable[
         offchip_bytes=base.offchip_bytes,
         launch_overhead=0.0,
         memory_overlap=overlap,
+        kernels=table,
         source=f"calibrated ({method} kernels, {time.strftime('%Y-%m-%d %H:%M')})",
     )
     return hw, meas
@@ -317,11 +537,23 @@ def format_calibration(hw: Hardware, meas: dict) -> str:
         lines.append(f"  matmul {m['m']}x{m['k']}x{m['n']}: {m['flops_per_s'] / 1e9:.2f} GFLOP/s")
     for b in meas.get("bandwidth", []):
         lines.append(f"  c = a + b over {format_bytes(b['working_set_bytes'])}: {b['bytes_per_s'] / GB:.2f} GB/s")
-    if "per_kernel_seconds" in meas:
-        lines.append(f"  VM call {meas['vm_call_seconds'] * 1e6:.1f} us, +{meas['per_kernel_seconds'] * 1e6:.2f} us per kernel")
+    table = hw.kernels
+    if table is not None:
+        nn, nk = len(table.matmul_n), len(table.matmul_k)
+        lines.append("  kernel table: matmul GFLOP/s by M (rows) and (N, K): "
+                     + " ".join(f"({n},{k})" for n in table.matmul_n for k in table.matmul_k))
+        for i, m in enumerate(table.matmul_m):
+            rates = table.matmul_flops_per_s[i * nn * nk:(i + 1) * nn * nk]
+            lines.append(f"    M={m:<4d} " + " ".join(f"{r / 1e9:5.0f}" for r in rates))
+        lines.append("  per output element (ns): " + ", ".join(
+            f"{c} {v * 1e9:.3f}" for c, v in table.per_element.items()) + "; fused into a kernel: " + ", ".join(
+            f"{c} {v * 1e9:.3f}" for c, v in table.fused_per_element.items()))
+        lines.append(f"  VM call {table.call_s * 1e6:.2f} us, +{table.per_kernel_s * 1e6:.2f} us per kernel")
     if "spill_matmul" in meas:
         sp = meas["spill_matmul"]
-        lines.append(f"  matmul 16x{sp['k']}x{sp['n']} with weights out of L2: {sp['seconds'] * 1e3:.3f} ms against "
+        what = (f"{sp['count']} chained matmuls 16x{sp['k']}x{sp['n']}, distinct weights" if "count" in sp
+                else f"matmul 16x{sp['k']}x{sp['n']}")
+        lines.append(f"  {what} out of L2: {sp['seconds'] * 1e3:.3f} ms against "
                      f"compute {sp['compute_s'] * 1e3:.3f} ms, memory {sp['memory_s'] * 1e3:.3f} ms: "
                      f"overlap {sp['memory_overlap']:.2f}")
     if "block" in meas:

@@ -10,7 +10,16 @@ The model, in full (every figure is for one micro-batch through one device):
   hardware ``memory_overlap`` below 1 the smaller of the two is partly added
   (``max + (1 - overlap) * min``: a single CPU core does not hide its cache misses behind compute).
 
-  - compute = ``flops / (peak_flops[dtype] * compute_efficiency)``;
+  - compute = ``flops / (peak_flops[dtype] * compute_efficiency)``; or, when the hardware carries a
+    calibrated :class:`~cachefit.perf.hardware.KernelTable` and the model is given the layer's
+    kernels (:class:`KernelProfile`, from :func:`cachefit.perf.flops.module_kernels`), the sum of
+    its kernels' times: a matmul ``[M, K] x [K, N]`` at the FLOP/s measured for that shape
+    (interpolated in log space between calibrated shapes), every other kernel at its class's
+    measured seconds per element, ops fused into a kernel (epilogues) at the fused per-element
+    cost, plus a fixed cost per kernel call; all divided by ``compute_efficiency``. The kernels
+    were timed with their operands on chip, so this compute time already holds the on-chip
+    traffic: in this mode the memory part below counts only the off-chip traffic (0 for a
+    resident layer);
   - memory = weight traffic + activation traffic, each at the bandwidth of where it lives:
 
     ========================  =====================  ===========================================
@@ -38,13 +47,90 @@ The model, in full (every figure is for one micro-batch through one device):
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from ..errors import CachefitError, PlanError
 from ..partition.records import LayerRecord
-from .hardware import Hardware
+from .hardware import KERNEL_CLASSES, Hardware, KernelTable
 
 _DTYPE_FOR_BITS = {32: "float32", 16: "bfloat16", 8: "bfloat16", 4: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel of a layer as the compiled code runs it (after operator fusion), plain data.
+
+    kind:      ``matmul`` or a non-matmul class of :data:`~cachefit.perf.hardware.KERNEL_CLASSES`
+               (``elementwise``, ``transcendental``, ``norm``, ``softmax``, ``move``).
+    m, n, k, batch: a matmul's ``batch`` independent ``[m, k] x [k, n]`` products (0 otherwise).
+    elements:  output elements of a non-matmul kernel (input elements for a reduction).
+    fused:     ``(class, elements)`` of the element-wise ops fused into this kernel (a matmul's bias,
+               activation and residual epilogue; the rest of an element-wise chain).
+    rows_in_m: whether the model's batch is in ``m`` (a matmul with a 2-D weight: the tokens are
+               rows) or in ``batch`` (batched matmuls of activations, attention); decides how the
+               kernel grows at another micro-batch.
+    """
+
+    kind: str
+    elements: float = 0.0
+    m: float = 0.0
+    n: float = 0.0
+    k: float = 0.0
+    batch: float = 1.0
+    fused: tuple = ()
+    rows_in_m: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind != "matmul" and self.kind not in KERNEL_CLASSES:
+            raise CachefitError(
+                f"unknown kernel class {self.kind!r}: use matmul or one of {', '.join(KERNEL_CLASSES)}"
+            )
+
+    def scaled(self, factor: float) -> "KernelSpec":
+        """The same kernel for ``factor`` times the micro-batch (element counts and the batch
+        dimension grow; a weight matmul gets ``factor`` times the rows)."""
+        if factor == 1.0:
+            return self
+        fused = tuple((c, e * factor) for c, e in self.fused)
+        if self.kind == "matmul":
+            if self.rows_in_m:
+                return replace(self, m=self.m * factor, fused=fused)
+            return replace(self, batch=self.batch * factor, fused=fused)
+        return replace(self, elements=self.elements * factor, fused=fused)
+
+    def seconds(self, table: KernelTable) -> float:
+        """This kernel's time on a calibrated device: the kernel itself, its fused ops, one call."""
+        if self.kind == "matmul":
+            t = table.matmul_seconds(self.m, self.n, self.k, self.batch)
+        else:
+            t = table.element_seconds(self.kind, self.elements)
+        t += sum(table.element_seconds(c, e, fused=True) for c, e in self.fused)
+        return t + table.per_kernel_s
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "elements": self.elements, "m": self.m, "n": self.n, "k": self.k,
+                "batch": self.batch, "fused": [list(f) for f in self.fused], "rows_in_m": self.rows_in_m}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KernelSpec":
+        return cls(kind=str(d["kind"]), elements=float(d.get("elements", 0)), m=float(d.get("m", 0)),
+                   n=float(d.get("n", 0)), k=float(d.get("k", 0)), batch=float(d.get("batch", 1)),
+                   fused=tuple((str(c), float(e)) for c, e in d.get("fused", ())),
+                   rows_in_m=bool(d.get("rows_in_m", True)))
+
+
+@dataclass(frozen=True)
+class KernelProfile:
+    """The kernels of one layer, for the micro-batch ``batch`` they were counted at."""
+
+    batch: int
+    kernels: tuple
+
+    def seconds(self, table: KernelTable, batch: int | None = None) -> float:
+        """The layer's compute time on ``table``'s device: the sum of its kernels' times, at
+        ``batch`` (default: the profile's own) samples per micro-batch."""
+        factor = 1.0 if batch is None else batch / self.batch
+        return sum(k.scaled(factor).seconds(table) for k in self.kernels)
 
 
 @dataclass(frozen=True)
@@ -123,6 +209,11 @@ class CostModel:
     overlap_allreduce:   hide tensor-parallel all-reduces behind compute (baselines): a stage takes
                          ``max(layers, all-reduces)`` instead of their sum, the best case of
                          communication/computation overlap.
+    kernels:             layer name -> :class:`KernelProfile` (see
+                         :func:`cachefit.perf.flops.module_kernels`). Used only with a hardware
+                         that carries a calibrated ``KernelTable`` (``cachefit calibrate``): a
+                         layer found here is timed as the sum of its kernels, every other layer
+                         (and every layer on a datasheet preset) as ``flops / peak``.
     """
 
     hardware: Hardware
@@ -131,6 +222,7 @@ class CostModel:
     bandwidth_efficiency: float = 1.0
     overlap_transfers: bool = False
     overlap_allreduce: bool = False
+    kernels: Mapping[str, KernelProfile] | None = None
 
     def __post_init__(self) -> None:
         for label, value in (("compute_efficiency", self.compute_efficiency),
@@ -166,19 +258,39 @@ class CostModel:
     def peak_flops(self, layer: LayerRecord) -> float:
         return self.hardware.flops_for(self.compute_dtype(layer)) * self.compute_efficiency
 
+    def kernel_profile(self, layer: LayerRecord) -> KernelProfile | None:
+        """The layer's kernels when they and a calibrated kernel table are both known, else None."""
+        if self.hardware.kernels is None or not self.kernels:
+            return None
+        return self.kernels.get(layer.name)
+
+    def compute_time(self, layer: LayerRecord) -> float:
+        """Seconds of computation of one micro-batch through ``layer`` (operands on chip)."""
+        profile = self.kernel_profile(layer)
+        if profile is not None:
+            return profile.seconds(self.hardware.kernels, layer.batch) / self.compute_efficiency
+        return layer.flops / self.peak_flops(layer) if layer.flops else 0.0
+
     def layer_cost(self, layer: LayerRecord, resident: bool) -> LayerCost:
         hw = self.hardware
         on_bw = hw.onchip_bw * self.bandwidth_efficiency
         off_bw = hw.offchip_bw * self.bandwidth_efficiency
-        compute = layer.flops / self.peak_flops(layer) if layer.flops else 0.0
-        weight_bw = on_bw if resident else off_bw
+        profile = self.kernel_profile(layer)
+        compute = self.compute_time(layer)
         acts_on_chip = resident or layer.working_set_bytes <= self.capacity_bytes
-        act_bw = on_bw if acts_on_chip else off_bw
+        if profile is not None:
+            # measured kernel times already include the traffic of operands on chip: only what
+            # comes from off chip is memory time on top of them
+            weight_s = 0.0 if resident else layer.weight_bytes / off_bw
+            activation_s = 0.0 if acts_on_chip else activation_traffic(layer) / off_bw
+        else:
+            weight_s = layer.weight_bytes / (on_bw if resident else off_bw)
+            activation_s = activation_traffic(layer) / (on_bw if acts_on_chip else off_bw)
         return LayerCost(
             name=layer.name,
             compute_s=compute,
-            weight_s=layer.weight_bytes / weight_bw,
-            activation_s=activation_traffic(layer) / act_bw,
+            weight_s=weight_s,
+            activation_s=activation_s,
             overhead_s=hw.launch_overhead,
             overlap=hw.memory_overlap,
         )
@@ -400,6 +512,8 @@ def model_assumptions(model: CostModel) -> dict:
         "bandwidth_efficiency": model.bandwidth_efficiency,
         "overlap_transfers": model.overlap_transfers,
         "overlap_allreduce": model.overlap_allreduce,
+        "compute": ("per-kernel (calibrated kernel table)" if hw.kernels is not None and model.kernels
+                    else "flops / peak"),
     }
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 logger = logging.getLogger(__name__)
 
@@ -246,3 +246,194 @@ def _count_io(call, weights, flops: int = 0) -> OpCount:
                 if item in weights:
                     wread += nbytes
     return OpCount(int(flops), int(read + _tensor_bytes(call.ty)), int(wread))
+
+
+# --- kernels: what the compiled code runs, for the per-kernel cost model ---------------------------
+
+_NORMS = {"relax.nn.layer_norm", "relax.nn.rms_norm", "relax.nn.group_norm", "relax.nn.instance_norm"}
+_SOFTMAX = {"relax.nn.softmax", "relax.nn.log_softmax"}
+_TRANSCENDENTAL = {"relax.erf", "relax.exp", "relax.log", "relax.tanh", "relax.sigmoid", "relax.nn.gelu",
+                   "relax.nn.gelu_tanh", "relax.nn.silu", "relax.sqrt", "relax.rsqrt", "relax.power",
+                   "relax.sin", "relax.cos", "relax.atan", "relax.atan2"}
+# ops that fuse into the kernel producing their input (element-wise, broadcast from smaller operands)
+_FUSABLE = {"matmul", "elementwise", "transcendental"}
+
+
+def kernel_class(name: str) -> str:
+    """The kernel class of a Relax operator: ``matmul`` (matmul, conv, attention, einsum), ``norm``
+    (layer/RMS/group norms and reductions), ``softmax``, ``transcendental`` (erf, exp, tanh, GELU,
+    ...), ``move`` (transposes, concat, slices, gathers) or ``elementwise`` (the rest)."""
+    if name == "relax.matmul" or _CONVS.match(name) or _CONV_T.match(name) or name in (
+            "relax.nn.attention", "relax.einsum"):
+        return "matmul"
+    if name in _NORMS or name in _REDUCTIONS or _POOLS.match(name):
+        return "norm"
+    if name in _SOFTMAX:
+        return "softmax"
+    if name in _TRANSCENDENTAL:
+        return "transcendental"
+    if name in _MOVES:
+        return "move"
+    return "elementwise"
+
+
+def _matmul_kernels(call) -> list:
+    """KernelSpecs of a matmul-like op (two for ``nn.attention``, plus its softmax)."""
+    from .costmodel import KernelSpec
+
+    name = call.op.name
+    args = list(call.args)
+    out = _shape(call.ty) or []
+    if name == "relax.matmul":
+        a, b = _shape(args[0].ty), _shape(args[1].ty)
+        if not a or not b or not out:
+            return []
+        k = a[-1]
+        if len(b) <= 2:  # a 2-D (weight-like) right operand: every leading row of a is a row of m
+            m = math.prod(a[:-1]) if len(a) > 1 else 1
+            return [KernelSpec("matmul", m=m, n=b[-1] if len(b) == 2 else 1, k=k, batch=1, rows_in_m=True)]
+        m = a[-2] if len(a) > 1 else 1
+        return [KernelSpec("matmul", m=m, n=b[-1], k=k, batch=math.prod(out[:-2]) or 1, rows_in_m=False)]
+    if _CONVS.match(name):  # implicit GEMM, channels in axis 1 (NCHW / NCW / NCDHW)
+        w = _shape(args[1].ty)
+        if not w or not out:
+            return []
+        groups = int(getattr(call.attrs, "groups", 1) or 1)
+        cout = out[1] if len(out) > 1 else 1
+        return [KernelSpec("matmul", m=_numel(call.ty) // max(cout, 1), n=cout // groups, k=math.prod(w[1:]),
+                           batch=groups, rows_in_m=True)]
+    if name == "relax.nn.attention":
+        q, kk, v = (_shape(x.ty) for x in args[:3])
+        if not (q and kk and v):
+            return []
+        b, s, h, d = q
+        t, dv = kk[1], v[-1]
+        return [KernelSpec("matmul", m=s, n=t, k=d, batch=b * h, rows_in_m=False),
+                KernelSpec("softmax", elements=b * h * s * t),
+                KernelSpec("matmul", m=s, n=dv, k=t, batch=b * h, rows_in_m=False)]
+    # einsum, conv transpose: a cube of the same FLOPs (shape unknown to the table)
+    flops, _ = op_flops(call)
+    if flops <= 0:
+        return []
+    side = (flops / 2) ** (1 / 3)
+    return [KernelSpec("matmul", m=side, n=side, k=side, batch=1, rows_in_m=True)]
+
+
+def layer_kernels(func, mod=None, *, num_weights: int | None = None) -> tuple:
+    """The kernels of a Relax function as cachefit's CPU pipeline fuses them, as
+    :class:`~cachefit.perf.costmodel.KernelSpec` s, in binding order.
+
+    Fusion follows the pipeline's rules closely enough for timing: an element-wise op whose tensor
+    operand is the full-size output of a matmul or element-wise kernel fuses into that kernel (bias,
+    activation, residual epilogues; element-wise chains); a transpose/reshape chain is one ``move``
+    kernel; norms, softmax and reductions are kernels of their own; views (reshape, squeeze) are
+    free; ops that only transform weights (a transposed or cast weight) fuse into their consumer as
+    a prologue and cost nothing. Calls to other functions of ``mod`` are expanded in place.
+    ``num_weights`` (default: the ``cachefit.num_weights`` attribute, else 0) counts the trailing
+    parameters that are weights.
+    """
+    from tvm import ir, relax
+
+    from .costmodel import KernelSpec
+
+    params = list(func.params)
+    if num_weights is None:
+        attr = func.attrs.get("cachefit.num_weights") if func.attrs is not None else None
+        num_weights = int(attr) if attr is not None else 0
+    weight_like = set(params[len(params) - num_weights:]) if num_weights else set()
+    kernels: list[KernelSpec] = []
+    producer: dict = {}  # var -> index of the kernel whose output it is
+
+    def out_elements(spec: KernelSpec) -> float:
+        return spec.batch * spec.m * spec.n if spec.kind == "matmul" else spec.elements
+
+    def is_weight(arg) -> bool:
+        return isinstance(arg, ir.expr.Constant) or arg in weight_like
+
+    body = func.body
+    for block in (body.blocks if isinstance(body, relax.SeqExpr) else []):
+        for binding in block.bindings:
+            var, value = binding.var, getattr(binding, "value", None)
+            if isinstance(value, relax.Var):
+                if value in producer:
+                    producer[var] = producer[value]
+                if value in weight_like:
+                    weight_like.add(var)
+                continue
+            if not isinstance(value, relax.Call):
+                continue
+            if isinstance(value.op, ir.GlobalVar):
+                callee = mod[value.op] if mod is not None else None
+                if isinstance(callee, relax.Function):
+                    kernels.extend(layer_kernels(callee, mod, num_weights=0))
+                elif _numel(value.ty):
+                    kernels.append(KernelSpec("elementwise", elements=_numel(value.ty)))
+                continue
+            if not isinstance(value.op, ir.Op):
+                continue
+            name = value.op.name
+            args = [a for a in value.args if isinstance(getattr(a, "ty", None), relax.TensorType)]
+            if name in _VIEWS:
+                if args and args[0] in producer:
+                    producer[var] = producer[args[0]]
+                if args and all(is_weight(a) for a in args):
+                    weight_like.add(var)
+                continue
+            if name in ("relax.call_tir", "relax.call_tir_inplace", "relax.call_dps_packed"):
+                n = _numel(value.ty) if isinstance(value.ty, relax.TensorType) else 0
+                if n:
+                    kernels.append(KernelSpec("elementwise", elements=n))
+                    producer[var] = len(kernels) - 1
+                continue
+            kind = kernel_class(name)
+            if kind != "matmul" and args and all(is_weight(a) for a in args):
+                weight_like.add(var)  # weight prologue (transpose, cast, dequantize): fused into its user
+                continue
+            n = _numel(value.ty)
+            if kind == "matmul":
+                specs = _matmul_kernels(value)
+                if specs:
+                    kernels.extend(specs)
+                    producer[var] = len(kernels) - 1
+                continue
+            if kind in ("elementwise", "transcendental"):
+                # into the latest full-size kernel producing an operand (a residual add joins the
+                # branch computed last, as the fusion pass groups it)
+                src = max((producer[a] for a in args if a in producer
+                           and kernels[producer[a]].kind in _FUSABLE
+                           and out_elements(kernels[producer[a]]) == n), default=None)
+                if src is not None:
+                    spec = kernels[src]
+                    kernels[src] = replace(spec, fused=spec.fused + ((kind, float(n)),))
+                    producer[var] = src
+                    continue
+            elif kind == "move":
+                src = max((producer[a] for a in args if a in producer and kernels[producer[a]].kind == "move"),
+                          default=None)
+                if src is not None:
+                    producer[var] = src  # one index computation: a chain of moves is one kernel
+                    continue
+            elif kind == "norm" and name in _REDUCTIONS:
+                n = _numel(args[0].ty) if args else n
+            if n:
+                kernels.append(KernelSpec(kind, elements=float(n)))
+                producer[var] = len(kernels) - 1
+    return tuple(kernels)
+
+
+def module_kernels(mod) -> dict:
+    """Layer name -> :class:`~cachefit.perf.costmodel.KernelProfile` for every ``layer_i`` function of
+    a layered module (docs/layered-ir.md), at the module's batch (``cachefit.batch``, else 1): what
+    ``CostModel(kernels=...)`` takes."""
+    from ..passes import layering
+    from .costmodel import KernelProfile
+
+    batch = 1
+    if mod.attrs is not None and "cachefit.batch" in mod.attrs:
+        batch = int(mod.attrs["cachefit.batch"])
+    out = {}
+    for gv, fn in layering.layer_functions(mod):
+        attrs = fn.attrs
+        name = str(attrs["cachefit.layer_name"]) if "cachefit.layer_name" in attrs else gv.name_hint
+        out[name] = KernelProfile(batch=batch, kernels=layer_kernels(fn, mod))
+    return out

@@ -16,6 +16,132 @@ TB = 1e12
 GB = 1e9
 
 
+KERNEL_CLASSES = ("elementwise", "transcendental", "norm", "softmax", "move")
+"""Classes of non-matmul kernels with a calibrated per-element cost (see :class:`KernelTable`)."""
+
+
+@dataclass(frozen=True)
+class KernelTable:
+    """Measured speed of one device's kernels, by kernel class and shape (``cachefit calibrate``).
+
+    matmul_m / matmul_n / matmul_k: the grid of matmul shapes ``[M, K] x [K, N]`` timed (ascending).
+    matmul_flops_per_s: FLOP/s of every grid shape, ``m``-major: ``[(i * len(n) + j) * len(k) + l]`` is
+                        ``(m[i], n[j], k[l])``. A shape between grid points gets the rate interpolated
+                        linearly in log space (``log rate`` over ``log m, log n, log k``); outside the
+                        grid the rate of the nearest edge.
+    per_element:        kernel class -> seconds per output element of a kernel of that class on its
+                        own (``elementwise``: a binary op; ``transcendental``: erf / exp / tanh;
+                        ``norm``: layer norm; ``softmax``; ``move``: a transpose).
+    fused_per_element:  kernel class -> seconds per element of one more op of that class fused into
+                        a kernel (a matmul epilogue, an element-wise chain).
+    per_kernel_s:       the fixed cost of one more kernel call inside a VM function.
+    call_s:             the fixed cost of one VM function call (once per stage run; for information).
+    """
+
+    matmul_m: tuple
+    matmul_n: tuple
+    matmul_k: tuple
+    matmul_flops_per_s: tuple
+    per_element: dict = field(default_factory=dict)
+    fused_per_element: dict = field(default_factory=dict)
+    per_kernel_s: float = 0.0
+    call_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        dims = (self.matmul_m, self.matmul_n, self.matmul_k)
+        if any(len(d) == 0 for d in dims):
+            raise CachefitError("a kernel table needs at least one matmul shape per dimension (m, n, k)")
+        for label, d in zip("mnk", dims):
+            if any(v <= 0 for v in d) or list(d) != sorted(set(d)):
+                raise CachefitError(
+                    f"kernel table: matmul_{label} = {list(d)} must be positive and strictly ascending"
+                )
+        want = len(self.matmul_m) * len(self.matmul_n) * len(self.matmul_k)
+        if len(self.matmul_flops_per_s) != want:
+            raise CachefitError(
+                f"kernel table: {len(self.matmul_flops_per_s)} matmul rates for a {len(self.matmul_m)} x "
+                f"{len(self.matmul_n)} x {len(self.matmul_k)} grid of shapes ({want} expected); re-run "
+                "`cachefit calibrate`"
+            )
+        if any(r <= 0 for r in self.matmul_flops_per_s):
+            raise CachefitError("kernel table: every matmul rate must be positive; re-run `cachefit calibrate`")
+
+    def matmul_rate(self, m: float, n: float, k: float) -> float:
+        """FLOP/s of an ``[m, k] x [k, n]`` matmul: log-space (multi)linear interpolation on the grid."""
+        import math
+
+        axes = []
+        for value, grid in ((m, self.matmul_m), (n, self.matmul_n), (k, self.matmul_k)):
+            axes.append(_bracket(math.log(max(float(value), 1e-9)), [math.log(g) for g in grid]))
+        nn, nk = len(self.matmul_n), len(self.matmul_k)
+        log_rate = 0.0
+        for i, wi in axes[0]:
+            for j, wj in axes[1]:
+                for l, wl in axes[2]:
+                    w = wi * wj * wl
+                    if w:
+                        log_rate += w * math.log(self.matmul_flops_per_s[(i * nn + j) * nk + l])
+        return math.exp(log_rate)
+
+    def matmul_seconds(self, m: float, n: float, k: float, batch: float = 1.0) -> float:
+        """Seconds of ``batch`` independent ``[m, k] x [k, n]`` matmuls (one kernel call not included)."""
+        if m <= 0 or n <= 0 or k <= 0 or batch <= 0:
+            return 0.0
+        return batch * 2.0 * m * n * k / self.matmul_rate(m, n, k)
+
+    def element_seconds(self, kind: str, elements: float, *, fused: bool = False) -> float:
+        """Seconds for ``elements`` output elements of a ``kind`` kernel (or fused op)."""
+        table = self.fused_per_element if fused else self.per_element
+        if kind not in table:
+            kind = "elementwise"
+        return elements * table.get(kind, 0.0)
+
+    def to_dict(self) -> dict:
+        return {
+            "matmul_m": [int(v) for v in self.matmul_m],
+            "matmul_n": [int(v) for v in self.matmul_n],
+            "matmul_k": [int(v) for v in self.matmul_k],
+            "matmul_flops_per_s": [float(v) for v in self.matmul_flops_per_s],
+            "per_element": {str(k): float(v) for k, v in self.per_element.items()},
+            "fused_per_element": {str(k): float(v) for k, v in self.fused_per_element.items()},
+            "per_kernel_s": float(self.per_kernel_s),
+            "call_s": float(self.call_s),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KernelTable":
+        try:
+            return cls(
+                matmul_m=tuple(int(v) for v in d["matmul_m"]),
+                matmul_n=tuple(int(v) for v in d["matmul_n"]),
+                matmul_k=tuple(int(v) for v in d["matmul_k"]),
+                matmul_flops_per_s=tuple(float(v) for v in d["matmul_flops_per_s"]),
+                per_element={str(k): float(v) for k, v in dict(d.get("per_element", {})).items()},
+                fused_per_element={str(k): float(v) for k, v in dict(d.get("fused_per_element", {})).items()},
+                per_kernel_s=float(d.get("per_kernel_s", 0.0)),
+                call_s=float(d.get("call_s", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CachefitError(
+                f"malformed kernel table in the hardware description: {exc!r}; expected matmul_m, matmul_n, "
+                "matmul_k, matmul_flops_per_s, per_element (re-run `cachefit calibrate` to write a new one)"
+            ) from None
+
+
+def _bracket(x: float, grid: list) -> list:
+    """[(index, weight)] of the linear interpolation of ``x`` on the ascending ``grid`` (clamped)."""
+    if x <= grid[0] or len(grid) == 1:
+        return [(0, 1.0)]
+    if x >= grid[-1]:
+        return [(len(grid) - 1, 1.0)]
+    for i in range(len(grid) - 1):
+        lo, hi = grid[i], grid[i + 1]
+        if lo <= x <= hi:
+            t = (x - lo) / (hi - lo)
+            return [(i, 1.0 - t), (i + 1, t)]
+    return [(len(grid) - 1, 1.0)]  # unreachable for an ascending grid
+
+
 @dataclass(frozen=True)
 class Hardware:
     """One accelerator (or CPU core group) as the planner and the cost model see it.
@@ -36,6 +162,10 @@ class Hardware:
     memory_overlap:     how far memory traffic hides behind compute in one layer: 1.0 is the
                         roofline ``max(compute, memory)`` (GPUs, many warps in flight); 0.0 adds
                         them (``compute + memory``). Measured by ``cachefit calibrate`` for the CPU.
+    kernels:            measured kernel speeds by class and shape (:class:`KernelTable`), from
+                        ``cachefit calibrate``; None for the datasheet presets. With it (and the
+                        kernels of each layer) the cost model sums per-kernel times instead of
+                        dividing a layer's FLOPs by ``peak_flops``.
     """
 
     name: str
@@ -50,6 +180,7 @@ class Hardware:
     launch_overhead: float = 0.0
     source: str = "preset"
     memory_overlap: float = 1.0
+    kernels: KernelTable | None = None
 
     @property
     def capacity_bytes(self) -> int:
@@ -86,6 +217,7 @@ class Hardware:
             "launch_overhead": float(self.launch_overhead),
             "source": self.source,
             "memory_overlap": float(self.memory_overlap),
+            **({"kernels": self.kernels.to_dict()} if self.kernels is not None else {}),
         }
 
     @classmethod
@@ -104,6 +236,7 @@ class Hardware:
                 launch_overhead=float(d.get("launch_overhead", 0.0)),
                 source=str(d.get("source", "file")),
                 memory_overlap=float(d.get("memory_overlap", 1.0)),
+                kernels=KernelTable.from_dict(d["kernels"]) if d.get("kernels") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CachefitError(
