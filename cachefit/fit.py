@@ -475,8 +475,7 @@ def _escalate(bench: _Workbench, base: Recipe, capacity: int, footprint: str, ma
                 best = (layer_bytes(last, footprint), cand)
         if chosen is None:
             unresolved.append(i)
-            # keep the rung that came closest (usually the last; not when a rewrite does not help,
-            # e.g. a conv weight whose dequantized copy the footprint analysis counts as live)
+            # keep the rung that came closest (usually the last; not always: a rewrite may not help)
             recipes[i] = best[1]
         else:
             recipes[i] = chosen

@@ -84,6 +84,10 @@ class AnnotateFootprint:
       * ``cachefit.activation_bytes`` - the peak of live tensors over the binding order of the
         *lowered* layer (after operator fusion, so tensors fused away inside a kernel are not
         counted here), the layer's inputs and outputs included; views (reshape) take no bytes;
+        the float weight that QuantizeWeights decodes for a convolution takes none either: the
+        CPU pipeline fuses the decode into the convolution's GEMM, which reads the stored
+        integers and scales (no copy, no workspace); TVM's CUDA pipeline would run it as its own
+        kernel and materialise it (O*I*H*W floats per conv), which is not counted here;
       * ``cachefit.buffer_bytes`` - the largest workspace of one kernel: intermediate buffers that
         stay inside a fused TIR function;
       * ``cachefit.in_bytes`` / ``cachefit.out_bytes`` - activations live across the cut before /
@@ -242,6 +246,7 @@ class AnnotateFootprint:
                 size[p] = tensor_bytes(p.ty, self.dtype)
                 root[p] = p
         weight_params = {p for p, w in zip(fn.params, is_weight) if w}
+        decoded: set = set()   # decoded weights: read through by their consumer, never stored
         last: dict = {}
         for k, b in enumerate(bindings):
             for v in layering._used_vars(b.value):
@@ -254,6 +259,13 @@ class AnnotateFootprint:
                 root[b.var] = root.get(src, b.var)
                 if root[b.var].same_as(b.var):
                     size[b.var] = tensor_bytes(b.var.ty, self.dtype)
+            elif self._is_weight_decode(mod, v, weight_params):
+                # a quantized conv weight decoded from weights alone: cachefit's CPU pipeline
+                # (cpu_legalize.FuseWeightPrologue, then the GEMM schedule's compute_inline) folds
+                # the decode into the convolution's inner loop, so no float copy exists
+                root[b.var] = b.var
+                size[b.var] = 0
+                decoded.add(b.var)
             else:
                 root[b.var] = b.var
                 size[b.var] = tensor_bytes(b.var.ty, self.dtype)
@@ -277,10 +289,28 @@ class AnnotateFootprint:
             v = b.value
             if isinstance(v, relax.Call) and v.op.same_as(self._call_tir):
                 args = v.args[1].fields if isinstance(v.args[1], relax.Tuple) else [v.args[1]]
-                moved += sum(tensor_bytes(a.ty, self.dtype) for a in args)
-                moved += tensor_bytes(b.var.ty, self.dtype)
-        del weight_params
+                moved += sum(tensor_bytes(a.ty, self.dtype) for a in args if a not in decoded)
+                moved += 0 if b.var in decoded else tensor_bytes(b.var.ty, self.dtype)
         return peak, moved
+
+    def _is_weight_decode(self, mod, value, weight_params) -> bool:
+        """``value`` calls a kernel that only decodes a quantized weight (its one block is
+        QuantizeWeights' ``weight_decode``) and reads weight parameters only."""
+        from .quantize_weights import WEIGHT_DECODE
+
+        if not (isinstance(value, relax.Call) and value.op.same_as(self._call_tir)
+                and isinstance(value.args[0], tvm.ir.GlobalVar)):
+            return False
+        args = value.args[1].fields if isinstance(value.args[1], relax.Tuple) else [value.args[1]]
+        if not args or not all(isinstance(a, relax.Var) and a in weight_params for a in args):
+            return False
+        f = _lookup(mod, value.args[0])
+        if not isinstance(f, tvm.tirx.PrimFunc):
+            return False
+        names = []
+        tvm_ffi.structural_walk(f.body, [(tvm.s_tir.SBlock, lambda blk: names.append(str(blk.name_hint)))])
+        inner = [n for n in names if n != "root"]
+        return bool(inner) and all(n == WEIGHT_DECODE for n in inner)
 
     def _max_workspace(self, mod: tvm.IRModule) -> int:
         best = 0

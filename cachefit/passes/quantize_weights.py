@@ -23,6 +23,11 @@ FOOTPRINT_ATTRS = (
     "cachefit.weight_bytes", "cachefit.activation_bytes", "cachefit.buffer_bytes", "cachefit.in_bytes",
     "cachefit.out_bytes", "cachefit.flops", "cachefit.bytes_moved", "cachefit.params", "cachefit.num_weights",
 )
+#: block name (and PrimFunc attribute ``cachefit.weight_decode``) of the kernel that decodes a quantized
+#: conv weight: the footprint analysis counts no bytes for its result, which the compiled CPU
+#: convolution reads through (see cachefit.passes.annotate_footprint)
+WEIGHT_DECODE = "weight_decode"   # no "cachefit_" prefix: CPU schedules keep such blocks at the root
+WEIGHT_DECODE_ATTR = "cachefit.weight_decode"
 #: PrimFunc attribute: the multiply-adds x 2 of a fused dequantize-matmul kernel (FLOPs of the
 #: matmul it replaces); see :func:`call_tir_flops`
 FLOPS_ATTR = "cachefit.flops"
@@ -199,8 +204,9 @@ def dequant_conv_weight_func(shape, bits: int, group_size: int | None, dtype: st
         kk = ii * _i64(h * w) + hh * _i64(w) + ww
         return _dequant_expr(q, s, kk, oo, bits, g).astype(dtype)
 
-    out = te.compute(tuple(_i64(d) for d in (o, i, h, w)), body, name="dequantize")
-    return te.create_prim_func([q, s, out]).without_attr("global_symbol").with_attr("op_pattern", 2)
+    out = te.compute(tuple(_i64(d) for d in (o, i, h, w)), body, name=WEIGHT_DECODE)
+    return (te.create_prim_func([q, s, out]).without_attr("global_symbol")
+            .with_attrs({"op_pattern": 2, WEIGHT_DECODE_ATTR: tvm.tirx.IntImm("int32", 1)}))
 
 
 def dequant_flops(mod: tvm.IRModule, fn: relax.Function) -> tuple[int, int]:

@@ -1,9 +1,11 @@
 """AnnotateFootprint: exact per-layer bytes, FLOPs and cut sizes on a hand-checked module."""
 
+import math
 import re
 
 import pytest
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
@@ -190,3 +192,69 @@ def test_needs_a_layered_module():
 
     with pytest.raises(CachefitError, match="layered module"):
         run_pass(AnnotateFootprint(), Flat)
+
+
+@I.ir_module
+class ConvLayer:
+    @R.function(private=True)
+    def layer_0(x: R.Tensor((1, 3, 8, 8), "float32"), w: R.Tensor((4, 3, 3, 3), "float32")) -> R.Tensor((1, 4, 6, 6), "float32"):
+        R.func_attr({"cachefit.layer": 0, "cachefit.layer_name": "conv"})
+        with R.dataflow():
+            gv = R.nn.relu(R.nn.conv2d(x, w))
+            R.output(gv)
+        return gv
+
+    @R.function
+    def main(x: R.Tensor((1, 3, 8, 8), "float32"), w: R.Tensor((4, 3, 3, 3), "float32")) -> R.Tensor((1, 4, 6, 6), "float32"):
+        R.func_attr({"num_input": 1})
+        cls = ConvLayer
+        with R.dataflow():
+            gv = cls.layer_0(x, w)
+            R.output(gv)
+        return gv
+
+
+@pytest.mark.parametrize("bits,weight_bytes", [(8, 27 * 4 + 4 * 4), (4, 14 * 4 + 4 * 4)])
+def test_quantized_conv_counts_stored_weights_and_no_decoded_copy(bits, weight_bytes):
+    """A quantized conv's weight is the stored integers plus scales: [27, 4] int8 (108 B) or
+    [14, 4] packed int4 (56 B), and [1, 4] float32 scales (16 B). Its decoded float weight
+    ([4, 3, 3, 3] = 432 B) is neither weight, activation nor buffer: the CPU pipeline fuses the
+    decode into the convolution (checked in the next test). The activation peak (input 768 B +
+    conv output 576 B), the workspace and the FLOPs of the convolution are the float layer's;
+    bytes moved drop by 432 B and add the stored bytes once. FLOPs add one per decoded value."""
+    from cachefit.passes.quantize_weights import quantize_weights
+
+    mod, _params, done = quantize_weights(ConvLayer, None, bits=bits)
+    assert done[0].kind == "oihw" and done[0].bytes_after == weight_bytes
+    (old,) = layer_records(AnnotateFootprint()(ConvLayer))
+    (new,) = layer_records(AnnotateFootprint()(mod))
+    assert (old.weight_bytes, old.activation_bytes) == (432, 768 + 576)
+    assert new.weight_bytes == weight_bytes
+    assert new.params == {f"w_int{bits}": weight_bytes - 16, "w_scale": 16}
+    assert new.activation_bytes == old.activation_bytes
+    assert new.buffer_bytes == old.buffer_bytes
+    assert new.bytes_moved == old.bytes_moved - 432 + weight_bytes
+    assert new.flops == old.flops + 4 * 27
+
+
+def test_compiled_cpu_conv_reads_the_quantized_weight_without_a_float_copy():
+    """The fact the footprint rule above relies on: after cachefit's CPU pipeline, the
+    convolution kernel takes the int8 weight and the scales as inputs and allocates no
+    float32 buffer of the weight's 108 values (stride 1: implicit GEMM; the decode is inlined)."""
+    from cachefit.codegen.cpu_schedule import CPUSpec
+    from cachefit.codegen.pipeline import cpu_passes, host_llvm_target
+    from cachefit.passes.quantize_weights import quantize_weights
+
+    mod, _params, _done = quantize_weights(ConvLayer, None, bits=8)
+    target = host_llvm_target(tvm.target.Target({"kind": "llvm"}))
+    with target:
+        out = tvm.transform.Sequential(cpu_passes(target, CPUSpec.for_target(target, 1)))(mod)
+    convs = [f for gv, f in out.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint]
+    assert len(convs) == 1
+    signature = convs[0].script().split("):\n")[0]
+    assert 'T.Buffer((T.int64(27), T.int64(4)), "int8")' in signature
+    assert 'T.Buffer((T.int64(1), T.int64(4)), "float32")' in signature
+    allocs = []
+    tvm_ffi.structural_walk(convs[0].body, [(tvm.s_tir.SBlock, lambda blk: allocs.extend(blk.alloc_buffers))])
+    sizes = [math.prod(int(d) for d in b.shape) for b in allocs]
+    assert sizes and 4 * 27 not in sizes
