@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small instances only")
     ap.add_argument("--repeat", type=int, default=3, help="timing repeats of the fast algorithm (min reported)")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
+    ap.add_argument("--only", action="append", metavar="KIND[:N]",
+                    help="run only these rows (e.g. exact-nonmono:100000); repeatable")
     args = ap.parse_args(argv)
 
     plan = []
@@ -127,6 +129,9 @@ def main(argv=None) -> int:
                  ("exact", 500, 16, True), ("exact", 2_000, 16, True), ("exact", 100_000, 1_000, False),
                  ("exact-nonmono", 500, 16, True), ("exact-nonmono", 2_000, 16, True),
                  ("exact-nonmono", 100_000, 1_000, False)]
+    if args.only:
+        wanted = [o.split(":") for o in args.only]
+        plan = [p for p in plan if any(w[0] == p[0] and (len(w) == 1 or int(w[1]) == p[1]) for w in wanted)]
     rows = []
     print(f"python {platform.python_version()} on {platform.machine()}, {platform.processor() or 'cpu'}")
     print("| instance | n | k | fast (ms) | reference DP (s) | speed-up | same bottleneck |")

@@ -358,3 +358,82 @@ def test_footprint_oracle_matches_direct_many_shared_params(data):
                     assert cost.cost(a, b + 1) >= cost.cost(a, b)
                 if a > 0:
                     assert cost.cost(a - 1, b) >= cost.cost(a, b)
+
+
+# ---------------------------------------------------------------- the frontier search
+def _check_fewest_against_dp(cost, bound, limit, start=0, end=None):
+    """The frontier search against the dynamic programme on one bound; False if it gave up."""
+    from cachefit.partition.search import _dp_fewest_single, _frontier_fewest, _GiveUp
+
+    end = cost.n if end is None else end
+    ref, _ = _dp_fewest_single((cost, bound), start, end, cost)
+    try:
+        got, count, leap = _frontier_fewest((cost, bound), start, end, limit, cost)
+    except _GiveUp:
+        return False
+    if ref is not None and (limit is None or len(ref) <= limit):
+        assert got is not None and len(got) == len(ref) == count
+        assert got[0][0] == start and got[-1][1] == end
+        assert all(b == c for (_, b), (c, _) in zip(got, got[1:]))
+        assert all(cost.cost(a, b) <= bound for a, b in got)
+        return True
+    assert got is None
+    # The leap: no bound below it does better (every comparison, hence the run, is the same).
+    assert leap > bound
+    for b2 in sorted({bound + 1, (bound + leap) // 2 if leap < float("inf") else bound + 2, bound + 3}):
+        if b2 < leap:
+            r2, _ = _dp_fewest_single((cost, b2), start, end, cost)
+            assert r2 is None or (limit is not None and len(r2) > limit), (bound, b2, leap)
+    return True
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(record_instances(max_n=40, boundary=(0, 60)), st.integers(10, 300),
+       st.one_of(st.none(), st.integers(1, 40)))
+def test_frontier_search_matches_the_dynamic_programme(inst, bound, limit):
+    """The level-by-level frontier search (used for non-monotone footprints) finds the same
+    fewest-groups count as the dynamic programme, valid groups, and a sound leap, whenever it
+    does not hand the case back to the programme."""
+    layers = inst[0]
+    _check_fewest_against_dp(FootprintCost(layers), bound, limit)
+
+
+def test_frontier_search_seeded_instances_mostly_answered_itself():
+    """1,500 seeded random models of 1..60 layers (shared parameters, boundaries up to 5, 40 or
+    100 bytes against layers of 0..70): the same checks, and the search answers most of them
+    without the programme (it hands back only cases where a level makes no progress)."""
+    import random
+
+    rng = random.Random(11)
+    answered = 0
+    for _ in range(1500):
+        n = rng.randint(1, 60)
+        pool = {f"p{i}": rng.randint(0, 30) for i in range(4)}
+        io = rng.choice([5, 40, 100])
+        layers = []
+        for i in range(n):
+            params = {k: pool[k] for k in rng.sample(sorted(pool), rng.randint(0, 2))} if rng.random() < 0.3 else {}
+            layers.append(LayerRecord(f"l{i}", sum(params.values()) + rng.randint(0, 30), rng.randint(0, 30),
+                                      rng.randint(0, 10), rng.randint(0, io), rng.randint(0, io), params))
+        answered += _check_fewest_against_dp(FootprintCost(layers), rng.randint(20, 400),
+                                             rng.choice([None, rng.randint(1, n + 1)]))
+    assert answered > 900
+
+
+def test_frontier_search_on_a_long_non_monotone_model():
+    """3,000 layers with random boundary tensors up to 400 KB (the benchmark's kind): the frontier
+    search answers every bound itself (no fallback) and agrees with the programme."""
+    import random
+
+    rng = random.Random(5)
+    layers = [LayerRecord(f"l{i}", rng.randint(200_000, 1_000_000), rng.randint(8_000, 64_000),
+                          in_bytes=rng.randint(0, 400_000), out_bytes=rng.randint(0, 400_000),
+                          params={"tied": 3_000_000} if i in (0, 2999) else {})
+              for i in range(3000)]
+    cost = FootprintCost(layers)
+    assert not cost.monotone
+    answered = 0
+    for bound, limit in ((20_000_000, None), (20_000_000, 80), (6_000_000, None), (60_000_000, 30),
+                         (61_000_000, 30), (3_900_000, None)):
+        answered += _check_fewest_against_dp(cost, bound, limit)
+    assert answered == 6

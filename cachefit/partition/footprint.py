@@ -102,12 +102,16 @@ class GroupCost:
     inside it) and ``x``, ``y`` non-negative: the exact partition search relies on both.
     ``monotone`` says whether the whole cost is monotone under inclusion as well (established
     by a sufficient O(n) check); when it is, the fast greedy feasibility test is exact.
+    ``superadditive``: the cores of the groups of any partition of ``[a, b)`` add up to at
+    least ``core(a, b)`` (sums, unique weights and peaks have this property); the bottleneck
+    search then starts from ``core / groups``.
     """
 
     n: int
     x: Sequence
     y: Sequence
     monotone: bool
+    superadditive: bool = False
 
     def core(self, a: int, b: int):
         raise NotImplementedError
@@ -119,6 +123,10 @@ class GroupCost:
         """The same costs on the layers in reverse order: group ``[a, b)`` of the mirror is
         group ``[n - b, n - a)`` of this one (``x`` and ``y`` swap roles)."""
         return Mirrored(self)
+
+    def layer_cores(self) -> Sequence:
+        """``core(l, l + 1)`` for every layer: a group holding ``l`` has at least that core."""
+        return [self.core(l, l + 1) for l in range(self.n)]
 
     def reach(self, a: int, end: int, bound, hint: int = 1) -> int:
         """Largest ``b`` in ``(a, end]`` with ``cost(a, b) <= bound``, or ``a`` if none.
@@ -165,6 +173,7 @@ class Mirrored(GroupCost):
         self.x = list(reversed(base.y))
         self.y = list(reversed(base.x))
         self.monotone = base.monotone
+        self.superadditive = base.superadditive
 
     def core(self, a: int, b: int):
         return self.base.core(self.n - b, self.n - a)
@@ -175,6 +184,9 @@ class Mirrored(GroupCost):
     def mirrored(self) -> GroupCost:
         return self.base
 
+    def layer_cores(self) -> Sequence:
+        return list(reversed(self.base.layer_cores()))
+
     def spill_time(self, layer: int):
         """Forwarded for stage-time oracles (:class:`~.cost.StageTime`)."""
         return self.base.spill_time(self.n - 1 - layer)
@@ -182,6 +194,8 @@ class Mirrored(GroupCost):
 
 class AdditiveCost(GroupCost):
     """Integer sizes that add up: ``cost(a, b) = sum(values[a:b])`` (the seed's model)."""
+
+    superadditive = True
 
     def __init__(self, values: Sequence[int]):
         self.values = values
@@ -200,6 +214,9 @@ class AdditiveCost(GroupCost):
 
     def mirrored(self) -> "AdditiveCost":
         return AdditiveCost(self.values[::-1])
+
+    def layer_cores(self) -> Sequence:
+        return self.values
 
     def reach(self, a: int, end: int, bound, hint: int = 1) -> int:
         if a >= end:
@@ -303,7 +320,11 @@ class FootprintCost(GroupCost):
     ``core(a, b)`` = unique weights + peak working set (monotone under inclusion),
     ``x[a]`` = ``in_bytes`` of layer ``a``, ``y[b-1]`` = ``out_bytes`` of layer ``b-1``.
     A parameter name recorded with different sizes in different layers is refused.
+    ``core`` is superadditive: a partition's groups hold every unique weight at least once
+    and each has a peak of its own.
     """
+
+    superadditive = True
 
     def __init__(self, layers: Sequence[LayerRecord]):
         n = self.n = len(layers)
@@ -315,10 +336,11 @@ class FootprintCost(GroupCost):
         seen: dict[str, tuple[int, int]] = {}  # parameter -> (bytes, last layer reading it)
         repeats: list[tuple[int, int, int]] = []
         for i, l in enumerate(layers):
-            if not l.params:
+            params = l.params
+            if not params:
                 continue
             itemised = 0
-            for name, nbytes in l.params.items():
+            for name, nbytes in params.items():
                 itemised += nbytes
                 known = seen.get(name)
                 if known is not None:
@@ -331,19 +353,28 @@ class FootprintCost(GroupCost):
                         )
                     repeats.append((known[1], i, nbytes))
                 seen[name] = (nbytes, i)
-            own[i] = itemised + max(0, l.weight_bytes - itemised)  # params + unitemised rest
+            w = own[i]
+            if w < itemised:  # params + the unitemised rest (none when the params add up to more)
+                own[i] = itemised
         if n and min(min(x), min(y), min(ws), min(own)) < 0:
             bad = next(l for l in layers if min(l.in_bytes, l.out_bytes, l.activation_bytes, l.buffer_bytes,
                                                  l.weight_bytes, *l.params.values()) < 0)
             raise PlanError(f"layer {bad.name!r} has a negative byte count: every size must be >= 0")
         self.x, self.y = x, y
+        self._layer_cores = [o + w for o, w in zip(own, ws)]  # a layer alone holds no repeat
         self.prefix = list(accumulate(own, initial=0))
         self.monotone = self._check_monotone(ws, own, repeats)
         self._dup = _RepeatSums(repeats)
         self._has_dup = bool(repeats)
+        # A group [a, b) holds a repeat only if a <= its previous reader and b-1 >= its reader.
+        self._dup_prev = max((r[0] for r in repeats), default=-1)
+        self._dup_at = min((r[1] for r in repeats), default=n)
         self._table = _RangeMaxTable(ws)
         self._rows = self._table.rows
         self._log = _floor_log2_table(n)
+
+    def layer_cores(self) -> Sequence:
+        return self._layer_cores
 
     # core() and cost() are the partitioners' inner loop: the range maximum is inlined.
     def core(self, a: int, b: int) -> int:
@@ -353,7 +384,7 @@ class FootprintCost(GroupCost):
         row = self._rows[k]
         m, m2 = row[a], row[b - (1 << k)]
         c = self.prefix[b] - self.prefix[a] + (m if m >= m2 else m2)
-        if self._has_dup:
+        if self._has_dup and a <= self._dup_prev and b > self._dup_at:
             c -= self._dup.query(a, b - 1)
         return c
 
@@ -364,7 +395,7 @@ class FootprintCost(GroupCost):
         row = self._rows[k]
         m, m2 = row[a], row[b - (1 << k)]
         c = self.prefix[b] - self.prefix[a] + (m if m >= m2 else m2) + self.x[a] + self.y[b - 1]
-        if self._has_dup:
+        if self._has_dup and a <= self._dup_prev and b > self._dup_at:
             c -= self._dup.query(a, b - 1)
         return c
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import struct
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -94,7 +95,19 @@ def fewest_groups(
     groups: list = []
     leap = INF
     for seg in segments:
-        part, seg_leap = _dp_fewest(bounds, seg.start, seg.end, varied)
+        part = None
+        if len(bounds) == 1 and not force_dp:
+            try:
+                left = None if limit is None else limit - len(groups)
+                part, _, seg_leap = _frontier_fewest(bounds[0], seg.start, seg.end, left, varied)
+            except _GiveUp:
+                part = None
+            else:
+                leap = min(leap, seg_leap)
+                if part is None:
+                    return Fewest(None, len(groups), leap)
+        if part is None:
+            part, seg_leap = _dp_fewest(bounds, seg.start, seg.end, varied)
         leap = min(leap, seg_leap)
         if part is None:
             return Fewest(None, len(groups), leap)
@@ -257,6 +270,231 @@ def _dp_fewest_single(bound: Bound, start: int, end: int, varied: GroupCost | No
     return _backtrack(parent, start, end), leap
 
 
+class _GiveUp(Exception):
+    """The frontier search met a case it leaves to the dynamic programme (see ``_frontier_fewest``)."""
+
+
+def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, varied: GroupCost | None):
+    """Exact fewest groups covering layers ``start .. end-1`` for one bound, level by level.
+
+    Returns ``(groups or None, count, leap)``; ``groups`` is None when more than ``limit``
+    groups are needed or none exist. Raises :class:`_GiveUp` where it would stop being cheap
+    (no progress from one level to the next, or a work budget spent): the caller then runs
+    the dynamic programme, which is exact everywhere.
+
+    ``f[p]`` = fewest groups covering ``start .. p-1``; ``S_t`` = the cuts with ``f <= t``;
+    ``g[t] = max S_t``. A cut ``a`` is *dominated* in ``S_t`` by a later ``a2`` in ``S_t``
+    with ``x[a2] <= x[a]``: for every group end ``b > a2``, ``cost(a2, b) <= cost(a, b)``
+    (its core is inside ``a``'s, the same ``y``). Hence:
+
+    - the cuts beyond ``g[t]`` with ``f = t + 1`` are exactly those within the bound from
+      some cut of the *frontier* ``F[t]``: the undominated cuts of ``S_t`` (the suffix minima
+      of ``x``, scanning down from ``g[t]``) whose core to ``g[t] + 1`` is within the bound;
+      ``g[t + 1]`` is the farthest of them, found from each frontier cut by the core's reach
+      and a short scan down;
+    - membership ``f[p] <= t`` of a cut is decided from ``F[s - 1]`` where ``s`` is the level
+      with ``g[s - 1] < p <= g[s]`` (``f[p] >= s``); a cut that ``F[s - 1]`` does not reach (a
+      *hole*: its own group would be over the bound) is decided by scanning the undominated
+      cuts of ``S_{t-1}`` below it, recursively, with memoised answers.
+
+    The frontier holds few cuts (the suffix minima of ``x``), so a level costs O(|F| log L)
+    cost queries plus a scan of ``x`` over one group length ``L`` in plain comparisons, instead
+    of the programme's few cost queries per layer. ``leap`` is the smallest value compared
+    above the bound (the same argument as for the programme: below it every comparison, hence
+    the whole run, comes out the same).
+    """
+    c, bnd = bound
+    core, cost, x = c.core, c.cost, c.x
+    track = varied is c
+    leap = INF
+    g = [start]
+    frontier = [[start]]
+    yes = {start: 0}  # cut -> a number of groups reaching it (f[p] <= yes[p])
+    no: dict[int, int] = {}  # cut -> the largest t with f[p] > t proven
+    parent: dict[int, int] = {}
+    budget = 16 * (end - start) + 4096
+
+    def left_reach(p: int, hint: int) -> int:
+        """Smallest ``a >= start`` with ``core(a, p)`` within the bound (``p`` if none)."""
+        nonlocal leap
+        a = max(p - max(hint, 1), start)
+        v = core(a, p)
+        if v <= bnd:  # exponential search down from the hint
+            ok, step = a, 1
+            while ok > start:
+                a = max(ok - step, start)
+                v = core(a, p)
+                if v > bnd:
+                    break
+                ok, step = a, step * 2
+            else:
+                return ok
+            bad = a
+        else:  # exponential search up from the hint
+            bad, ok, step = a, p, 1
+            while ok - bad > 1:
+                a = min(bad + step, p - 1)
+                v2 = core(a, p)
+                if v2 <= bnd:
+                    ok = a
+                    break
+                if track and v2 < leap:
+                    leap = v2
+                bad, step = a, step * 2
+        if track and v < leap:
+            leap = v
+        while ok - bad > 1:  # bad refused, ok allowed (or p)
+            mid = (bad + ok) // 2
+            v = core(mid, p)
+            if v <= bnd:
+                ok = mid
+            else:
+                if track and v < leap:
+                    leap = v
+                bad = mid
+        return ok
+
+    def right_reach(a: int, hint: int) -> int:
+        """Largest ``b <= end`` with ``core(a, b) + x[a]`` within the bound (``a`` if none)."""
+        nonlocal leap
+        xa = x[a]
+        b = min(a + max(hint, 1), end)
+        v = core(a, b) + xa
+        if v <= bnd:  # exponential search up from the hint
+            ok, step = b, 1
+            while ok < end:
+                b = min(ok + step, end)
+                v = core(a, b) + xa
+                if v > bnd:
+                    break
+                ok, step = b, step * 2
+            else:
+                return ok
+            bad = b
+        else:  # exponential search down from the hint
+            bad, ok, step = b, a, 1
+            while bad - 1 > a:
+                b = max(bad - step, a + 1)
+                v2 = core(a, b) + xa
+                if v2 <= bnd:
+                    ok = b
+                    break
+                if track and v2 < leap:
+                    leap = v2
+                bad, step = b, step * 2
+        if track and v < leap:
+            leap = v
+        while bad - ok > 1:  # ok allowed (or a), bad refused
+            mid = (ok + bad) // 2
+            v = core(a, mid) + xa
+            if v <= bnd:
+                ok = mid
+            else:
+                if track and v < leap:
+                    leap = v
+                bad = mid
+        return ok
+
+    def member(p: int, t: int, depth: int) -> bool:
+        """Whether ``f[p] <= t`` (``t`` at most the current level)."""
+        nonlocal leap, budget, win
+        known = yes.get(p)
+        if known is not None and known <= t:
+            return True
+        refused = no.get(p, -1)
+        if refused >= t:
+            return False
+        s = bisect_left(g, p)  # g[s-1] < p <= g[s]: f[p] >= s
+        if s > t:
+            return False
+        if refused < s:
+            for a in frontier[s - 1]:  # the cut that reached g[s] comes first
+                v = cost(a, p)
+                if v <= bnd:
+                    yes[p], parent[p] = s, a
+                    return True
+                if track and v < leap:
+                    leap = v
+            no[p] = refused = s
+        if s == t:
+            return False
+        # A hole of level s: any undominated cut of S_{t-1} below p may start its group.
+        if depth > 64 or budget <= 0:
+            raise _GiveUp
+        lam = left_reach(p, win)
+        top = min(p - 1, g[t - 1])
+        budget -= top - lam + 1
+        m = INF
+        for a in range(top, lam - 1, -1):
+            xa = x[a]
+            if xa < m and member(a, t - 1, depth + 1):
+                v = cost(a, p)
+                if v <= bnd:
+                    yes[p], parent[p] = yes[a] + 1, a
+                    return True
+                if track and v < leap:
+                    leap = v
+                m = xa
+        no[p] = t
+        return False
+
+    t = 0
+    hint = win = 1  # the last group's length and the last frontier scan's window: search hints
+    while True:
+        if limit is not None and t >= limit:
+            return None, t + 1, leap
+        gp = g[t]
+        best, arg = gp, -1
+        for a in frontier[t]:
+            if best > gp and best < end:  # can a's group end after the best end so far?
+                v = core(a, best + 1) + x[a]
+                if v > bnd:
+                    if track and v < leap:
+                        leap = v
+                    continue
+            p = right_reach(a, gp - a + hint)
+            while p > best:
+                v = cost(a, p)
+                if v <= bnd:
+                    best, arg = p, a
+                    break
+                if track and v < leap:
+                    leap = v
+                p -= 1
+                budget -= 1
+        if best == gp or budget <= 0:
+            raise _GiveUp
+        prev = frontier[t]
+        if prev[0] != arg:  # membership tests (below) try the cut that reached farthest first
+            prev.remove(arg)
+            prev.insert(0, arg)
+        t += 1
+        hint = best - gp
+        g.append(best)
+        yes[best], parent[best] = t, arg
+        if best == end:
+            break
+        lam = left_reach(best + 1, win)
+        win = best + 1 - lam
+        budget -= win
+        level, m = [], INF
+        for p in range(best, lam - 1, -1):
+            xp = x[p]
+            if xp < m and member(p, t, 0):
+                level.append(p)
+                m = xp
+        if not level:  # no group can start at or before g[t] and end after it
+            return None, t, leap
+        frontier.append(level)
+    out, b = [], end
+    while b != start:
+        a = parent[b]
+        out.append((a, b))
+        b = a
+    out.reverse()
+    return out, t, leap
+
+
 def _backtrack(parent: list, start: int, end: int) -> list:
     out = []
     b = end
@@ -355,7 +593,7 @@ def spread(
         for seg, c in zip(segments, counts):
             out.extend(_greedy_exact_count(bounds, seg, c))
         return out
-    base = fewest_groups(bounds, segments, force_dp=True).groups
+    base = fewest_groups(bounds, segments, force_dp=force_dp).groups
     assert base is not None
     target = min(groups, sum(s.length for s in segments))
     split = _split_to(bounds, base, target)

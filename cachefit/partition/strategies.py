@@ -164,6 +164,13 @@ def solve(
             # The largest layer and the average load are lower bounds of the bottleneck.
             total = sum(cost.cost(s.start, s.end) for s in segments)
             lo = max(max(max(cost.values[s.start:s.end]) for s in segments), -(-total // free))
+        elif segments:
+            # A group holding a layer has at least its core; with superadditive cores the
+            # groups' cores add up to at least the segments' cores: one is >= their average.
+            cores = cost.layer_cores()
+            lo = max(max(cores[s.start:s.end]) for s in segments)
+            if cost.superadditive:
+                lo = max(lo, -(-sum(cost.core(s.start, s.end) for s in segments) // free))
         else:
             lo = 0
         # Start the search from an even split when it fits: a much smaller first bound than
