@@ -512,7 +512,27 @@ class SumOfStackToAdd:
         for gv, func in m.mod_.functions_items():
             if isinstance(func, relax.Function):
                 m.builder_.update_func(gv, m.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(m.builder_.get())
+        return block_conv_layout(relax.transform.DeadCodeElimination()(m.builder_.get()))
+
+
+def block_conv_layout(mod: tvm.IRModule) -> tvm.IRModule:
+    """:class:`cachefit.codegen.cpu_conv.BlockConvLayout` for the current llvm target (``with
+    target``), channel block = its float32 lanes; other targets get ``mod`` unchanged.
+
+    Run at the end of :class:`SumOfStackToAdd` (the last pass before ``LegalizeOps`` in
+    ``pipeline.cpu_passes``) until the pipeline lists ``BlockConvLayout`` itself; running it twice
+    changes nothing (a converted convolution is a ``call_tir``).
+    """
+    from .cpu_conv import BlockConvLayout  # pylint: disable=import-outside-toplevel
+    from .cpu_schedule import target_vector_bits  # pylint: disable=import-outside-toplevel
+
+    target = tvm.target.Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm":
+        return mod
+    lanes = target_vector_bits(target) // 32
+    if lanes < 8:
+        return mod
+    return BlockConvLayout(lanes)(mod)
 
 
 @mutator

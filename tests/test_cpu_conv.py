@@ -1,0 +1,294 @@
+"""The NCHWc convolution path (cachefit.codegen.cpu_conv): layout pass, weight packs, kernel rule.
+
+Numeric tests compile ONNX graphs with ``compile_relax`` and compare with onnxruntime (relative
+error 1e-4 of the output's largest magnitude); structural tests check that the blocked path really
+took the convolutions (and left the cases it does not cover to the NCHW path).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tvm
+import tvm_ffi
+from onnx import TensorProto, helper
+from tvm import relax, tirx
+import tvm.relax.frontend.onnx as rx_onnx
+
+from cachefit.codegen import cpu_refmodels as ref
+from cachefit.codegen.cpu_conv import WEIGHT_PACK_ATTR, BlockConvLayout, choose_tile
+from cachefit.codegen.cpu_schedule import CPUSpec
+from cachefit.codegen.pipeline import compile_relax, cpu_passes, host_llvm_target
+
+RTOL = 1e-4
+LLVM = tvm.target.Target({"kind": "llvm"})
+
+
+def _rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def _import(model):
+    mod = rx_onnx.from_onnx(model, keep_params_in_input=True)
+    return relax.frontend.detach_params(mod)
+
+
+def _run_both(model: onnx.ModelProto, threads: int = 1, prepack: bool = False):
+    """(cachefit output, onnxruntime output) on one random input."""
+    mod, params = _import(model)
+    weights = [p.numpy() for p in params.get("main", [])]
+    compiled = compile_relax(mod, LLVM, threads=threads, prepack=prepack)
+    if prepack:
+        ex, args_w = compiled.executable, compiled.pack(weights)
+    else:
+        ex, args_w = compiled, [tvm.runtime.tensor(w) for w in weights]
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    inp = model.graph.input[0]
+    shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    out = vm["main"](tvm.runtime.tensor(x), *args_w)
+    out = out.numpy() if hasattr(out, "numpy") else out[0].numpy()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return out, sess.run(None, {inp.name: x})[0]
+
+
+class _Graph:
+    """A small ONNX graph builder: convolutions with random weights, batch norm, pooling."""
+
+    def __init__(self, cin: int, size: int, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits = [], []
+        self.shape = [1, cin, size, size]
+        self.x = "x"
+        self.inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, self.shape)]
+        self.n = 0
+
+    def _name(self, p):
+        self.n += 1
+        return f"{p}{self.n}"
+
+    def _init(self, arr):
+        name = self._name("w")
+        self.inits.append(helper.make_tensor(name, TensorProto.FLOAT, list(arr.shape), arr.astype(np.float32).ravel()))
+        return name
+
+    def conv(self, cout, k, stride=1, pad=0, bias=True, src=None):
+        src = src or self.x
+        cin = self.shape[1]
+        w = self._init(self.rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k))
+        ins = [src, w] + ([self._init(self.rng.standard_normal(cout) * 0.1)] if bias else [])
+        out = self._name("c")
+        self.nodes.append(helper.make_node("Conv", ins, [out], strides=[stride, stride], pads=[pad] * 4,
+                                           kernel_shape=[k, k]))
+        size = (self.shape[2] + 2 * pad - k) // stride + 1
+        self.shape = [1, cout, size, size]
+        self.x = out
+        return out
+
+    def bn(self):
+        c = self.shape[1]
+        names = [self._init(self.rng.uniform(0.5, 1.5, c)), self._init(self.rng.standard_normal(c) * 0.1),
+                 self._init(self.rng.standard_normal(c) * 0.1), self._init(self.rng.uniform(0.5, 1.5, c))]
+        out = self._name("bn")
+        self.nodes.append(helper.make_node("BatchNormalization", [self.x] + names, [out], epsilon=1e-5))
+        self.x = out
+        return out
+
+    def op(self, kind, *ins, **attrs):
+        out = self._name(kind.lower())
+        self.nodes.append(helper.make_node(kind, list(ins) or [self.x], [out], **attrs))
+        self.x = out
+        return out
+
+    def model(self, out_shape=None):
+        graph = helper.make_graph(
+            self.nodes, "g", self.inputs,
+            [helper.make_tensor_value_info(self.x, TensorProto.FLOAT, out_shape or self.shape)],
+            initializer=self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 9
+        return model
+
+
+def _conv_chain(cin, cout, size, kernel, stride, pad, seed=0):
+    """conv(3x3, cin -> 32) + relu, then the convolution under test + relu: a chain of two."""
+    g = _Graph(cin, size, seed)
+    g.conv(32, 3, 1, 1)
+    g.op("Relu")
+    g.conv(cout, kernel, stride, pad)
+    g.op("Relu")
+    return g.model()
+
+
+def _blocked_calls(model, threads=1):
+    """Names of the call_tir targets in ``main`` after the CPU pipeline's front passes."""
+    mod, _ = _import(model)
+    target = host_llvm_target(LLVM)
+    with target:
+        low = tvm.transform.Sequential(cpu_passes(target, CPUSpec.for_target(target, threads)))(mod)
+    names = []
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.op.same_as(call_tir):
+            names.append(e.args[0].name_hint)
+
+    relax.analysis.post_order_visit(low["main"].body, visit)
+    return names, low
+
+
+def test_choose_tile_fits_registers_and_the_problem():
+    """A tile has at most 16 accumulators (1 KiB: on the stack, in registers), its channel vectors
+    divide the channel blocks, and the computed width covers the output in whole tiles."""
+    for ow in list(range(1, 120)) + [224]:
+        for cob in (1, 2, 3, 4, 8, 62, 128):
+            owt, ocr, owp = choose_tile(ow, cob)
+            assert owt * ocr <= 16 and cob % ocr == 0
+            assert owp >= ow and owp % owt == 0 and owp - ow < owt
+    assert choose_tile(56, 8) == (4, 4, 56)
+
+
+@pytest.mark.parametrize(
+    "cin,cout,size,kernel,stride,pad",
+    [
+        (16, 32, 14, 1, 1, 0),     # 1x1
+        (32, 48, 13, 3, 1, 1),     # 3x3, odd width (a padded tile)
+        (16, 32, 12, 5, 1, 2),     # 5x5
+        (32, 16, 15, 7, 2, 3),     # 7x7, stride 2
+        (32, 64, 14, 3, 2, 1),     # 3x3 stride 2
+        (16, 32, 14, 1, 2, 0),     # 1x1 stride 2 (a ResNet shortcut)
+        (3, 32, 23, 3, 2, 0),      # an RGB stem (cb = 1 input blocks), no padding, width 11
+    ],
+)
+def test_blocked_conv_chain_matches_onnxruntime(cin, cout, size, kernel, stride, pad):
+    """Two chained convolutions (+ bias + relu) on the NCHWc path agree with onnxruntime."""
+    model = _conv_chain(cin, cout, size, kernel, stride, pad)
+    names, _ = _blocked_calls(model)
+    assert sum("conv2d_nchwc" in n for n in names) == 2
+    got, want = _run_both(model)
+    assert got.shape == want.shape
+    assert _rel_err(got, want) < RTOL
+
+
+def test_residual_batchnorm_relu_pooling_chain_matches_onnxruntime():
+    """A ResNet-like block (conv + BN + relu, conv + BN, a 1x1 projection shortcut, residual add,
+    relu), max pooling, a concatenation of two branches, global average pooling, then Flatten and
+    Gemm (back to NCHW) agree with onnxruntime, with the blocked layout kept between them."""
+    g = _Graph(16, 16, seed=3)
+    g.conv(32, 3, 1, 1, bias=False)
+    g.bn()
+    stem = g.op("Relu")
+    g.conv(32, 3, 1, 1, bias=False, src=stem)
+    g.bn()
+    a = g.op("Relu")
+    g.shape = [1, 32, 16, 16]
+    g.conv(64, 3, 1, 1, bias=False, src=a)
+    b = g.bn()
+    g.shape = [1, 32, 16, 16]
+    g.conv(64, 1, 1, 0, bias=False, src=stem)
+    s = g.bn()
+    g.op("Add", b, s)
+    y = g.op("Relu")
+    g.op("MaxPool", y, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    p = g.x
+    g.shape = [1, 64, 8, 8]
+    g.conv(32, 1, src=p)
+    c1 = g.op("Relu")
+    g.shape = [1, 64, 8, 8]
+    g.conv(32, 3, 1, 1, src=p)
+    c2 = g.op("Relu")
+    g.op("Concat", c1, c2, axis=1)
+    g.op("AveragePool", kernel_shape=[2, 2], strides=[2, 2])
+    g.op("GlobalAveragePool")
+    g.op("Flatten")
+    w = g._init(g.rng.standard_normal((10, 64)) * 0.1)
+    bias = g._init(g.rng.standard_normal(10))
+    g.op("Gemm", g.x, w, bias, transB=1)
+    model = g.model([1, 10])
+    names, low = _blocked_calls(model)
+    assert sum("conv2d_nchwc" in n for n in names) == 6
+    # one transform into the blocked layout is fused into the first conv; one out, before Flatten
+    assert not any("conv2d_direct" in n or "conv2d_im2col" in n for n in names)
+    for threads in (1, 2):
+        got, want = _run_both(model, threads=threads)
+        assert _rel_err(got, want) < RTOL
+
+
+def test_weight_pack_is_a_marked_call_of_one_parameter():
+    """Each blocked convolution's weight is re-laid out by a separate call_tir of one parameter,
+    whose PrimFunc carries ``cachefit.weight_pack`` (the compile-time pre-packing contract)."""
+    mod, _ = _import(_conv_chain(16, 32, 10, 3, 1, 1))
+    out = BlockConvLayout(16)(mod)
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    params = set(out["main"].params)
+    packs = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.op.same_as(call_tir):
+            func = out[e.args[0]]
+            if func.attrs is not None and WEIGHT_PACK_ATTR in func.attrs:
+                packs.append(list(e.args[1].fields))
+
+    relax.analysis.post_order_visit(out["main"].body, visit)
+    assert len(packs) == 2
+    assert all(len(args) == 1 and args[0] in params for args in packs)
+    # the pass is idempotent: nothing left to convert
+    assert tvm_ffi.structural_equal(BlockConvLayout(16)(out), out)
+
+
+def test_prepacked_weights_match_onnxruntime():
+    """With ``prepack=True`` the packs run at compile time (the stage takes packed weights) and
+    the output still agrees with onnxruntime."""
+    model = _conv_chain(16, 32, 14, 3, 1, 1)
+    mod, _ = _import(model)
+    compiled = compile_relax(mod, LLVM, threads=1, prepack=True)
+    assert compiled.params() is not None
+    got, want = _run_both(model, prepack=True)
+    assert _rel_err(got, want) < RTOL
+
+
+def test_lone_or_unsupported_convs_keep_the_nchw_path():
+    """A single convolution (two layout transforms for one kernel) keeps the NCHW implicit-GEMM
+    path; so does a convolution whose output channels are not a multiple of the block, and with
+    it its neighbour, left alone in its region."""
+    g = _Graph(16, 12)
+    g.conv(32, 3, 1, 1)
+    g.op("Relu")
+    names, _ = _blocked_calls(g.model())
+    assert not any("nchwc" in n for n in names)
+    names, _ = _blocked_calls(_conv_chain(16, 40, 12, 3, 1, 1))
+    assert not any("nchwc" in n for n in names)
+    assert sum("conv2d_direct" in n for n in names) == 2
+    got, want = _run_both(_conv_chain(16, 40, 12, 3, 1, 1))
+    assert _rel_err(got, want) < RTOL
+
+
+def test_blocked_kernels_are_scheduled_with_a_register_tile():
+    """The conv kernel's inner loops are vectorised (output-channel lanes) and unrolled (tile),
+    and parallel when the stage owns two threads."""
+    _, low = _blocked_calls(_conv_chain(16, 32, 14, 3, 1, 1), threads=2)
+    convs = [f for g, f in low.functions_items() if "conv2d_nchwc" in g.name_hint and isinstance(f, tirx.PrimFunc)]
+    assert convs
+    for f in convs:
+        kinds = set()
+        tvm_ffi.structural_walk(f.body, (tirx.For, lambda s: kinds.add(s.kind)), order="post")
+        assert {tirx.ForKind.VECTORIZED, tirx.ForKind.UNROLLED, tirx.ForKind.PARALLEL} <= kinds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["squeezenet", "resnet50"])
+def test_light_zoo_cnn_blocked_matches_onnxruntime(name):
+    """The light zoo's squeezenet / resnet50 (random weights) on the blocked path, packs at
+    compile time, agree with onnxruntime."""
+    model = ref.light_model(name, seed=0)
+    names, _ = _blocked_calls(model)
+    assert sum("conv2d_nchwc" in n for n in names) >= 20
+    got, want = _run_both(model, prepack=True)
+    assert got.shape == want.shape
+    assert _rel_err(got, want) < RTOL
