@@ -284,3 +284,65 @@ def test_cli_compile_fit_auto(three, tmp_path):
     r = CliRunner().invoke(main, ["compile", str(path), "--quantize", "int8", "--micro-batch", "x", "-o",
                                   str(tmp_path / "bad")])
     assert r.exit_code == 2 and "--micro-batch 'x'" in r.output
+
+
+def _output_error(model, names, params, quantized, seeds=(11, 12)):
+    """Relative output error of ``model`` with its quantized weights replaced by their decoded
+    values (run by onnxruntime) against the float model, over held-out random inputs."""
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    for q in quantized:
+        w = dequantize_array(params[q["q_name"]], params[q["scale_name"]], q["bits"], q["k"], q["group_size"])
+        name = names[q["name"]]
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.astype(np.float32)), name))
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    errs = []
+    for s in seeds:
+        x = np.random.default_rng(s).standard_normal((2, 16, 160)).astype(np.float32)
+        y0, y1 = ref.run(None, {"x": x})[0], got.run(None, {"x": x})[0]
+        errs.append(np.linalg.norm(y1 - y0) / np.linalg.norm(y0))
+    return float(np.mean(errs))
+
+
+@pytest.mark.slow
+def test_calibrated_int4_lowers_the_output_error(analyzed):
+    """fit_model(calibration=N) runs the float model on N random batches and rounds every matmul
+    weight by GPTQ: dense-tiny's INT4 g128 output error on held-out inputs drops by more than a
+    tenth against round to nearest (18.9% -> 15.6% here, 32 batches), same bytes; the
+    report records the calibration. Data-free stays the default."""
+    from cachefit.models import build
+
+    model = build("dense-tiny")
+    a = analyzed("dense-tiny")
+    _new0, rep0 = fit_model(a, 10**9, quantize="int4", group_size=128)
+    new, rep = fit_model(a, 10**9, quantize="int4", group_size=128, calibration=32)
+    assert rep0.calibration == 0 and {q["method"] for q in rep0.quantized} == {"rtn"}
+    assert rep.calibration == 32 and {q["method"] for q in rep.quantized} == {"gptq"}
+    assert "GPTQ calibrated on 32 batch(es)" in rep.format_table() and rep.to_dict()["calibration"] == 32
+    assert [r.weight_bytes for r in new.layers] == [r.weight_bytes for r in _new0.layers]
+    names = a.imported.original_names
+    e_rtn = _output_error(model, names, _new0.params, rep0.quantized)
+    e_gptq = _output_error(model, names, new.params, rep.quantized)
+    assert e_gptq < 0.9 * e_rtn
+
+
+def test_calibration_follows_pruning(analyzed):
+    """With pruning, fc2 loses rows of its reduction axis and its Hessian loses the same rows,
+    so GPTQ still applies to every matmul weight (no fallback to round to nearest); so does
+    o_proj after head pruning."""
+    a = analyzed("dense-tiny")
+    feeds = [{"x": np.random.default_rng(s).standard_normal((2, 16, 160)).astype(np.float32)} for s in (1, 2)]
+    new, rep = fit_model(a, 10**9, quantize="int4", prune=0.25, prune_heads=0.5, calibration=feeds)
+    assert rep.calibration == 2 and rep.prune_heads == 0.5
+    assert {q["method"] for q in rep.quantized} == {"gptq"}
+    assert new.params["layers_0_mlp_fc2_weight_int4"].shape == (240, 160)
+    assert new.params["layers_0_attn_o_proj_weight_int4"].shape == (40, 160)
+    assert "prune heads 4 -> 2" in rep.layers[0].applied
+    with pytest.raises(CachefitError, match="calibrate 0"):
+        fit_model(a, 10**9, quantize="int4", calibration=0)
+    with pytest.raises(CachefitError, match="prune-heads 1.5"):
+        fit_model(a, 10**9, prune_heads=1.5)

@@ -388,3 +388,37 @@ def test_shape_only_override_and_export_roundtrip(tmp_path):
 def test_bad_parameters_are_reported(args, kwargs, needle):
     with pytest.raises(CachefitError, match=re.escape(needle)):
         models.build(*args, **kwargs)
+
+
+def test_gpt2_init_follows_the_published_scheme():
+    """init="gpt2": matrices N(0, 0.02), residual projections (o_proj, fc2, every expert's fc2)
+    N(0, 0.02 / sqrt(2 * layers)), biases 0, LayerNorm gains 1 and offsets 0. The default init
+    is unchanged (init="default" gives the same bytes), and an unknown init is refused."""
+    m = models.build("dense-tiny", init="gpt2")
+    w = _weights(m)
+    assert models.model_params(m)["init"] == "gpt2"
+    for name in ("layers.0.attn.q_proj.weight", "layers.3.mlp.fc1.weight"):
+        assert abs(w[name].std() / 0.02 - 1) < 0.03 and abs(w[name].mean()) < 1e-3
+    for name in ("layers.1.attn.o_proj.weight", "layers.2.mlp.fc2.weight"):
+        assert abs(w[name].std() / (0.02 / math.sqrt(8)) - 1) < 0.03
+    assert all(not w[n].any() for n in w if n.endswith("bias"))
+    assert all((w[n] == 1).all() for n in w if n.endswith(("ln1.weight", "ln2.weight")))
+    moe = _weights(models.build("moe-tiny", init="gpt2"))
+    assert abs(moe["layers.0.moe.router.weight"].std() / 0.02 - 1) < 0.1
+    assert abs(moe["layers.0.moe.experts.3.fc2.weight"].std() / (0.02 / math.sqrt(8)) - 1) < 0.03
+    default = models.build("dense-tiny")
+    assert default.SerializeToString() == models.build("dense-tiny", init="default").SerializeToString()
+    with pytest.raises(CachefitError, match="init='xavier' unsupported"):
+        models.build("dense-tiny", init="xavier")
+
+
+def test_gpt2_init_branches_are_small_next_to_the_residual():
+    """What the init changes: with unit-gain matrices the blocks' updates are most of the output
+    (||y - x|| / ||y|| = 0.85 on dense-tiny), with GPT-2's init they are 5% of it."""
+    x = np.random.default_rng(100).standard_normal((2, 16, 160)).astype(np.float32)
+    ratios = []
+    for init in ("default", "gpt2"):
+        m = models.build("dense-tiny", init=init)
+        y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        ratios.append(np.linalg.norm(y - x) / np.linalg.norm(y))
+    assert 0.8 < ratios[0] < 0.9 and 0.03 < ratios[1] < 0.07

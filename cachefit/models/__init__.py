@@ -34,7 +34,8 @@ paper-moe          16      8192   16     4096   8 top-2 1024  1      float16   1
 =================  ======  =====  =====  =====  ======  ====  =====  ========  ===============  ==========
 
 - The tiny presets have real seeded random weights inline (N(0, 1/sqrt(fan_in)) matrices, He
-  scale for the ReLU MLP) and are sized so that every layer is under 2 MB but the model is 5-6
+  scale for the ReLU MLP; ``init="gpt2"`` for dense / moe: GPT-2 / Megatron's N(0, 0.02) with the
+  residual projections scaled by 1/sqrt(2 * layers), see :mod:`cachefit.models.transformer`) and are sized so that every layer is under 2 MB but the model is 5-6
   MB: a 2 MB budget needs several stages (1.05 / 1.24 / 1.32 MB per layer). moe-tiny reads
   795,648 parameters per token (router + 2 of 4 experts).
 - ``paper-dense``: 16 heads x 512 = hidden 8192; batch 1024 at seq 1 (1024 independent tokens,

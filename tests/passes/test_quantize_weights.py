@@ -391,3 +391,25 @@ def test_compiled_dense_model_int8_int4_against_onnxruntime(analyzed, tmp_path):
     np.testing.assert_allclose(results[4][0], want, rtol=1e-3, atol=1e-3)
     err4 = np.linalg.norm(results[4][0] - ref) / np.linalg.norm(ref)
     assert err8 < err4 < 0.25
+
+
+def test_mixed_precision_keeps_matching_weights_at_int8(analyzed):
+    """--quantize int4 with int8_weights=SENSITIVE_INT8 on moe-tiny: each layer's router
+    ([128, 4]) is stored as int8 [128, 4] (its own INT8 kernel), everything else as packed INT4."""
+    from cachefit.passes.quantize_weights import SENSITIVE_INT8
+
+    a = analyzed("moe-tiny")
+    mod, params, done = quantize_weights(a.mod, a.params, bits=4, group_size=128, int8_weights=SENSITIVE_INT8)
+    bits = {q.name: q.bits for q in done}
+    routers = {n for n in bits if "router" in n}
+    assert len(routers) == 4 and {bits[n] for n in routers} == {8}
+    assert {b for n, b in bits.items() if n not in routers} == {4}
+    assert params["layers_0_moe_router_weight_int8"].dtype == np.int8
+    assert params["layers_0_moe_router_weight_int8"].shape == (128, 4)
+    assert params["layers_0_moe_experts_0_fc1_weight_int4"].shape == (64, 256)
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    assert any(n.startswith("cachefit_dequant_matmul_int8") for n in names)
+    assert any(n.startswith("cachefit_dequant_matmul_int4") for n in names)
+    # INT8 patterns do nothing at --quantize int8
+    _, _, done8 = quantize_weights(a.mod, a.params, bits=8, int8_weights=SENSITIVE_INT8)
+    assert {q.bits for q in done8} == {8}
