@@ -302,13 +302,18 @@ def plan(model, input_shapes, batch, dtype, num_layers, layer_boundaries, cache,
 @capacity_options
 @plan_options
 @click.option("--threads", type=int, default=None, help="CPU threads per stage (llvm).")
+@click.option("--mcpu", default=None,
+              help="LLVM CPU of the llvm stages, e.g. x86-64-v3, skylake-avx512 (default: this host's CPU).")
+@click.option("--tuning-records", type=click.Path(exists=False), default=None,
+              help="Tuned kernel tiles (work directory of cachefit.codegen.cpu_tuning.tune_relax) or a "
+                   "meta-schedule database; kernels they do not cover keep the default schedules.")
 @click.option("-o", "--output", "out_dir", default="build", show_default=True, type=click.Path(file_okay=False),
               help="Artifact directory to write.")
 @fit_options
 @user_errors
 def compile_cmd(model, target, arch, input_shapes, batch, dtype, num_layers, layer_boundaries, cache, hardware,
-                strategy, devices, footprint, layout, allow_spill, threads, out_dir, quantize, group_size, prune,
-                fit, max_prune, micro_batch):
+                strategy, devices, footprint, layout, allow_spill, threads, mcpu, tuning_records, out_dir, quantize,
+                group_size, prune, fit, max_prune, micro_batch):
     """Compile MODEL.onnx into one library per device plus manifest.json (see docs/artifact-format.md)."""
     from .compiler import compile_model
 
@@ -318,8 +323,8 @@ def compile_cmd(model, target, arch, input_shapes, batch, dtype, num_layers, lay
     result = compile_model(model, target=target, arch=arch, out_dir=out_dir, input_shapes=input_shapes, batch=batch,
                            cache=cache, hardware=hardware, strategy=strategy, devices=devices, footprint=footprint,
                            layout=layout, allow_spill=allow_spill, layers=num_layers,
-                           layer_boundaries=_boundaries(layer_boundaries), threads=threads,
-                           progress=lambda line: click.echo(line, err=True),
+                           layer_boundaries=_boundaries(layer_boundaries), threads=threads, mcpu=mcpu,
+                           tuning_records=tuning_records, progress=lambda line: click.echo(line, err=True),
                            **_fit_kwargs(quantize, group_size, prune, fit, max_prune, micro_batch))
     if result.fit is not None:
         click.echo(result.fit.format_table())

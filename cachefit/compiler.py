@@ -60,6 +60,8 @@ def compile_model(
     quantize_calibration=None,
     quantize_int8_weights: Sequence[str] | None = None,
     prune_heads: float = 0.0,
+    mcpu: str | None = None,
+    tuning_records: str | Path | None = None,
 ) -> CompileResult:
     """Compile an ONNX model into one library per device (see docs/artifact-format.md).
 
@@ -75,6 +77,11 @@ def compile_model(
     ``quantize_calibration`` (N random batches or a list of input feeds; default data-free),
     ``quantize_int8_weights`` (name patterns kept at INT8 under int4) and ``prune_heads`` (fraction
     of attention heads) are passed to :func:`cachefit.fit.fit_model`.
+
+    ``mcpu``: the LLVM CPU of llvm stages (default: this host's; recorded in the manifest, the
+    runtimes refuse the artifact on a host without its instruction-set extensions).
+    ``tuning_records``: tile records of ``cachefit.codegen.cpu_tuning.tune_relax`` (a work directory
+    or its ``cachefit_tuning.json``) or a meta-schedule database, applied to the kernels they cover.
     """
     from tvm import relax  # noqa: F401  (TVM is needed from here on)
 
@@ -84,6 +91,15 @@ def compile_model(
 
     if target not in ("llvm", "cuda"):
         raise CachefitError(f"unknown --target {target!r}: use llvm (CPU devices) or cuda (GPUs)")
+    if mcpu and target != "llvm":
+        raise CachefitError(f"--mcpu {mcpu!r} names the CPU of llvm stages; --target {target} compiles GPU stages: "
+                            "leave --mcpu out (use --arch for the GPU)")
+    if mcpu:
+        make_target("llvm", mcpu=mcpu)  # an unknown CPU name fails here, before any work
+    if tuning_records is not None and not Path(tuning_records).exists():
+        raise CachefitError(f"--tuning-records {str(tuning_records)!r} does not exist: pass the work directory of "
+                            "cachefit.codegen.cpu_tuning.tune_relax (or its cachefit_tuning.json), or a "
+                            "meta-schedule database directory; leave it out to compile with the default schedules")
     if analysis is None:
         analysis = analyze_onnx(model, input_shapes=input_shapes, batch=batch, layers=layers,
                                 layer_boundaries=layer_boundaries)
@@ -124,6 +140,8 @@ def compile_model(
         output_names=[names.get(n, n) for n in analysis.imported.output_names],
         threads=threads,
         progress=progress,
+        mcpu=mcpu,
+        tuning_records=str(tuning_records) if tuning_records is not None else None,
     )
     return CompileResult(artifact_dir=Path(out), report=report, fit=fit_report)
 

@@ -11,6 +11,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 from cachefit.codegen import build_artifact, extract_stage, prepare_stage
+from cachefit.codegen.pipeline import host_llvm_target
 from cachefit.codegen import cuda as cuda_tools
 from cachefit.errors import CachefitError, ModelError
 from cachefit.passes.split_stages import SplitStages
@@ -90,7 +91,9 @@ def test_manifest_describes_stages_and_files(llvm_artifact):
     m = json.loads((llvm_artifact / "manifest.json").read_text())
     assert m["format"] == "cachefit-artifact" and m["format_version"] == 1
     assert m["model"] == {"name": "tied", "sha256": "ab" * 32}
-    assert m["target"] == {"kind": "llvm", "arch": None}
+    assert m["target"]["kind"] == "llvm" and m["target"]["arch"] is None
+    assert m["target"]["mcpu"] == str(host_llvm_target(tvm.target.Target({"kind": "llvm"})).attrs["mcpu"])
+    assert m["target"]["mattr"] is None and "avx" in m["target"]["cpu_features"]
     assert m["plan"]["strategy"] == "test" and m["plan"]["stages"][1]["weight_bytes"] == 2048
     assert m["inputs"] == [{"name": "ids", "shape": [2, 16], "dtype": "float32"}]
     assert m["outputs"] == [{"name": "logits", "shape": [2, 16], "dtype": "float32"}]
@@ -118,16 +121,33 @@ def test_transfers_have_the_bytes_of_the_cut(llvm_artifact):
         assert t["bytes"] == sum(x["bytes"] for x in t["tensors"]) == 2 * 16 * 4
 
 
+def _panels(w, panel, transposed=False):
+    """numpy's view of the matmul weight packing: W[K, N] (W[N, K] transposed) -> [N / P, K, P]."""
+    if transposed:
+        n, k = w.shape
+        return w.reshape(n // panel, panel, k).transpose(0, 2, 1)
+    k, n = w.shape
+    return w.reshape(k, n // panel, panel).transpose(1, 0, 2)
+
+
 def test_each_stage_stores_only_its_weights_and_a_tied_weight_in_both(llvm_artifact):
-    """A stage's weights file holds the weights its layers read; the tied embedding is in stages 0 and 2."""
+    """A stage's weights file holds the weights its layers read, pre-packed as its matmuls read them
+    (column panels, the manifest saying what each was packed from); the tied embedding is in
+    stages 0 and 2, packed once as it is (stage 0) and once transposed (stage 2's ``emb.T``)."""
     params = tied_params()
     stored = [load_weights(llvm_artifact / f"stage_{i}.safetensors") for i in range(3)]
-    assert [sorted(w) for w in stored] == [["emb"], ["w1", "w2"], ["emb"]]
-    for w in stored:
-        for name, arr in w.items():
-            np.testing.assert_array_equal(arr, params[name])
+    assert [sorted(w) for w in stored] == [["emb.packed"], ["w1.packed", "w2.packed"], ["emb.packed"]]
     m = json.loads((llvm_artifact / "manifest.json").read_text())
-    assert [[p["name"] for p in s["params"]] for s in m["stages"]] == [["emb"], ["w1", "w2"], ["emb"]]
+    assert [[p["name"] for p in s["params"]] for s in m["stages"]] == [["emb.packed"], ["w1.packed", "w2.packed"],
+                                                                      ["emb.packed"]]
+    for i, (s, w) in enumerate(zip(m["stages"], stored)):
+        for d in s["params"]:
+            src = d["packed_from"]
+            assert src["shape"] == [16, 16] and src["dtype"] == "float32" and src["pack"]
+            assert d["shape"] == list(w[d["name"]].shape) and d["dtype"] == "float32"
+            panel = d["shape"][2]
+            assert d["shape"] == [16 // panel, 16, panel]
+            np.testing.assert_array_equal(w[d["name"]], _panels(params[src["name"]], panel, transposed=i == 2))
 
 
 def test_extract_stage_keeps_only_its_functions():
@@ -294,3 +314,111 @@ def test_identical_stages_are_compiled_once(tmp_path):
     m2 = json.loads((out2 / "manifest.json").read_text())
     assert [s.get("reused_from") for s in m2["stages"]] == [None, None, None]
     np.testing.assert_array_equal(rt.load(out2).run({"x": x})["layers.3:0"], got)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU an llvm artifact needs (manifest target.mcpu / cpu_features), compile flags
+# ---------------------------------------------------------------------------------------------
+
+
+def test_host_without_the_artifacts_isa_is_refused():
+    """An llvm artifact whose code uses AVX-512 is refused on a CPU without it (the error names the
+    artifact's mcpu, the host CPU and the missing features); a CPU with them, a CUDA artifact or an
+    older manifest without cpu_features pass."""
+    from cachefit.errors import ArtifactError
+    from cachefit.runtime.loader import check_host_cpu
+
+    manifest = {"target": {"kind": "llvm", "arch": None, "mcpu": "sapphirerapids",
+                           "cpu_features": ["avx", "avx2", "fma", "avx512f", "avx512vnni"]}}
+    avx2_only = ("Old Test CPU", {"fpu", "avx", "avx2", "fma"})
+    with pytest.raises(ArtifactError) as err:
+        check_host_cpu(manifest, "build", cpu=avx2_only)
+    text = str(err.value)
+    assert "'sapphirerapids'" in text and "Old Test CPU" in text and "avx512f, avx512vnni" in text
+    assert "--mcpu" in text
+    check_host_cpu(manifest, "build", cpu=("New Test CPU", {"avx", "avx2", "fma", "avx512f", "avx512_vnni"}))
+    check_host_cpu({"target": {"kind": "cuda", "arch": "sm_90a"}}, "build", cpu=avx2_only)
+    check_host_cpu({"target": {"kind": "llvm", "arch": None}}, "build", cpu=avx2_only)
+
+
+def test_load_checks_the_host_cpu(llvm_artifact, tmp_path, monkeypatch):
+    """cachefit.runtime.load applies the check before loading any library."""
+    import shutil
+
+    import cachefit.runtime as rt
+    from cachefit.errors import ArtifactError
+    from cachefit.runtime import loader
+
+    art = tmp_path / "art"
+    shutil.copytree(llvm_artifact, art)
+    m = json.loads((art / "manifest.json").read_text())
+    assert "avx512f" in m["target"]["cpu_features"] or "avx2" in m["target"]["cpu_features"]
+    monkeypatch.setattr(loader, "host_cpu", lambda path=loader.CPUINFO: ("No-SIMD CPU", {"fpu", "sse2"}))
+    with pytest.raises(ArtifactError, match="No-SIMD CPU"):
+        rt.load(art)
+    monkeypatch.undo()
+    assert rt.load(art).run({"ids": np.zeros((2, 16), "float32")})["logits"].shape == (2, 16)
+
+
+def _mlp_onnx(tmp_path):
+    import onnx
+
+    from cachefit.codegen import cpu_refmodels as ref
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(ref.mlp(batch=4, width=64, layers=2), str(path))
+    return path
+
+
+def test_compile_mcpu_and_tuning_records_flags(tmp_path, monkeypatch):
+    """cachefit compile --mcpu x86-64-v3 records that CPU (AVX2, no AVX-512) in the manifest and the
+    stages still compute the model; --tuning-records reaches compile_relax."""
+    from click.testing import CliRunner
+
+    import cachefit.runtime as rt
+    from cachefit.cli import main
+    from cachefit.codegen import pipeline
+    from cachefit.compiler import reference_outputs
+
+    seen = []
+    real = pipeline.compile_relax
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("tuning_records"), str(args[1].attrs.get("mcpu"))))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "compile_relax", spy)
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "cachefit_tuning.json").write_text(json.dumps({"format": "cachefit-cpu-tuning", "version": 1,
+                                                              "records": {}}))
+    model = _mlp_onnx(tmp_path)
+    out = tmp_path / "build"
+    res = CliRunner().invoke(main, ["compile", str(model), "--devices", "2", "--mcpu", "x86-64-v3",
+                                    "--tuning-records", str(records), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert seen and all(s == (str(records), "x86-64-v3") for s in seen)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["target"]["mcpu"] == "x86-64-v3"
+    assert "avx2" in m["target"]["cpu_features"] and "avx512f" not in m["target"]["cpu_features"]
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype("float32")
+    got = rt.load(out).run({m["inputs"][0]["name"]: x})
+    want = reference_outputs(model, {m["inputs"][0]["name"]: x})
+    for name, ref in want.items():
+        np.testing.assert_allclose(got[name], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--mcpu", "not-a-cpu"], ["'not-a-cpu'", "x86-64-v3"]),
+    (["--tuning-records", "nowhere/at/all"], ["nowhere/at/all", "does not exist"]),
+    (["--target", "cuda", "--mcpu", "x86-64-v3"], ["--mcpu", "--arch"]),
+])
+def test_bad_compile_flags_are_user_errors(tmp_path, flags, words):
+    from click.testing import CliRunner
+
+    from cachefit.cli import main
+
+    res = CliRunner().invoke(main, ["compile", str(_mlp_onnx(tmp_path)), *flags, "-o", str(tmp_path / "b")])
+    assert res.exit_code == 2, res.output
+    assert all(w in res.output for w in words), res.output
+    assert not (tmp_path / "b" / "manifest.json").exists()

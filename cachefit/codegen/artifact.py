@@ -20,6 +20,7 @@ from ..passes.split_stages import _Rebind, stage_names
 from ..runtime.loader import sha256_file
 from ..runtime.weights import numpy_dtype, save_weights
 from . import cuda as cuda_tools
+from .prepack import CompiledModule
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +31,21 @@ TARGETS = ("llvm", "cuda")
 ENTRY = "main"
 
 
-def make_target(target: str, arch: str = "sm_90a") -> tvm.target.Target:
-    """The TVM target for ``"llvm"`` or ``"cuda"`` (with ``arch``, host llvm)."""
+def make_target(target: str, arch: str = "sm_90a", mcpu: str | None = None) -> tvm.target.Target:
+    """The TVM target for ``"llvm"`` (with ``mcpu`` when given, else the pipeline picks this host's
+    CPU) or ``"cuda"`` (with ``arch``, host llvm)."""
     if target == "llvm":
+        if mcpu:
+            from tvm.target.codegen import (  # pylint: disable=import-outside-toplevel
+                llvm_get_system_triple,
+                llvm_is_valid_cpu,
+            )
+
+            if not llvm_is_valid_cpu(str(mcpu), str(llvm_get_system_triple())):
+                raise CachefitError(f"--mcpu {mcpu!r} is not a CPU LLVM knows for {llvm_get_system_triple()}; use an "
+                                    "LLVM CPU name such as x86-64-v3, skylake-avx512 or sapphirerapids, or leave "
+                                    "--mcpu out to compile for this host's CPU")
+            return tvm.target.Target({"kind": "llvm", "mcpu": str(mcpu)})
         return tvm.target.Target({"kind": "llvm"})
     if target == "cuda":
         cuda_tools._arch_number(arch)
@@ -66,15 +79,18 @@ def extract_stage(mod: tvm.IRModule, index: int) -> tvm.IRModule:
     return sub
 
 
-def _compile_relax(mod: tvm.IRModule, target: tvm.target.Target, threads: int | None):
-    """Compile one stage module: the CPU-kernels pipeline when present, else TVM's default pipeline."""
+def _compile_relax(mod: tvm.IRModule, target: tvm.target.Target, threads: int | None,
+                   tuning_records: str | None = None, prepack: bool = False):
+    """Compile one stage module: the CPU-kernels pipeline when present, else TVM's default pipeline
+    (with ``prepack``: a ``CompiledModule``, whose weights are the original ones on that fallback)."""
     try:
         from .pipeline import compile_relax  # the house pipeline (CPU schedules, dlight for GPUs)
     except ImportError:
         compile_relax = None
     if compile_relax is not None:
-        return compile_relax(mod, target, threads=threads)
-    return tvm.compile(mod, target)
+        return compile_relax(mod, target, threads=threads, tuning_records=tuning_records, prepack=prepack)
+    ex = tvm.compile(mod, target)
+    return CompiledModule(ex, {}) if prepack else ex
 
 
 def prepare_stage(mod: tvm.IRModule, index: int) -> tvm.IRModule:
@@ -103,18 +119,24 @@ def prepare_stage(mod: tvm.IRModule, index: int) -> tvm.IRModule:
     return out
 
 
-def compile_stage(stage_mod: tvm.IRModule, target: str, *, arch: str = "sm_90a", threads: int | None = None):
+def compile_stage(stage_mod: tvm.IRModule, target: str, *, arch: str = "sm_90a", threads: int | None = None,
+                  mcpu: str | None = None, tuning_records: str | None = None, prepack: bool = False):
     """Compile one prepared stage module (``prepare_stage``) for ``target`` -> ``relax.Executable``.
 
+    prepack: weights pre-packed at compile time (``cachefit.codegen.prepack``); returns a
+    :class:`~cachefit.codegen.prepack.CompiledModule`: the executable, plus ``pack``, which turns
+    the stage's weights into the (pre-packed) weights its ``main`` takes.
     Uses ``cachefit.codegen.pipeline.compile_relax`` (CPU schedules, dlight for GPUs) when present, else
     TVM's default pipeline. For CUDA the kernels are compiled by nvcc into a fatbin for ``arch`` during
     the build (raises :class:`~cachefit.codegen.cuda.CudaToolchainError` without a toolkit).
+    mcpu: the CPU to compile llvm stages for (default: this host's); tuning_records: see
+    ``compile_relax``.
     """
-    tgt = make_target(target, arch)
+    tgt = make_target(target, arch, mcpu=mcpu)
     if target == "cuda":
         with cuda_tools.nvcc_device_code(arch), tgt:
-            return _compile_relax(stage_mod, tgt, threads)
-    return _compile_relax(stage_mod, tgt, threads)
+            return _compile_relax(stage_mod, tgt, threads, tuning_records, prepack)
+    return _compile_relax(stage_mod, tgt, threads, tuning_records, prepack)
 
 
 def _tensor_desc(name: str, ty) -> dict:
@@ -154,6 +176,8 @@ def build_artifact(
     threads: int | None = None,
     reuse_identical_stages: bool = True,
     progress: Callable[[str], None] | None = None,
+    mcpu: str | None = None,
+    tuning_records: str | None = None,
 ) -> Path:
     """Compile every stage of a split module and write the artifact directory (docs/artifact-format.md).
 
@@ -171,6 +195,13 @@ def build_artifact(
                   an earlier stage's gets a copy of that stage's library instead of a new compile
                   (transformer stages of identical blocks); the manifest says ``reused_from``.
     progress:     called with one line per finished stage.
+    mcpu:         the CPU llvm stages are compiled for (default: this host's, ``host_llvm_target``);
+                  recorded in the manifest's ``target``, checked by the runtimes at load.
+    tuning_records: tile records (``cachefit.codegen.cpu_tuning``) or a meta-schedule database,
+                  passed to ``compile_relax``.
+    Weights are stored as the compiled stage reads them: a weight that a kernel wants in another
+    layout (``cachefit.codegen.prepack``: matmul column panels, packed conv weights) is stored
+    pre-packed, described in the manifest's ``params`` with ``packed_from``.
     Returns the artifact directory.
     """
     if target not in TARGETS:
@@ -239,11 +270,11 @@ def build_artifact(
             layer_names[int(f.attrs["cachefit.layer"])] = str(f.attrs.get("cachefit.layer_name", gv.name_hint))
 
     entries = []
-    built: list = []  # (stage index, prepared module) of the stages compiled so far
+    built: list = []  # (stage index, prepared module, compiled module) of the stages compiled so far
     total_t0 = time.perf_counter()
     for s, (name, st) in enumerate(zip(names, stages)):
-        # weights
-        tensors = {}
+        # the stage's weights, as the model has them
+        originals = []
         for d in st["params"]:
             if d["name"] not in params or params[d["name"]] is None:
                 raise ModelError(f"stage {s} reads weight {d['name']!r}, which is missing from params "
@@ -253,9 +284,7 @@ def build_artifact(
             if list(arr.shape) != d["shape"] or arr.dtype != want:
                 raise ModelError(f"weight {d['name']!r} is {arr.dtype}{list(arr.shape)} but stage {s} expects "
                                  f"{d['dtype']}{d['shape']}")
-            tensors[d["name"]] = arr
-        wfile = out / f"{name}.safetensors"
-        save_weights(wfile, tensors, metadata={"format": "cachefit", "stage": str(s)})
+            originals.append(arr)
 
         # library
         t0 = time.perf_counter()
@@ -263,16 +292,23 @@ def build_artifact(
         lib = out / f"{name}.so"
         reused_from = None
         if reuse_identical_stages:
-            for earlier, earlier_mod in built:
+            for earlier, earlier_mod, _ in built:
                 if tvm_ffi.structural_equal(earlier_mod, prepared):
                     reused_from = earlier
                     break
         if reused_from is not None:
             shutil.copyfile(out / f"{names[reused_from]}.so", lib)
+            compiled = next(c for e, _, c in built if e == reused_from)
         else:
-            ex = compile_stage(prepared, target, arch=arch, threads=threads)
-            ex.export_library(str(lib))
-            built.append((s, prepared))
+            compiled = compile_stage(prepared, target, arch=arch, threads=threads, mcpu=mcpu,
+                                     tuning_records=tuning_records, prepack=True)
+            compiled.export_library(str(lib))
+            built.append((s, prepared, compiled))
+
+        # weights, pre-packed into the layouts the kernels read (compile-time weight packs)
+        st["params"], tensors = _stage_weights(compiled, ENTRY, st["params"], originals)
+        wfile = out / f"{name}.safetensors"
+        save_weights(wfile, tensors, metadata={"format": "cachefit", "stage": str(s)})
         seconds = time.perf_counter() - t0
         if target == "cuda":
             kinds = cuda_tools.device_code_kinds(lib)
@@ -313,7 +349,7 @@ def build_artifact(
         "format_version": FORMAT_VERSION,
         "cachefit_version": __version__,
         "model": {"name": model_name, "sha256": model_sha256},
-        "target": {"kind": target, "arch": arch if target == "cuda" else None},
+        "target": _target_entry(target, arch, mcpu),
         "plan": plan,
         "inputs": stages[0]["inputs"],
         "outputs": stages[-1]["outputs"],
@@ -325,6 +361,63 @@ def build_artifact(
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(out / "manifest.json")
     return out
+
+
+def _stage_weights(compiled: CompiledModule, func: str, descs: list, originals: list) -> tuple[list, dict]:
+    """(manifest params, name -> array) of the weights the compiled ``func`` takes, packed from the
+    stage's original weights ``originals`` (described by ``descs``)."""
+    layout = compiled.params(func)
+    if layout is None:
+        return descs, {d["name"]: a for d, a in zip(descs, originals)}
+    packed = compiled.pack(originals, func)
+    out_descs, tensors, seen = [], {}, {}
+    for p, t in zip(layout, packed):
+        src = descs[p.source]
+        if p.pack is None:
+            out_descs.append(src)
+            tensors[src["name"]] = originals[p.source]
+            continue
+        k = seen[src["name"]] = seen.get(src["name"], -1) + 1
+        name = f"{src['name']}.packed" + (str(k) if k else "")
+        arr = t.numpy()
+        out_descs.append({"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype),
+                          "packed_from": {"name": src["name"], "shape": list(src["shape"]), "dtype": src["dtype"],
+                                          "pack": p.pack}})
+        tensors[name] = arr
+    return out_descs, tensors
+
+
+def _target_entry(target: str, arch: str, mcpu: str | None) -> dict:
+    """The manifest's ``target``: kind, CUDA arch, and for llvm the CPU (``mcpu``) and its features."""
+    entry = {"kind": target, "arch": arch if target == "cuda" else None}
+    if target == "llvm":
+        from .pipeline import host_llvm_target  # pylint: disable=import-outside-toplevel
+
+        tgt = host_llvm_target(make_target("llvm", arch, mcpu=mcpu))
+        entry["mcpu"] = str(tgt.attrs.get("mcpu") or "") or None
+        mattr = tgt.attrs.get("mattr")
+        entry["mattr"] = [str(a) for a in mattr] if mattr else None
+        entry["cpu_features"] = target_cpu_features(tgt)
+    return entry
+
+
+#: x86 features whose absence makes code compiled for them fault (SIGILL); /proc/cpuinfo names
+ISA_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd",
+                "avx512vnni", "avx512bf16", "avx512fp16", "amx-tile")
+
+
+def target_cpu_features(tgt: tvm.target.Target) -> list[str]:
+    """The :data:`ISA_FEATURES` an llvm target's code may use (from its ``mcpu`` / ``mattr``)."""
+    from tvm.target.codegen import llvm_cpu_has_features  # pylint: disable=import-outside-toplevel
+
+    found = []
+    for feat in ISA_FEATURES:
+        try:
+            if llvm_cpu_has_features([feat], tgt):
+                found.append(feat)
+        except Exception:  # noqa: BLE001 - a feature this LLVM does not know
+            logger.debug("LLVM does not know CPU feature %s", feat)
+    return found
 
 
 def _json_default(obj):

@@ -266,6 +266,8 @@ class GemmForm:
     mfuse: batch positions that ``B`` does not read (``x[b, s, k] @ W[k, n]``): they are fused
            with ``i`` into one row loop, so that the weight panel serves all rows at once.
     b_buffers: buffers read along ``j`` (packing candidates for ``"nn"``).
+    packed: columns per panel when ``B`` is read from pre-packed panels ``Bp[j // P, .., j % P]``
+            (:class:`cachefit.codegen.prepack.PackMatmulWeights`), else 0.
     """
 
     kind: str
@@ -277,6 +279,7 @@ class GemmForm:
     dtype: str
     b_buffers: list
     mfuse: list
+    packed: int = 0
 
     @property
     def m(self) -> int:
@@ -341,6 +344,20 @@ def gemm_form(sch: s_tir.Schedule, block) -> GemmForm | None:
         coef = tvm.sym.detect_linear_equation(last, [v])
         return len(coef) == 2 and _int(coef[0]) == 1 and v not in _vars(coef[1])
 
+    def panel_of(ld, v) -> int:
+        """``P`` when ``v`` is read only as ``[.., v // P, .., v % P]`` (pre-packed panels), else 0."""
+        if not ld.indices:
+            return 0
+        last = ld.indices[-1]
+        if not (isinstance(last, tirx.FloorMod) and isinstance(last.a, tirx.Var) and last.a.same_as(v)):
+            return 0
+        p = _int(last.b)
+        divs = [ix for ix in ld.indices[:-1] if v in _vars(ix)]
+        if (p is None or len(divs) != 1 or not isinstance(divs[0], tirx.FloorDiv)
+                or not divs[0].a.same_as(v) or _int(divs[0].b) != p):
+            return 0
+        return p
+
     dtype = str(store.buffer.dtype)
     i = out_pos[-2] if len(out_pos) >= 2 else None
     batch = [p for p in out_pos if p not in (i, j)]
@@ -353,9 +370,11 @@ def gemm_form(sch: s_tir.Schedule, block) -> GemmForm | None:
                 break
             mfuse.insert(0, p)
     batch = [p for p in batch if p not in mfuse]
-    if j_loads and all(unit_last(ld, jv) for ld in j_loads):
+    if j_loads and all(unit_last(ld, jv) or panel_of(ld, jv) for ld in j_loads):
+        panels = [panel_of(ld, jv) for ld in j_loads if not unit_last(ld, jv)]
+        packed = math.gcd(*panels) if panels else 0
         return GemmForm("nn", batch, i, j, reduce_pos, extents, dtype,
-                        _unique_buffers(ld.source for ld in j_loads), mfuse)
+                        _unique_buffers(ld.source for ld in j_loads if unit_last(ld, jv)), mfuse, packed)
     if len(reduce_pos) == 1:
         kv = ivars[reduce_pos[0]]
         k_loads = [ld for ld in loads if uses(ld, kv)]
@@ -514,12 +533,14 @@ class GemmRule(dlight.ScheduleRule):
         ext = form.extents
         lanes = spec.lanes(form.dtype)
         n = ext[form.j]
-        while lanes > 1 and n % lanes:
+        while lanes > 1 and (n % lanes or (form.packed and form.packed % lanes)):
             lanes //= 2
         if lanes < 4:
             return False
         m = form.m
         kk = _prod([ext[p] for p in form.k])
+        # pre-packed panels: a column tile must lie inside one panel
+        nv = (form.packed if form.packed else n) // lanes
         elem = tvm.runtime.DataType(form.dtype).bits // 8
         work = _prod(ext)
         batch_ext = _prod([ext[p] for p in form.batch])
@@ -528,11 +549,13 @@ class GemmRule(dlight.ScheduleRule):
         # few rows and a weight that will come from L3 / DRAM: stream it row block by row block
         streaming = m <= 32 and b_bytes >= spec.l2_bytes // 4 and any(kk % kc == 0 for kc in (16, 8))
         streaming = bool(self.config.get("stream", streaming)) and any(kk % kc == 0 for kc in (16, 8))
+        # a packed weight is already one sequential stream per panel
+        streaming = streaming and not form.packed
         if streaming:
-            mr, nr = _choose_nn_tile(m, n // lanes, 16)
+            mr, nr = _choose_nn_tile(m, nv, 16)
         else:
-            mr, nr = _choose_nn_tile(m, n // lanes, spec.max_acc)
-        mr, nr = self._configured_tile(mr, nr, m, n // lanes)
+            mr, nr = _choose_nn_tile(m, nv, spec.max_acc)
+        mr, nr = self._configured_tile(mr, nr, m, nv)
         n_panels = n // (nr * lanes)
         m_tiles = m // mr
         li, lks, batch_loops = self._canonical_loops(sch, form, loops)
@@ -931,7 +954,7 @@ class InjectiveRule(dlight.ScheduleRule):
 
 def default_rules(spec: CPUSpec, records: dict | None = None) -> list:
     """cachefit's CPU rules in the order they are tried (``records``: see :class:`GemmRule`)."""
-    return [GemmRule(spec, records), ReductionRule(spec), InjectiveRule(spec)]
+    return [__import__("cachefit.codegen.cpu_conv", fromlist=["NCHWcConvRule"]).NCHWcConvRule(spec), GemmRule(spec, records), ReductionRule(spec), InjectiveRule(spec)]
 
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleCPU")

@@ -38,13 +38,18 @@ FORMAT = "cachefit-cpu-tuning"
 VERSION = 1
 
 
-def schedulable_module(mod: tvm.IRModule, target: tvm.target.Target, threads: int | None = None) -> tvm.IRModule:
-    """The module as the CPU pipeline has it right before scheduling (fused, unscheduled PrimFuncs)."""
+def schedulable_module(mod: tvm.IRModule, target: tvm.target.Target, threads: int | None = None,
+                       prepack: bool = True) -> tvm.IRModule:
+    """The module as the CPU pipeline has it right before scheduling (fused, unscheduled PrimFuncs).
+
+    prepack: as ``compile_relax(prepack=True)`` (what ``build_artifact`` compiles): matmul weights
+    read from pre-packed panels; records are keyed by the kernel, so tune the way you compile.
+    """
     from .pipeline import cpu_passes, host_llvm_target  # pylint: disable=import-outside-toplevel
 
     target = host_llvm_target(target)
     spec = CPUSpec.for_target(target, threads)
-    passes = [p for p in cpu_passes(target, spec) if not isinstance(p, ScheduleCPU)]
+    passes = [p for p in cpu_passes(target, spec, prepack=prepack) if not isinstance(p, ScheduleCPU)]
     with target:
         return tvm.transform.Sequential(passes)(mod)
 
@@ -77,16 +82,17 @@ def _candidates(form, spec: CPUSpec) -> list[dict]:
     accumulators first."""
     if form.kind == "nn":
         lanes = spec.lanes(form.dtype)
-        while lanes > 1 and form.extents[form.j] % lanes:
+        width = form.packed or form.extents[form.j]  # a tile lies inside one pre-packed panel
+        while lanes > 1 and (form.extents[form.j] % lanes or width % lanes):
             lanes //= 2
-        nv = form.extents[form.j] // max(lanes, 1)
+        nv = width // max(lanes, 1)
     else:
         nv = form.extents[form.j]
     tiles = [(mr, nr) for mr, nr in itertools.product((1, 2, 3, 4, 5, 6, 7, 8, 12, 14, 16), (1, 2, 3, 4, 6, 7))
              if 4 <= mr * nr <= spec.max_acc and form.m % mr == 0 and nv % nr == 0]
     tiles.sort(key=lambda t: -t[0] * t[1])
     out = [{"mr": mr, "nr": nr} for mr, nr in tiles]
-    if form.kind == "nn":
+    if form.kind == "nn" and not form.packed:
         out = [dict(c, pack=p) for c in out for p in (True, False)]
         if form.m <= 16:
             out += [dict(c, stream=True) for c in out if not c["pack"]]
@@ -116,12 +122,15 @@ def tune_relax(
     max_trials: int = 24,
     min_gain: float = 0.03,
     op_names: list[str] | None = None,
+    prepack: bool = True,
 ) -> Path:
     """Measure tile alternatives for every matmul-like kernel of ``mod``; write the winners.
 
     max_trials: candidates measured per kernel (the default configuration is always measured).
     min_gain:   a candidate is recorded only when it is this much faster than the default.
     op_names:   tune only the kernels whose name contains one of these strings.
+    prepack:    tune the kernels of ``compile_relax(prepack=True)`` (``build_artifact``, ``cachefit
+                compile``); False for modules compiled without it.
     Returns the records directory (existing records for other kernels are kept).
     """
     from .pipeline import host_llvm_target  # pylint: disable=import-outside-toplevel
@@ -140,7 +149,7 @@ def tune_relax(
     path = work / RECORDS_FILE
     data = json.loads(path.read_text()) if path.exists() else {}
     records = dict(data.get("records", {})) if data.get("format") == FORMAT else {}
-    ready = schedulable_module(mod, target, threads)
+    ready = schedulable_module(mod, target, threads, prepack=prepack)
     for gv, func in ready.functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue

@@ -33,6 +33,7 @@ from .cpu_legalize import (
     make_conv2d_legalizer,
 )
 from .cpu_schedule import CPUSpec, ScheduleCPU
+from .prepack import CompiledModule, LiftWeightPacks, PackMatmulWeights, packed_layouts
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +87,36 @@ def _records(tuning_records: str | None) -> tuple[dict, list]:
     return load_records(path), []
 
 
-def cpu_passes(target: tvm.target.Target, spec: CPUSpec, tuning_records: str | None = None) -> list:
-    """The phases of the CPU pipeline up to scheduled TIR (before dataflow lowering)."""
+def cpu_front_passes(target: tvm.target.Target, spec: CPUSpec, prepack: bool = False) -> list:
+    """The CPU pipeline up to legalised, unfused Relax (with ``prepack``: weight packs lifted)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # pylint: disable=import-outside-toplevel
 
     lanes = spec.lanes("float32")
-    records, ms_passes = _records(tuning_records)
     return (
         # library dispatch (sampling, sort/scan): TVM's own
         cpu.library_dispatch_passes(target)
         # inference-only decompositions: batch norm becomes one multiply-add that fuses into convs
         + [FoldBatchNormScale(), relax.transform.DecomposeOpsForInference(), SumOfStackToAdd()]
+        # matmul weights as column panels (packs that run at compile time), with prepack only
+        + ([PackMatmulWeights(lanes)] if prepack else [])
         # legalize, conv2d as im2col + GEMM
         + [
             relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": make_conv2d_legalizer(lanes)}),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
         ]
+        # marked weight packs (cachefit.weight_pack) to compile time, before anything fuses them;
+        # without prepack they stay in the graph and run on every call
+        + ([relax.transform.DeadCodeElimination(), LiftWeightPacks()] if prepack else [])
+    )
+
+
+def cpu_back_passes(target: tvm.target.Target, spec: CPUSpec, tuning_records: str | None = None) -> list:
+    """The CPU pipeline from legalised Relax to scheduled TIR (before dataflow lowering)."""
+    records, ms_passes = _records(tuning_records)
+    return (
         # weight prologues into their matmul, then the usual fusion of epilogues
-        + [
+        [
             FuseWeightPrologue(),
             relax.transform.DeadCodeElimination(),
             relax.transform.FuseTIR(),
@@ -122,19 +134,33 @@ def cpu_passes(target: tvm.target.Target, spec: CPUSpec, tuning_records: str | N
     )
 
 
-def cpu_pipeline(target: tvm.target.Target, threads: int | None = None, tuning_records: str | None = None):
-    """The full Relax pipeline for an llvm target (a pass for ``tvm.compile(relax_pipeline=...)``)."""
+def cpu_passes(target: tvm.target.Target, spec: CPUSpec, tuning_records: str | None = None,
+               prepack: bool = False) -> list:
+    """The phases of the CPU pipeline up to scheduled TIR (before dataflow lowering)."""
+    return cpu_front_passes(target, spec, prepack) + cpu_back_passes(target, spec, tuning_records)
+
+
+def cpu_pipeline(target: tvm.target.Target, threads: int | None = None, tuning_records: str | None = None,
+                 prepack: bool = False, layouts: dict | None = None):
+    """The full Relax pipeline for an llvm target (a pass for ``tvm.compile(relax_pipeline=...)``).
+
+    prepack: lift weight packs to compile time (:mod:`cachefit.codegen.prepack`); the lifted
+             functions' weight parameters are written into ``layouts`` (function name -> list of
+             :class:`~cachefit.codegen.prepack.PackedParam`) when given.
+    """
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # pylint: disable=import-outside-toplevel
 
     spec = CPUSpec.for_target(target, threads)
-    passes = cpu_passes(target, spec, tuning_records)
+    front = cpu_front_passes(target, spec, prepack)
+    back = cpu_back_passes(target, spec, tuning_records)
 
     @tvm.transform.module_pass(opt_level=0, name="CachefitCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            seq = tvm.transform.Sequential(
-                passes + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
-            )
+            mod = tvm.transform.Sequential(front)(mod)
+            if layouts is not None:
+                layouts.update(packed_layouts(mod))
+            seq = tvm.transform.Sequential(back + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
             return seq(mod)
 
     return _pipeline
@@ -180,8 +206,10 @@ def compile_relax(
     *,
     threads: int | None = None,
     tuning_records: str | None = None,
-) -> relax.Executable:
-    """Compile a Relax module for ``target`` with cachefit's schedules; returns the VM executable.
+    prepack: bool = False,
+):
+    """Compile a Relax module for ``target`` with cachefit's schedules; returns the VM executable
+    (with ``prepack``: a :class:`~cachefit.codegen.prepack.CompiledModule`).
 
     threads:        cores the compiled stage will run on (llvm only). ``1`` emits no parallel loops;
                     ``None`` means every core of this machine. Set ``TVM_NUM_THREADS`` to the same
@@ -190,6 +218,12 @@ def compile_relax(
                     (``cachefit_tuning.json``: tuned matmul / conv tiles) or of meta-schedule
                     (``database_workload.json`` + ``database_tuning_record.json``); records apply
                     to the kernels they cover, every other kernel keeps the default schedule.
+    prepack:        weights are known at compile time: matmul weights are packed into column
+                    panels and every marked weight pack (``cachefit.weight_pack``) runs once, at
+                    compile time; returns a ``CompiledModule`` whose ``pack(weights)`` computes
+                    the weights the compiled functions take (``.params(func)`` describes them).
+                    Without it, the compiled functions take the original weights (marked packs
+                    then run on every call). CUDA targets take the original weights either way.
     """
     target = _as_target(target)
     kind = target.kind.name
@@ -197,15 +231,20 @@ def compile_relax(
         raise CachefitError(f"threads={threads} is not a thread count: pass 1 or more (or None for all cores)")
     if kind == "llvm":
         target = host_llvm_target(target)
-        pipeline = cpu_pipeline(target, threads, tuning_records)
+        layouts: dict = {}
+        pipeline = cpu_pipeline(target, threads, tuning_records, prepack=prepack, layouts=layouts)
+        log.debug("compiling for %s (threads=%s, records=%s, prepack=%s)", target, threads, tuning_records, prepack)
+        ex = tvm.compile(mod, target, relax_pipeline=pipeline)
+        return CompiledModule(ex, layouts) if prepack else ex
     elif kind == "cuda":
         pipeline = cuda_pipeline(target, tuning_records)
     else:
         raise CachefitError(
             f"target kind {kind!r} is not supported by cachefit's compile pipeline: use 'llvm' or 'cuda'"
         )
-    log.debug("compiling for %s (threads=%s, records=%s)", target, threads, tuning_records)
-    return tvm.compile(mod, target, relax_pipeline=pipeline)
+    log.debug("compiling for %s (records=%s)", target, tuning_records)
+    ex = tvm.compile(mod, target, relax_pipeline=pipeline)
+    return CompiledModule(ex, {}) if prepack else ex
 
 
 def default_threads() -> int:

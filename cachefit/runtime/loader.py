@@ -112,6 +112,57 @@ def verify_files(artifact_dir: str | Path, manifest: dict) -> None:
                 )
 
 
+#: LLVM feature names (the manifest's ``target.cpu_features``) -> Linux /proc/cpuinfo flags
+CPUINFO_FLAGS = {"avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512f",
+                 "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512cd": "avx512cd",
+                 "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
+                 "amx-tile": "amx_tile"}
+CPUINFO = "/proc/cpuinfo"
+
+
+def host_cpu(path: str | Path = CPUINFO) -> tuple[str, set] | None:
+    """(model name, flags) of this host's first CPU from /proc/cpuinfo; None where it cannot be read."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+    name, flags = "unknown CPU", None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and name == "unknown CPU":
+            name = value.strip()
+        elif key == "flags" and flags is None:
+            flags = set(value.split())
+    return (name, flags) if flags is not None else None
+
+
+def check_host_cpu(manifest: dict, root: str | Path = ".", cpu: tuple[str, set] | None = None) -> None:
+    """Refuse an llvm artifact whose code uses instruction-set extensions this host lacks.
+
+    The manifest's ``target.cpu_features`` (LLVM names) are compared with the host's /proc/cpuinfo
+    flags (``cpu``: (model name, flags) to check against instead). Manifests without the field and
+    hosts without /proc/cpuinfo are not checked.
+    """
+    target = manifest.get("target") or {}
+    needed = target.get("cpu_features")
+    if target.get("kind") != "llvm" or not needed:
+        return
+    cpu = cpu if cpu is not None else host_cpu()
+    if cpu is None:
+        logger.info("cannot read %s: not checking the CPU features %s of %s", CPUINFO, needed, root)
+        return
+    name, flags = cpu
+    missing = [f for f in needed if f in CPUINFO_FLAGS and CPUINFO_FLAGS[f] not in flags]
+    if missing:
+        raise ArtifactError(
+            f"{root} was compiled for CPU {target.get('mcpu')!r}, whose code uses {', '.join(missing)}; this host's "
+            f"CPU ({name}) lacks {'it' if len(missing) == 1 else 'them'}, and the stages would die of an illegal "
+            "instruction. Recompile on this host, or with --mcpu naming a CPU this host has (e.g. --mcpu x86-64-v3 "
+            "for AVX2 without AVX-512)"
+        )
+
+
 def _parse_device(spec, kind: str, index: int):
     import tvm
 
@@ -312,6 +363,7 @@ def load(artifact_dir: str | Path, devices: Sequence | None = None) -> Pipeline:
     root = Path(artifact_dir)
     manifest = read_manifest(root)
     verify_files(root, manifest)  # before any native code is loaded
+    check_host_cpu(manifest, root)
     k = len(manifest["stages"])
     if devices is not None and (isinstance(devices, (str, tvm.runtime.Device)) or not isinstance(devices, Sequence)):
         devices = [devices] * k

@@ -1,0 +1,193 @@
+"""Compile-time weight pre-packing (cachefit.codegen.prepack): marked packs lifted, the rest left alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, s_tir, te, tirx
+
+from cachefit.codegen import cpu_refmodels as ref
+from cachefit.codegen.cpu_schedule import gemm_form
+from cachefit.codegen.pipeline import compile_relax
+from cachefit.codegen.prepack import (
+    LAYOUT_ATTR,
+    TRANSFORM_SUFFIX,
+    LiftWeightPacks,
+    PackedParam,
+    mark_weight_pack,
+    matmul_pack_func,
+    packed_matmul_func,
+    packed_params,
+    panel_width,
+)
+
+LLVM = tvm.target.Target({"kind": "llvm"})
+
+
+def _transpose_func(rows: int, cols: int, marked: bool) -> tirx.PrimFunc:
+    w = te.placeholder((rows, cols), "float32", "w")
+    wt = te.compute((cols, rows), lambda i, j: w[j, i], name="wt")
+    func = te.create_prim_func([w, wt], index_dtype_override="int64").without_attr("global_symbol")
+    return mark_weight_pack(func) if marked else func
+
+
+def _pack_module(marked: bool, extra_use: bool = False) -> tvm.IRModule:
+    """main(x, w, b) = x @ t(w) + b, with t a call_tir transposing w (marked as a pack or not);
+    with ``extra_use`` w is also read directly (x @ w)."""
+    bb = relax.BlockBuilder()
+    gv = bb.add_func(_transpose_func(16, 16, marked), "transpose_w")
+    x = relax.Var("x", relax.TensorType((4, 16), "float32"))
+    w = relax.Var("w", relax.TensorType((16, 16), "float32"))
+    b = relax.Var("b", relax.TensorType((16,), "float32"))
+    with bb.function("main", [x, w, b], {"num_input": 1}):
+        with bb.dataflow():
+            wt = bb.emit(relax.call_tir(gv, [w], relax.TensorType((16, 16), "float32")))
+            y = bb.emit(relax.op.add(relax.op.matmul(x, wt), b))
+            if extra_use:
+                y = bb.emit(relax.op.add(y, relax.op.matmul(x, w)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _call_tir_names(func: relax.Function) -> list[str]:
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    names = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.op.same_as(call_tir):
+            names.append(e.args[0].name_hint)
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return names
+
+
+def _legalized(mod):
+    return relax.transform.LegalizeOps()(mod)
+
+
+def test_marked_pack_is_lifted_into_a_transform_function():
+    """A call_tir of a marked PrimFunc on a weight leaves main: main takes its output (same type)
+    in place of the weight, main_transform_params computes it, the layout attribute says so."""
+    lifted = LiftWeightPacks()(_legalized(_pack_module(marked=True)))
+    main = lifted["main"]
+    assert [p.name for p in main.params] == ["x", "w_packed", "b"]
+    assert "transpose_w" not in _call_tir_names(main)
+    assert [[int(a), str(b)] for a, b in main.attrs[LAYOUT_ATTR]] == [[0, "transpose_w"], [1, ""]]
+    assert packed_params(lifted) == [PackedParam(0, "transpose_w", (16, 16), "float32"),
+                                     PackedParam(1, None, (16,), "float32")]
+    transform = lifted["main" + TRANSFORM_SUFFIX]
+    assert [p.name for p in transform.params] == ["w", "b"]
+    assert _call_tir_names(transform) == ["transpose_w"]
+
+
+def test_unmarked_relayout_is_not_lifted():
+    """The same transpose without the attribute stays in main, which keeps taking the weight."""
+    mod = _legalized(_pack_module(marked=False))
+    lifted = LiftWeightPacks()(mod)
+    assert [p.name for p in lifted["main"].params] == ["x", "w", "b"]
+    assert "transpose_w" in _call_tir_names(lifted["main"])
+    assert packed_params(lifted) is None
+    assert "main" + TRANSFORM_SUFFIX not in [gv.name_hint for gv in lifted.get_global_vars()]
+
+
+def test_weight_read_elsewhere_stays_a_parameter_next_to_its_pack():
+    lifted = LiftWeightPacks()(_legalized(_pack_module(marked=True, extra_use=True)))
+    assert [p.name for p in lifted["main"].params] == ["x", "w", "w_packed", "b"]
+    assert [(p.source, p.pack) for p in packed_params(lifted)] == [(0, None), (0, "transpose_w"), (1, None)]
+
+
+@pytest.mark.parametrize("extra_use", [False, True])
+def test_lifted_pack_gives_the_same_outputs(extra_use):
+    """compile_relax(prepack=True) + pack(weights) computes what the module computes with its packs
+    run on every call (prepack=False)."""
+    mod = _pack_module(marked=True, extra_use=extra_use)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 16)).astype("float32")
+    w = rng.standard_normal((16, 16)).astype("float32")
+    b = rng.standard_normal(16).astype("float32")
+    plain = relax.VirtualMachine(compile_relax(mod, LLVM, threads=1), tvm.cpu())["main"]
+    compiled = compile_relax(mod, LLVM, threads=1, prepack=True)
+    packed = compiled.pack([w, b])
+    assert [tuple(t.shape) for t in packed] == [p.shape for p in compiled.params()]
+    fn = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"]
+    want = x @ w.T + b + (x @ w if extra_use else 0)
+    got = fn(tvm.runtime.tensor(x), *packed).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(plain(*[tvm.runtime.tensor(a) for a in (x, w, b)]).numpy(), got, rtol=1e-5, atol=1e-5)
+
+
+def _dequant_module(k=64, n=64) -> tvm.IRModule:
+    """x @ w0 (float) then @ (wq * scale) (an INT8 weight dequantized in the graph)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((8, k), "float32"))
+    w0 = relax.Var("w0", relax.TensorType((k, n), "float32"))
+    wq = relax.Var("wq", relax.TensorType((n, n), "int8"))
+    s = relax.Var("s", relax.TensorType((1, n), "float32"))
+    with bb.function("main", [x, w0, wq, s], {"num_input": 1}):
+        with bb.dataflow():
+            h = bb.emit(relax.op.matmul(x, w0))
+            deq = bb.emit(relax.op.multiply(relax.op.astype(wq, "float32"), s))
+            out = bb.emit_output(relax.op.matmul(h, deq))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_matmul_weights_are_packed_and_the_dequantize_prologue_is_not():
+    """prepack packs the float weight into column panels; the INT8 weight and its scale stay as
+    they are (1 byte per weight), dequantized inside the kernel; outputs match numpy."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((8, 64)).astype("float32")
+    w0 = rng.standard_normal((64, 64)).astype("float32")
+    wq = rng.integers(-127, 128, (64, 64)).astype("int8")
+    s = (rng.random((1, 64)) / 64).astype("float32")
+    compiled = compile_relax(_dequant_module(), LLVM, threads=1, prepack=True)
+    layout = compiled.params()
+    assert [(p.source, p.pack is not None, p.dtype) for p in layout] == [(0, True, "float32"), (1, False, "int8"),
+                                                                          (2, False, "float32")]
+    panel = layout[0].shape[2]
+    assert layout[0].shape == (64 // panel, 64, panel)
+    packed = compiled.pack([w0, wq, s])
+    np.testing.assert_array_equal(packed[0].numpy(), w0.reshape(64, 64 // panel, panel).transpose(1, 0, 2))
+    assert packed[1].numpy().dtype == np.int8
+    fn = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"]
+    got = fn(tvm.runtime.tensor(x), *packed).numpy()
+    want = (x @ w0) @ (wq.astype("float32") * s)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("gemm", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_mlp_matches_unpacked(gemm, threads):
+    """An MLP (MatMul, or Gemm with transB: x @ W.T) compiled with packed weights gives the
+    unpacked build's outputs within 1e-5."""
+    import tvm.relax.frontend.onnx as rx_onnx
+
+    model = ref.mlp(batch=8, width=128, layers=3, gemm=gemm)
+    mod, params = relax.frontend.detach_params(rx_onnx.from_onnx(model, keep_params_in_input=True))
+    weights = [p.numpy() for p in params["main"]]
+    x = np.random.default_rng(2).standard_normal([d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+                                                 ).astype("float32")
+    plain = relax.VirtualMachine(compile_relax(mod, LLVM, threads=threads), tvm.cpu())["main"]
+    compiled = compile_relax(mod, LLVM, threads=threads, prepack=True)
+    assert sum(p.pack is not None for p in compiled.params()) == 3
+    packed = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"]
+    want = plain(tvm.runtime.tensor(x), *[tvm.runtime.tensor(w) for w in weights]).numpy()
+    got = packed(tvm.runtime.tensor(x), *compiled.pack(weights)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_panel_width_and_the_packed_gemm_form():
+    """Panels are 4, 3, 2 or 1 vectors wide; GemmRule reads Bp[j // P, k, j % P] as an outer-product
+    GEMM on packed panels (nothing left to pack per call)."""
+    assert panel_width(512, 16) == 64 and panel_width(48, 16) == 48 and panel_width(32, 16) == 32
+    assert panel_width(16, 16) == 16 and panel_width(40, 16) is None
+    func = packed_matmul_func([2, 8, 32], 128, 64, "float32", "float32")
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("matmul_packed")
+    form = gemm_form(sch, block)
+    assert form is not None and form.kind == "nn" and form.packed == 64 and form.b_buffers == []
+    assert form.m == 16  # the batch axis folds into the rows: the weight does not read it
+    pack = matmul_pack_func(32, 128, 64, "float32", transposed=False)
+    assert bool(pack.attrs["cachefit.weight_pack"])
