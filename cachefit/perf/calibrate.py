@@ -10,6 +10,9 @@ What is measured, single-threaded (one pipeline stage owns one core):
   sizes on chip (the slope); per element, one more add or erf fused into a chain (the cost of an
   epilogue op); the fixed cost of one more kernel call (a chain of softmaxes, which never fuse)
   and of one VM call. Generic shapes only: nothing of the model to be predicted is compiled.
+  Weights (matmul right operands, norm scales) are marked as such (``num_input``) and pre-packed
+  at compile time as a stage's build packs them (``compile_relax(prepack=True)``, when the
+  pipeline has it), so the kernels timed are the kernels a stage runs.
 * **FLOP/s** (the ``flops / peak`` fallback): float32 matmuls of a few transformer-like shapes (their median is recorded) and, with
   ``method="tvm"``, one small transformer block (hidden 128, ffn 512, 2 x 16 tokens, 0.8 MB of
   weights; narrower than any reference preset) compiled by ``cachefit compile`` into a single-thread stage: its FLOPs over its
@@ -78,9 +81,15 @@ def _best_time(fn: Callable[[], object], *, min_time: float = 0.05, repeats: int
     return min(samples)
 
 
-def _compile(mod):
+def _compile(mod, *, prepack: bool = False):
     """Compile as cachefit compiles a one-thread CPU stage (its codegen pipeline and schedules);
-    TVM's default pipeline where that pipeline is not available."""
+    TVM's default pipeline where that pipeline is not available. Returns ``(executable, packer)``:
+    with ``prepack`` and a pipeline that pre-packs weights as the stages' builds do
+    (``compile_relax(prepack=True)``), ``packer`` is the compiled module whose ``pack(weights,
+    func)`` gives the weights a function takes; else None (the functions take their weights as they
+    are)."""
+    import inspect
+
     import tvm
 
     target = tvm.target.Target({"kind": "llvm"})
@@ -88,8 +97,11 @@ def _compile(mod):
         from ..codegen.pipeline import compile_relax
     except ImportError:
         logger.warning("cachefit.codegen.pipeline not available: calibrating TVM's default CPU pipeline")
-        return tvm.compile(mod, target)
-    return compile_relax(mod, target, threads=1)
+        return tvm.compile(mod, target), None
+    if prepack and "prepack" in inspect.signature(compile_relax).parameters:
+        compiled = compile_relax(mod, target, threads=1, prepack=True)
+        return compiled.executable, compiled
+    return compile_relax(mod, target, threads=1), None
 
 
 def _tvm_build(func_builder) -> tuple[object, object]:
@@ -99,7 +111,7 @@ def _tvm_build(func_builder) -> tuple[object, object]:
 
     bb = relax.BlockBuilder()
     func_builder(bb)
-    ex = _compile(bb.get())
+    ex, _ = _compile(bb.get())
     dev = tvm.cpu()
     return relax.VirtualMachine(ex, dev), dev
 
@@ -137,16 +149,31 @@ def _add_tvm(elems: int, chain: int = 1, *, min_time: float, repeats: int) -> fl
 
 
 def _build_many(builders: dict):
-    """Compile several one-output Relax functions into one module; returns (vm, device)."""
+    """Compile several one-output Relax functions into one module, weights pre-packed as a stage's
+    build packs them. Each function's ``num_input`` attribute tells its activations (the rest are
+    weights). Returns ``(vm, device, args)``: ``args(name, tensors)`` turns a function's original
+    arguments into the ones it takes (inputs, then its weights as packed)."""
     import tvm
     from tvm import relax
 
     bb = relax.BlockBuilder()
     for name, build in builders.items():
         build(bb, name)
-    ex = _compile(bb.get())
+    mod = bb.get()
+    inputs = {}
+    for name in builders:
+        attrs = mod[name].attrs
+        inputs[name] = int(attrs["num_input"]) if attrs is not None and "num_input" in attrs else None
+    ex, packer = _compile(mod, prepack=True)
     dev = tvm.cpu()
-    return relax.VirtualMachine(ex, dev), dev
+
+    def args(name: str, tensors: list) -> list:
+        n = inputs[name]
+        if packer is None or n is None or n >= len(tensors):
+            return list(tensors)
+        return list(tensors[:n]) + list(packer.pack(list(tensors[n:]), name))
+
+    return relax.VirtualMachine(ex, dev), dev, args
 
 
 def _time_interleaved(vm, dev, items: dict, *, passes: int, per_pass: float) -> dict:
@@ -169,14 +196,15 @@ def _time_interleaved(vm, dev, items: dict, *, passes: int, per_pass: float) -> 
     return best
 
 
-def _unary(op_name: str, shape: tuple, chain: int = 1, *, params: tuple = ()):
-    """A builder of ``main(a, *params) = op(op(...op(a)))`` (``chain`` times)."""
+def _unary(op_name: str, shape: tuple, chain: int = 1, *, params: tuple = (), weights: bool = False):
+    """A builder of ``main(a, *params) = op(op(...op(a)))`` (``chain`` times); ``params`` are
+    weights (``num_input`` 1: a norm's scale and shift) or, by default, activations."""
     from tvm import relax
 
     def build(bb, name):
         a = relax.Var("a", relax.TensorType(shape, "float32"))
         extra = [relax.Var(f"p{i}", relax.TensorType(s, "float32")) for i, s in enumerate(params)]
-        with bb.function(name, [a, *extra]):
+        with bb.function(name, [a, *extra], attrs={"num_input": 1 if weights else 1 + len(extra)}):
             with bb.dataflow():
                 y = a
                 for _ in range(chain):
@@ -210,7 +238,7 @@ def _class_shapes(elements: int) -> dict:
     return {
         "elementwise": ("add", (rows, 256), ((rows, 256),)),
         "transcendental": ("erf", (rows, 256), ()),
-        "norm": ("layer_norm", (rows, 256), ((256,), (256,))),
+        "norm": ("layer_norm", (rows, 256), ((256,), (256,))),  # scale and shift: weights
         "softmax": ("softmax", (rows, 256), ()),
         "move": ("transpose", (rows // 16, 16, 4, 64), ()),
     }
@@ -234,7 +262,7 @@ def measure_kernel_table(*, quick: bool = False, min_time: float = 0.1,
     n2 = ELEMENTS[1]
     for elements in ELEMENTS:
         for cls, (op, shape, params) in _class_shapes(elements).items():
-            builders[f"{cls}_{elements}"] = _unary(op, shape, 1, params=params)
+            builders[f"{cls}_{elements}"] = _unary(op, shape, 1, params=params, weights=cls == "norm")
     chain = 4 if quick else 8
     builders["add_chain"] = _unary("add", (n2 // 256, 256), 1 + chain, params=((n2 // 256, 256),))
     builders["erf_chain"] = _unary("erf", (n2 // 256, 256), 1 + chain)
@@ -244,7 +272,7 @@ def measure_kernel_table(*, quick: bool = False, min_time: float = 0.1,
     for m, n, k in shapes:
         builders[f"mm_{m}_{n}_{k}"] = _matmul_builder(m, n, k)
     say(f"compiling {len(builders)} calibration kernels")
-    vm, dev = _build_many(builders)
+    vm, dev, args = _build_many(builders)
 
     # every function's arguments, then all timed together, interleaved
     n1, n2 = ELEMENTS
@@ -257,7 +285,7 @@ def measure_kernel_table(*, quick: bool = False, min_time: float = 0.1,
     for m, n, k in shapes:
         items[f"mm_{m}_{n}_{k}"] = [(m, k), (k, n)]
     say(f"timing {len(items)} kernels ({3 if quick else 10} interleaved passes)")
-    best = _time_interleaved(vm, dev, {name: tensors(shp) for name, shp in items.items()},
+    best = _time_interleaved(vm, dev, {name: args(name, tensors(shp)) for name, shp in items.items()},
                              passes=3 if quick else 10, per_pass=min_time / 5)
 
     t_tiny, t1, t21 = best["tiny"], best["soft1"], best["soft21"]
@@ -300,7 +328,7 @@ def _matmul_builder(m: int, n: int, k: int):
     def build(bb, name):
         x = relax.Var("x", relax.TensorType((m, k), "float32"))
         w = relax.Var("w", relax.TensorType((k, n), "float32"))
-        with bb.function(name, [x, w]):
+        with bb.function(name, [x, w], attrs={"num_input": 1}):
             with bb.dataflow():
                 out = bb.emit_output(bb.emit(relax.op.matmul(x, w)))
             bb.emit_func_output(out)
@@ -327,7 +355,7 @@ def _spill_chain_tvm(l2: int, offchip: float, *, min_time: float, say) -> dict:
             x = relax.Var("x", relax.TensorType((rows, width), "float32"))
             ws = [relax.Var(f"w{i}", relax.TensorType((width, width), "float32"))
                   for i in range(count if distinct else 1)]
-            with bb.function(name, [x, *ws]):
+            with bb.function(name, [x, *ws], attrs={"num_input": 1}):
                 with bb.dataflow():
                     y = x
                     for i in range(count):
@@ -337,7 +365,7 @@ def _spill_chain_tvm(l2: int, offchip: float, *, min_time: float, say) -> dict:
 
         return build
 
-    vm, dev = _build_many({"spill": chain(True), "resident": chain(False)})
+    vm, dev, args = _build_many({"spill": chain(True), "resident": chain(False)})
     rng = np.random.default_rng(0)
     scale = np.float32(1 / np.sqrt(width))  # keeps the chain's values finite
 
@@ -346,8 +374,8 @@ def _spill_chain_tvm(l2: int, offchip: float, *, min_time: float, say) -> dict:
 
     x = tensor((rows, width))
     ws = [tensor((width, width), scale) for _ in range(count)]
-    best = _time_interleaved(vm, dev, {"spill": [x, *ws], "resident": [x, ws[0]]}, passes=10,
-                             per_pass=min_time / 2)
+    items = {"spill": args("spill", [x, *ws]), "resident": args("resident", [x, ws[0]])}
+    best = _time_interleaved(vm, dev, items, passes=10, per_pass=min_time / 2)
     return {"m": rows, "k": width, "n": width, "count": count, "seconds": best["spill"],
             "compute_s": best["resident"], "memory_s": count * 4 * width * width / offchip}
 
