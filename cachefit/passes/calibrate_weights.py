@@ -24,7 +24,7 @@ BLOCK = 128
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int | None = None,
-                  damp: float = DAMP, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+                  damp: float = DAMP, block: int = BLOCK, act_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al., 2023) quantization of ``w`` [K, N] (K the reduction axis) for the
     input second moment ``hessian`` = X^T X [K, K] of the rows X [M, K] that multiply it.
 
@@ -34,7 +34,9 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
     :func:`~cachefit.passes.quantize_weights.quantize_array` (symmetric, clip search), found for
     each group from the error-updated rows when the group is reached (per output channel: from W
     once). ``damp`` x mean(diag H) is added to the diagonal; rows whose input is always zero are
-    quantized to 0.
+    quantized to 0. ``act_order``: rows are quantized in order of decreasing input energy diag(H)
+    (GPTQ's "act-order"), with every group's scale fixed beforehand from W ("static groups"), so
+    the stored format stays the same.
 
     Returns ``(q, scale)`` in quantize_array's stored format (same shapes and packing), so the
     kernels and :func:`~cachefit.passes.quantize_weights.dequantize_array` read it unchanged.
@@ -52,14 +54,22 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
     H[dead, dead] = 1.0
     W[dead] = 0.0
     H[np.diag_indices(k)] += damp * float(np.mean(np.diag(H)))
+    g = int(group_size) if group_size else None
+    static = None
+    perm = np.arange(k)
+    if act_order:
+        static = np.stack([group_scale(W[i:i + (g or k)], bits) for i in range(0, k, g or k)])
+        perm = np.argsort(-np.diag(H), kind="stable")
+        W, H = W[perm], H[np.ix_(perm, perm)]
     try:
         U = np.linalg.cholesky(np.linalg.inv(H)).T   # upper: H^-1 = U^T U
     except np.linalg.LinAlgError:
         raise CachefitError("the calibration Hessian is not positive definite even after damping; "
                             f"use a larger damp than {damp} or more calibration inputs") from None
-    g = int(group_size) if group_size else None
     scale = np.zeros((num_groups(k, g), n), np.float32)
-    if g is None:
+    if static is not None:
+        scale[:] = static
+    elif g is None:
         scale[0] = group_scale(W, bits)
     qmax = qmax_of(bits)
     Q = np.zeros((k, n), np.float32)
@@ -70,14 +80,15 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             row = i1 + i
-            if g is not None and row % g == 0:
+            orig = int(perm[row])
+            if static is None and g is not None and row % g == 0:
                 # the group's rows as they are now: updated ones of this block, then later blocks
                 end = min(row + g, k)
                 rows = np.concatenate([W1[i:min(end - i1, i2 - i1)], W[i2:end]]) if end > i2 else W1[i:end - i1]
                 scale[row // g] = group_scale(rows, bits)
-            s = scale[row // g if g else 0].astype(np.float64)
+            s = scale[orig // g if g else 0].astype(np.float64)
             q = np.clip(np.rint(W1[i] / s), -qmax, qmax)
-            Q[row] = q
+            Q[orig] = q
             err = (W1[i] - q * s) / U1[i, i]
             W1[i:] -= np.outer(U1[i, i:], err)
             E1[i] = err

@@ -18,13 +18,15 @@ from cachefit.passes.quantize_weights import dequantize_array, quantize_array, q
 
 @pytest.mark.parametrize("bits,group", [(4, None), (4, 16), (8, 32), (4, 24)])
 def test_identity_hessian_is_round_to_nearest(bits, group):
-    """With H = I the errors of one row have nothing to compensate in the others: GPTQ returns
-    exactly quantize_array's integers and scales (also with a last group shorter than the others)."""
+    """With a diagonal H the errors of one row have nothing to compensate in the others: GPTQ
+    returns exactly quantize_array's integers and scales (also with a last group shorter than the
+    others), in natural or in act-order (rows by decreasing diag H)."""
     w = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
-    q, s = gptq_quantize(w, np.eye(64), bits, group)
     q0, s0 = quantize_array(w, bits, group)
-    np.testing.assert_array_equal(q, q0)
-    np.testing.assert_array_equal(s, s0)
+    for act_order in (False, True):   # act-order with static groups: the same scales, any row order
+        q, s = gptq_quantize(w, np.diag(np.linspace(2.0, 1.0, 64)[::-1]), bits, group, act_order=act_order)
+        np.testing.assert_array_equal(q, q0)
+        np.testing.assert_array_equal(s, s0)
 
 
 @pytest.mark.parametrize("group", [None, 16])
@@ -44,6 +46,8 @@ def test_gptq_reduces_the_output_error(group):
     g = dequantize_array(q, s, 4, k, group)
     r = dequantize_array(*quantize_array(w, 4, group), 4, k, group)
     assert output_error(w, g, h) < 0.75 * output_error(w, r, h)
+    o = dequantize_array(*gptq_quantize(w, h, 4, group, act_order=True), 4, k, group)
+    assert output_error(w, o, h) < 0.75 * output_error(w, r, h)
     assert np.linalg.norm(held @ (w - g)) < 0.75 * np.linalg.norm(held @ (w - r))
     # the value grid is the quantizer's: every decoded value is an integer multiple of its scale
     rows = np.arange(k) // (group or k)
