@@ -114,6 +114,22 @@ def test_exact_footprint_components():
     assert cost.cost(1, 2) == 400 + 70 + 64 + 64
 
 
+def test_footprint_of_long_groups():
+    """Groups longer than the range-maximum table's rows (1,024 layers) are answered by blocks:
+    the same footprint as computed directly, shared parameters included."""
+    import random
+
+    rng = random.Random(1)
+    n = 5000
+    layers = [LayerRecord(f"l{i}", rng.randint(0, 100), rng.randint(0, 10**6), rng.randint(0, 9), rng.randint(0, 50),
+                          rng.randint(0, 50), params={"tied": 7} if i in (3, 4000) else {}) for i in range(n)]
+    cost = FootprintCost(layers)
+    groups = [(0, n), (3, 4001), (4, 4001), (3, 4000)] + [
+        (a, rng.randint(a + 1, n)) for a in (rng.randint(0, n - 1) for _ in range(100))]
+    for a, b in groups:
+        assert cost.cost(a, b) == group_footprint(layers[a:b]).total_bytes, (a, b)
+
+
 def test_inconsistent_shared_parameter_refused():
     a = LayerRecord("a", 10, 0, params={"w": 10})
     b = LayerRecord("b", 12, 0, params={"w": 12})

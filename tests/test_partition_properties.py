@@ -347,6 +347,12 @@ def test_footprint_oracle_matches_direct_many_shared_params(data):
             data.draw(st.integers(0, 5)), data.draw(st.integers(0, 20)), data.draw(st.integers(0, 20)), params,
         ))
     cost = FootprintCost(layers)
+    # The monotonicity check on numpy arrays and on Python integers agree.
+    ws = [l.activation_bytes + l.buffer_bytes for l in layers]
+    own = [cost.core(i, i + 1) - ws[i] for i in range(n)]  # a layer alone holds no repeat
+    if n > 1:
+        assert cost._check_monotone_np(ws, own, cost._dup.repeats) == cost.monotone
+        assert cost._check_monotone_py(ws, own, cost._dup.repeats) == cost.monotone
     for a in range(n):
         for b in range(a + 1, n + 1):
             assert cost.cost(a, b) == brute_footprint(layers[a:b], "exact")

@@ -128,6 +128,20 @@ class GroupCost:
         """``core(l, l + 1)`` for every layer: a group holding ``l`` has at least that core."""
         return [self.core(l, l + 1) for l in range(self.n)]
 
+    def previous_smaller_x(self) -> list[int]:
+        """``p[i]`` = the last ``j < i`` with ``x[j] < x[i]`` (-1 if none), computed once."""
+        known = self.__dict__.get("_previous_smaller_x")
+        if known is None:
+            known, stack, x = [-1] * self.n, [], self.x
+            for i, v in enumerate(x):
+                while stack and x[stack[-1]] >= v:
+                    stack.pop()
+                if stack:
+                    known[i] = stack[-1]
+                stack.append(i)
+            self._previous_smaller_x = known
+        return known
+
     def reach(self, a: int, end: int, bound, hint: int = 1) -> int:
         """Largest ``b`` in ``(a, end]`` with ``cost(a, b) <= bound``, or ``a`` if none.
 
@@ -240,8 +254,11 @@ class _RangeMaxTable:
     over ``[i, j]`` is ``max(rows[k][i], rows[k][j - 2**k + 1])`` with ``k = floor(log2(j - i + 1))``.
 
     Rows are built on first use (``grow``): searches that only ask about short groups never pay
-    for the long ones.
+    for the long ones. Rows stop at ``2**LIMIT`` layers; :meth:`range_max` covers a longer range
+    by blocks of that length (a few such queries per search, each O(length / 2**LIMIT)).
     """
+
+    LIMIT = 10
 
     def __init__(self, values: Sequence[int]):
         import numpy as np
@@ -257,6 +274,17 @@ class _RangeMaxTable:
             width = 1 << (len(self.rows) - 1)
             self._arr = np.maximum(self._arr[:-width], self._arr[width:])
             self.rows.append(self._arr.tolist())
+
+    def range_max(self, a: int, b: int):
+        """``max(values[a:b])`` (``a < b``)."""
+        k = (b - a).bit_length() - 1
+        if k <= self.LIMIT:
+            self.grow(k)
+            row = self.rows[k]
+            return max(row[a], row[b - (1 << k)])
+        self.grow(self.LIMIT)
+        row, w = self.rows[self.LIMIT], 1 << self.LIMIT
+        return max(max(row[a:b - w + 1:w]), row[b - w])
 
 
 class _RepeatSums:
@@ -376,11 +404,18 @@ class FootprintCost(GroupCost):
     def layer_cores(self) -> Sequence:
         return self._layer_cores
 
+    def _core_long(self, a: int, b: int) -> int:
+        """``core`` through :meth:`_RangeMaxTable.range_max` (rows not built yet, long groups)."""
+        c = self.prefix[b] - self.prefix[a] + self._table.range_max(a, b)
+        if self._has_dup and a <= self._dup_prev and b > self._dup_at:
+            c -= self._dup.query(a, b - 1)
+        return c
+
     # core() and cost() are the partitioners' inner loop: the range maximum is inlined.
     def core(self, a: int, b: int) -> int:
         k = self._log[b - a]
         if k >= len(self._rows):
-            self._table.grow(k)
+            return self._core_long(a, b)
         row = self._rows[k]
         m, m2 = row[a], row[b - (1 << k)]
         c = self.prefix[b] - self.prefix[a] + (m if m >= m2 else m2)
@@ -391,7 +426,7 @@ class FootprintCost(GroupCost):
     def cost(self, a: int, b: int) -> int:
         k = self._log[b - a]
         if k >= len(self._rows):
-            self._table.grow(k)
+            return self._core_long(a, b) + self.x[a] + self.y[b - 1]
         row = self._rows[k]
         m, m2 = row[a], row[b - (1 << k)]
         c = self.prefix[b] - self.prefix[a] + (m if m >= m2 else m2) + self.x[a] + self.y[b - 1]
@@ -408,9 +443,15 @@ class FootprintCost(GroupCost):
         fall if ``fresh + that + out[j+1] >= out[j]`` for every ``j``. Symmetrically on the left
         with the weights no later layer reads and ``in``.
         """
-        n = len(ws)
-        if n <= 1:
+        if len(ws) <= 1:
             return True
+        if max(max(ws), max(own), max(self.x), max(self.y)) < 2**60:  # no int64 overflow below
+            return self._check_monotone_np(ws, own, repeats)
+        return self._check_monotone_py(ws, own, repeats)
+
+    def _check_monotone_py(self, ws, own, repeats) -> bool:
+        """:meth:`_check_monotone` on Python integers (any size)."""
+        n = len(ws)
         fresh = list(own)
         fresh_left = list(own)
         for prev, at, nbytes in repeats:
@@ -428,6 +469,25 @@ class FootprintCost(GroupCost):
             if fresh_left[i - 1] + (rise if rise > 0 else 0) + x[i - 1] < x[i]:
                 return False
         return True
+
+    def _check_monotone_np(self, ws, own, repeats) -> bool:
+        """:meth:`_check_monotone` on int64 arrays (every term below 2**60: sums stay exact)."""
+        import numpy as np
+
+        ws = np.asarray(ws, dtype=np.int64)
+        fresh = np.asarray(own, dtype=np.int64)
+        fresh_left = fresh.copy()
+        if repeats:
+            prev, at, nbytes = (np.asarray(v, dtype=np.int64) for v in zip(*repeats))
+            np.subtract.at(fresh, at, nbytes)
+            np.subtract.at(fresh_left, prev, nbytes)
+        x = np.asarray(self.x, dtype=np.int64)
+        y = np.asarray(self.y, dtype=np.int64)
+        prefmax = np.maximum.accumulate(ws)
+        sufmax = np.maximum.accumulate(ws[::-1])[::-1]
+        right = fresh[1:] + np.maximum(ws[1:] - prefmax[:-1], 0) + y[1:] >= y[:-1]
+        left = fresh_left[:-1] + np.maximum(ws[:-1] - sufmax[1:], 0) + x[:-1] >= x[1:]
+        return bool(right.all() and left.all())
 
 
 def make_footprint_cost(layers: Sequence[LayerRecord], mode: str = "exact") -> GroupCost:

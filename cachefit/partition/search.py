@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import heapq
 import struct
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -305,6 +305,8 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
     """
     c, bnd = bound
     core, cost, x = c.core, c.cost, c.x
+    pre = getattr(c, "prefix", None)  # prefix sums close to the core: reach guesses only
+    smaller = c.previous_smaller_x()
     track = varied is c
     leap = INF
     g = [start]
@@ -422,12 +424,15 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
         if depth > 64 or budget <= 0:
             raise _GiveUp
         lam = left_reach(p, win)
-        top = min(p - 1, g[t - 1])
-        budget -= top - lam + 1
+        a = min(p - 1, g[t - 1])
+        budget -= a - lam + 1
         m = INF
-        for a in range(top, lam - 1, -1):
+        while a >= lam:
             xa = x[a]
-            if xa < m and member(a, t - 1, depth + 1):
+            if xa >= m:
+                a = smaller[a]  # every cut after smaller[a] and before a has x >= x[a] >= m
+                continue
+            if member(a, t - 1, depth + 1):
                 v = cost(a, p)
                 if v <= bnd:
                     yes[p], parent[p] = yes[a] + 1, a
@@ -435,6 +440,7 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
                 if track and v < leap:
                     leap = v
                 m = xa
+            a -= 1
         no[p] = t
         return False
 
@@ -452,7 +458,10 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
                     if track and v < leap:
                         leap = v
                     continue
-            p = right_reach(a, gp - a + hint)
+            if pre is not None:  # the additive part's reach: a close guess
+                p = right_reach(a, bisect_right(pre, pre[a] + bnd - x[a], a + 1, end + 1) - 1 - a)
+            else:
+                p = right_reach(a, gp - a + hint)
             while p > best:
                 v = cost(a, p)
                 if v <= bnd:
@@ -474,15 +483,36 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
         yes[best], parent[best] = t, arg
         if best == end:
             break
-        lam = left_reach(best + 1, win)
+        if pre is not None:
+            lam = left_reach(best + 1, best + 1 - bisect_left(pre, pre[best + 1] - bnd, start, best + 1))
+        else:
+            lam = left_reach(best + 1, win)
         win = best + 1 - lam
         budget -= win
         level, m = [], INF
-        for p in range(best, lam - 1, -1):
+        sources = frontier[t - 1]
+        p = best
+        while p >= lam:  # the suffix minima of x among the members, down to lam
             xp = x[p]
-            if xp < m and member(p, t, 0):
+            if xp >= m:
+                p = smaller[p]  # every cut after smaller[p] and before p has x >= x[p] >= m
+                continue
+            if p > gp:  # f[p] >= t: member() for this level, inlined (the common case)
+                for a in sources:
+                    v = cost(a, p)
+                    if v <= bnd:
+                        yes[p], parent[p] = t, a
+                        level.append(p)
+                        m = xp
+                        break
+                    if track and v < leap:
+                        leap = v
+                else:
+                    no[p] = t
+            elif member(p, t, 0):
                 level.append(p)
                 m = xp
+            p -= 1
         if not level:  # no group can start at or before g[t] and end after it
             return None, t, leap
         frontier.append(level)
@@ -709,27 +739,53 @@ def min_bottleneck(
     def from_key(k):
         return k if integer else key_float(k)
 
-    tests = 1
     first = test(hi)
     if first.groups is None:
         return None
     best = first.groups
     hi_k = to_key(value_of(best))
     lo_k = min(to_key(max(lo, floor)), hi_k)
-    while lo_k < hi_k:
-        mid = (lo_k + hi_k) // 2
-        r = test(from_key(mid))
+    tests = 1
+
+    def probe(k: int) -> None:
+        """Test bound key ``k`` (``lo_k <= k < hi_k``) and narrow ``[lo_k, hi_k]``."""
+        nonlocal best, hi_k, lo_k, tests
+        r = test(from_key(k))
         tests += 1
         if r.groups is not None:
             best = r.groups
             hi_k = to_key(value_of(best))
         else:
-            nxt = mid + 1
+            nxt = k + 1
             if r.leap == INF:
                 nxt = hi_k  # no bound below the one that succeeded can do better
             elif r.leap is not None:
                 nxt = max(nxt, to_key(r.leap))
             lo_k = min(nxt, hi_k)
+
+    # Count-guided bracketing: the fewest-groups count falls about like 1 / bound, so from a
+    # success with c < max_groups groups at value v the optimum is near v * c / max_groups; test
+    # there, then step away from it by about one group's share of the bound (doubling) until
+    # the optimum is bracketed. Only the choice of bounds to test changes: each test narrows
+    # [lo_k, hi_k] exactly as a bisection step would.
+    if max_groups >= 8 and len(best) < max_groups and lo_k < hi_k:
+        v = from_key(hi_k)
+        guess = v * len(best) / max_groups
+        step = v / max_groups
+        k0 = min(max(to_key(guess), lo_k), hi_k - 1)
+        probe(k0)
+        sign = 1 if lo_k > k0 else -1  # failed: look above; succeeded: look below
+        while lo_k < hi_k:
+            k = to_key(max(guess + sign * step, 0))
+            if not lo_k <= k < hi_k:
+                break
+            before = (lo_k, hi_k)
+            probe(k)
+            if (sign > 0 and hi_k < before[1]) or (sign < 0 and lo_k > before[0]):
+                break  # the other side reached: bracketed
+            step *= 2
+    while lo_k < hi_k:
+        probe((lo_k + hi_k) // 2)
     return Bottleneck(best, from_key(hi_k), tests)
 
 
