@@ -208,7 +208,8 @@ class BlockConvLayout:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if self.lanes < 4:
             return mod
-        m = _LayoutMutator(mod.clone(), self.lanes, self.min_chain)
+        # ``y = x`` aliases (TVM's import of ONNX Sum leaves them) would hide a chain's links
+        m = _LayoutMutator(relax.transform.CanonicalizeBindings()(mod), self.lanes, self.min_chain)
         changed = False
         for gv, func in m.mod_.functions_items():
             if not isinstance(func, relax.Function) or (func.attrs and "Primitive" in func.attrs):
