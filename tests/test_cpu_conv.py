@@ -253,19 +253,47 @@ def test_prepacked_weights_match_onnxruntime():
     assert _rel_err(got, want) < RTOL
 
 
-def test_lone_or_unsupported_convs_keep_the_nchw_path():
+def test_lone_or_grouped_convs_keep_the_nchw_path():
     """A single convolution (two layout transforms for one kernel) keeps the NCHW implicit-GEMM
-    path; so does a convolution whose output channels are not a multiple of the block, and with
-    it its neighbour, left alone in its region."""
+    path; a depthwise convolution between blocked ones keeps TOPI's loop nest on an NCHW copy."""
     g = _Graph(16, 12)
     g.conv(32, 3, 1, 1)
     g.op("Relu")
     names, _ = _blocked_calls(g.model())
     assert not any("nchwc" in n for n in names)
-    names, _ = _blocked_calls(_conv_chain(16, 40, 12, 3, 1, 1))
-    assert not any("nchwc" in n for n in names)
-    assert sum("conv2d_direct" in n for n in names) == 2
-    got, want = _run_both(_conv_chain(16, 40, 12, 3, 1, 1))
+    assert sum("conv2d_direct" in n for n in names) == 1
+    g = _Graph(16, 12, seed=5)
+    g.conv(32, 3, 1, 1)
+    g.op("Relu")
+    dw = g._init(g.rng.standard_normal((32, 1, 3, 3)) * 0.3)
+    g.op("Conv", g.x, dw, group=32, pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    g.conv(32, 1)
+    g.conv(16, 3, 1, 1)
+    g.op("Relu")
+    model = g.model()
+    names, _ = _blocked_calls(model)
+    assert sum("conv2d_nchwc" in n for n in names) == 2      # the two after the depthwise one
+    got, want = _run_both(model)
+    assert _rel_err(got, want) < RTOL
+
+
+def test_channels_not_a_multiple_of_the_block_are_padded():
+    """Output channels that are not a multiple of the block (squeezenet's 1000 classes, here 40
+    and 24) run blocked with zero-padded weights; batch norm, relu, pooling and the mean see the
+    padding channels, the conversion back to NCHW drops them."""
+    g = _Graph(16, 12, seed=7)
+    g.conv(40, 3, 1, 1, bias=False)
+    g.bn()
+    g.op("Relu")
+    g.conv(24, 3, 2, 1)
+    g.op("Relu")
+    g.op("MaxPool", kernel_shape=[2, 2], strides=[2, 2])
+    g.op("GlobalAveragePool")
+    g.shape = [1, 24, 1, 1]
+    model = g.model()
+    names, _ = _blocked_calls(model)
+    assert sum("conv2d_nchwc" in n for n in names) == 2
+    got, want = _run_both(model)
     assert _rel_err(got, want) < RTOL
 
 

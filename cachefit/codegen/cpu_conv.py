@@ -47,6 +47,11 @@ _OPAQUE = 8
 # ---------------------------------------------------------------------------------------------
 
 
+def _blocks(c: int, cb: int) -> int:
+    """Channel blocks of ``c`` channels (the last block zero-padded)."""
+    return -(-int(c) // int(cb))
+
+
 def _i64(*dims):
     return tuple(tirx.IntImm("int64", int(d)) for d in dims)
 
@@ -131,25 +136,40 @@ def conv2d_nchwc_func(n, cib, cb, h, w, cob, ob, kh, kw, strides, padding, dilat
 
 
 def pack_weight_func(co, ci, kh, kw, cb, ob, dtype="float32"):
-    """``OIHW`` -> ``[CO / ob, CI / cb, KH, KW, cb, ob]`` (a pure re-layout, marked as a weight pack)."""
+    """``OIHW`` -> ``[CO / ob, CI / cb, KH, KW, cb, ob]`` (a pure re-layout, marked as a weight pack;
+    channel counts that are not a multiple of the block are padded with zero weights)."""
     w = te.placeholder(_i64(co, ci, kh, kw), dtype, name="w")
-    packed = te.compute(
-        _i64(co // ob, ci // cb, kh, kw, cb, ob),
-        lambda o, c, y, x, i, v: w[o * ob + v, c * cb + i, y, x],
-        name="cachefit_pack_conv_weight",
-    )
+
+    def body(o, c, y, x, i, v):
+        oc, ic = o * ob + v, c * cb + i
+        if co % ob == 0 and ci % cb == 0:
+            return w[oc, ic, y, x]
+        return tirx.if_then_else(tvm.tirx.all(oc < co, ic < ci),
+                                 w[tvm.te.min(oc, co - 1), tvm.te.min(ic, ci - 1), y, x], tirx.const(0, dtype))
+
+    packed = te.compute(_i64(_blocks(co, ob), _blocks(ci, cb), kh, kw, cb, ob), body,
+                        name="cachefit_pack_conv_weight")
     func = te.create_prim_func([w, packed])
     return func.with_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, WEIGHT_PACK_ATTR: True})
 
 
 def to_blocked_func(n, c, h, w, cb, dtype="float32"):
+    """NCHW -> ``[N, C / cb, H, W, cb]`` (the last block zero-padded)."""
     x = te.placeholder(_i64(n, c, h, w), dtype, name="x")
-    y = te.compute(_i64(n, c // cb, h, w, cb), lambda b, o, i, j, v: x[b, o * cb + v, i, j], name="cachefit_to_nchwc")
+
+    def body(b, o, i, j, v):
+        ch = o * cb + v
+        if c % cb == 0:
+            return x[b, ch, i, j]
+        return tirx.if_then_else(ch < c, x[b, tvm.te.min(ch, c - 1), i, j], tirx.const(0, dtype))
+
+    y = te.compute(_i64(n, _blocks(c, cb), h, w, cb), body, name="cachefit_to_nchwc")
     return te.create_prim_func([x, y]).with_attr({"op_pattern": _INJECTIVE, "tirx.noalias": True})
 
 
 def to_nchw_func(n, c, h, w, cb, dtype="float32"):
-    x = te.placeholder(_i64(n, c // cb, h, w, cb), dtype, name="x")
+    """``[N, C / cb, H, W, cb]`` -> NCHW (padding channels dropped)."""
+    x = te.placeholder(_i64(n, _blocks(c, cb), h, w, cb), dtype, name="x")
     y = te.compute(_i64(n, c, h, w), lambda b, o, i, j: x[b, o // cb, i, j, o % cb], name="cachefit_from_nchwc")
     return te.create_prim_func([x, y]).with_attr({"op_pattern": _INJECTIVE, "tirx.noalias": True})
 
@@ -255,8 +275,7 @@ class _LayoutMutator(PyExprMutator):  # pylint: disable=too-many-instance-attrib
             and a.out_layout == "NCHW" and ds is not None and ws is not None and len(ds) == 4
             and len(ws) == 4 and _dtype(data) == "float32" and _dtype(weight) == "float32"
             and str(a.out_dtype) in ("", "void", "float32", "None")
-            and ws[0] % self.lanes == 0
-            and (ws[1] % self.lanes == 0 or ws[1] < self.lanes)
+            and ws[0] >= self.lanes // 2
         )
 
     def _activation_like(self, expr, shape) -> bool:
@@ -294,7 +313,7 @@ class _LayoutMutator(PyExprMutator):  # pylint: disable=too-many-instance-attrib
             if name is None:
                 continue
             shape = _static_shape(b.var)
-            if shape is None or len(shape) != 4 or _dtype(b.var) != "float32" or shape[1] % self.lanes:
+            if shape is None or len(shape) != 4 or _dtype(b.var) != "float32":
                 continue
             call = b.value
             links = []
@@ -358,7 +377,7 @@ class _LayoutMutator(PyExprMutator):  # pylint: disable=too-many-instance-attrib
         n, c, h, w = shape
         cb = cb or self.lanes
         gv = self._add_func(("to", n, c, h, w, cb), lambda: to_blocked_func(n, c, h, w, cb), "cachefit_to_nchwc")
-        var = self.builder_.emit(relax.call_tir(gv, [new], relax.TensorType([n, c // cb, h, w, cb], "float32")))
+        var = self.builder_.emit(relax.call_tir(gv, [new], relax.TensorType([n, _blocks(c, cb), h, w, cb], "float32")))
         info = _Blocked(var, shape, cb)
         if isinstance(expr, relax.Var) and cb == self.lanes:
             self.blocked[expr] = info
@@ -375,8 +394,10 @@ class _LayoutMutator(PyExprMutator):  # pylint: disable=too-many-instance-attrib
         self.nchw[var] = out
         return out
 
-    def _operand(self, expr, channels):
-        """An element-wise operand in the blocked layout (a per-channel vector reshaped)."""
+    def _operand(self, expr, channels, pad_value: float = 0.0):
+        """An element-wise operand in the blocked layout (a per-channel vector reshaped, padded
+        with ``pad_value`` up to whole blocks: padding channels must stay finite, since the next
+        convolution multiplies them by zero weights)."""
         if isinstance(expr, relax.Var) and expr in self.blocked:
             return self.blocked[expr].var
         s = _static_shape(expr)
@@ -385,7 +406,11 @@ class _LayoutMutator(PyExprMutator):  # pylint: disable=too-many-instance-attrib
             return new if len(s) <= 1 else self.builder_.emit(relax.op.reshape(new, [1] * 5))
         if s in ([1, channels, 1, 1], [channels, 1, 1]):
             cb = self.lanes
-            return self.builder_.emit(relax.op.reshape(new, [1, channels // cb, 1, 1, cb]))
+            blocks = _blocks(channels, cb)
+            if blocks * cb != channels:
+                flat = self.builder_.emit(relax.op.reshape(new, [channels]))
+                new = self.builder_.emit(relax.op.nn.pad(flat, [0, blocks * cb - channels], pad_value=pad_value))
+            return self.builder_.emit(relax.op.reshape(new, [1, blocks, 1, 1, cb]))
         return self._as_blocked(expr).var
 
     # -- rewriting --------------------------------------------------------------------------
@@ -413,7 +438,7 @@ class _LayoutMutator(PyExprMutator):  # pylint: disable=too-many-instance-attrib
         if name == "relax.nn.conv2d":
             result = self._conv(call, shape)
         elif name in _ELEMWISE:
-            args = [self._operand(x, c) for x in call.args]
+            args = [self._operand(x, c, 1.0 if name == "relax.divide" else 0.0) for x in call.args]
             result = self.builder_.emit(relax.Call(call.op, args, call.attrs))
         elif name in _UNARY:
             result = self.builder_.emit(relax.Call(call.op, [self._as_blocked(call.args[0]).var], call.attrs))
@@ -444,25 +469,30 @@ class _LayoutMutator(PyExprMutator):  # pylint: disable=too-many-instance-attrib
         data, weight = call.args
         n, ci, h, w = _static_shape(data)
         co, _, kh, kw = _static_shape(weight)
-        cb_in = self.lanes if ci % self.lanes == 0 else 1
+        # an input already blocked keeps its blocks; an NCHW one with few channels (an RGB stem)
+        # is read as blocks of one channel (no padding)
+        blocked_in = isinstance(data, relax.Var) and data in self.blocked
+        cb_in = self.lanes if (blocked_in or ci >= self.lanes) else 1
+        cib = _blocks(ci, cb_in)
         ob = self.lanes
+        cob = _blocks(co, ob)
         x = self._as_blocked(data, cb_in)
         wv = self.visit_expr(weight)
         pack = self._add_func(("pack", co, ci, kh, kw, cb_in, ob),
                               lambda: pack_weight_func(co, ci, kh, kw, cb_in, ob), "cachefit_pack_conv_weight")
         wp = self.builder_.emit(relax.call_tir(
-            pack, [wv], relax.TensorType([co // ob, ci // cb_in, kh, kw, cb_in, ob], "float32")))
+            pack, [wv], relax.TensorType([cob, cib, kh, kw, cb_in, ob], "float32")))
         strides = [int(s) for s in a.strides]
         padding = [int(p) for p in a.padding]
         dilation = [int(d) for d in a.dilation]
         ow = oshape[3]
-        _, _, owp = choose_tile(ow, co // ob)
-        key = ("conv", n, ci // cb_in, cb_in, h, w, co // ob, ob, kh, kw, *strides, *padding, *dilation, owp)
-        gv = self._add_func(key, lambda: conv2d_nchwc_func(n, ci // cb_in, cb_in, h, w, co // ob, ob, kh, kw,
+        _, _, owp = choose_tile(ow, cob)
+        key = ("conv", n, cib, cb_in, h, w, cob, ob, kh, kw, *strides, *padding, *dilation, owp)
+        gv = self._add_func(key, lambda: conv2d_nchwc_func(n, cib, cb_in, h, w, cob, ob, kh, kw,
                                                            strides, padding, dilation, owp),
                             "cachefit_conv2d_nchwc")
         return self.builder_.emit(relax.call_tir(
-            gv, [x.var, wp], relax.TensorType([n, co // ob, oshape[2], oshape[3], ob], "float32")))
+            gv, [x.var, wp], relax.TensorType([n, cob, oshape[2], oshape[3], ob], "float32")))
 
 
 # ---------------------------------------------------------------------------------------------
