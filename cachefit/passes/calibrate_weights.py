@@ -134,7 +134,8 @@ def matmul_inputs(model) -> dict[str, list[str]]:
 
 def random_inputs(model, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """``count`` random feeds for the graph inputs of ``model`` (static shapes): floats N(0, 1);
-    integer inputs uniform over the rows of the initializer table they index (``Gather``), else 0."""
+    integer inputs uniform over the rows of the initializer table they index (``Gather``, possibly
+    through a Reshape / Cast / ... view of the input), else 0."""
     from onnx import TensorProto, helper, numpy_helper  # noqa: F401
 
     g = model.graph
@@ -143,6 +144,16 @@ def random_inputs(model, count: int, seed: int = 0) -> list[dict[str, np.ndarray
     for node in g.node:
         if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in inits:
             rows[node.input[1]] = int(inits[node.input[0]].dims[0])
+    # token ids often reach their Gather through views or casts (GPT-2: Reshape)
+    views = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity")
+    changed = True
+    while changed:
+        changed = False
+        for node in g.node:
+            if node.op_type in views and node.input and node.output and node.output[0] in rows \
+                    and node.input[0] not in rows:
+                rows[node.input[0]] = rows[node.output[0]]
+                changed = True
     rng = np.random.default_rng(seed)
     feeds = []
     for _ in range(int(count)):
@@ -159,6 +170,8 @@ def random_inputs(model, count: int, seed: int = 0) -> list[dict[str, np.ndarray
             if np.issubdtype(dtype, np.floating):
                 feed[vi.name] = rng.standard_normal(shape).astype(dtype)
             elif np.issubdtype(dtype, np.integer):
+                if vi.name not in rows:
+                    log.warning("calibration input %s: no embedding table found behind it; feeding zeros", vi.name)
                 feed[vi.name] = rng.integers(0, rows.get(vi.name, 1), size=shape).astype(dtype)
             else:
                 feed[vi.name] = np.zeros(shape, dtype)
