@@ -18,8 +18,10 @@ the ``exact`` footprint is not additive (and not even monotone in the group's ex
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import Counter
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, chain
+from operator import methodcaller
 from typing import Sequence
 
 from ..errors import PlanError
@@ -132,13 +134,12 @@ class GroupCost:
         """``p[i]`` = the last ``j < i`` with ``x[j] < x[i]`` (-1 if none), computed once."""
         known = self.__dict__.get("_previous_smaller_x")
         if known is None:
-            known, stack, x = [-1] * self.n, [], self.x
+            known, x = [-1] * self.n, self.x
             for i, v in enumerate(x):
-                while stack and x[stack[-1]] >= v:
-                    stack.pop()
-                if stack:
-                    known[i] = stack[-1]
-                stack.append(i)
+                j = i - 1
+                while j >= 0 and x[j] >= v:  # x[j+1 .. i-1] >= x[j] >= v: jump over them
+                    j = known[j]
+                known[i] = j
             self._previous_smaller_x = known
         return known
 
@@ -255,7 +256,7 @@ class _RangeMaxTable:
 
     Rows are built on first use (``grow``): searches that only ask about short groups never pay
     for the long ones. Rows stop at ``2**LIMIT`` layers; :meth:`range_max` covers a longer range
-    by blocks of that length (a few such queries per search, each O(length / 2**LIMIT)).
+    by blocks of the longest row built so far (a few such queries per search, each a slice).
     """
 
     LIMIT = 10
@@ -282,8 +283,7 @@ class _RangeMaxTable:
             self.grow(k)
             row = self.rows[k]
             return max(row[a], row[b - (1 << k)])
-        self.grow(self.LIMIT)
-        row, w = self.rows[self.LIMIT], 1 << self.LIMIT
+        row, w = self.rows[-1], 1 << (len(self.rows) - 1)  # the longest row built so far
         return max(max(row[a:b - w + 1:w]), row[b - w])
 
 
@@ -360,31 +360,32 @@ class FootprintCost(GroupCost):
         x = [l.in_bytes for l in layers]
         y = [l.out_bytes for l in layers]
         ws = [l.activation_bytes + l.buffer_bytes for l in layers]
-        own = [l.weight_bytes for l in layers]
-        seen: dict[str, tuple[int, int]] = {}  # parameter -> (bytes, last layer reading it)
+        weights = [l.weight_bytes for l in layers]
+        plist = [l.params for l in layers]
+        # params + the unitemised rest of weight_bytes (none when the params add up to more)
+        own = list(map(max, weights, map(sum, map(methodcaller("values"), plist))))
         repeats: list[tuple[int, int, int]] = []
-        for i, l in enumerate(layers):
-            params = l.params
-            if not params:
-                continue
-            itemised = 0
-            for name, nbytes in params.items():
-                itemised += nbytes
-                known = seen.get(name)
-                if known is not None:
-                    if known[0] != nbytes:
-                        first = next(m for m in layers if name in m.params)
-                        raise PlanError(
-                            f"parameter {name!r} is recorded as {first.params[name]} bytes in layer "
-                            f"{first.name!r} and {nbytes} bytes in layer {l.name!r}: a shared "
-                            "parameter must have one size (regenerate the layer records)"
-                        )
-                    repeats.append((known[1], i, nbytes))
-                seen[name] = (nbytes, i)
-            w = own[i]
-            if w < itemised:  # params + the unitemised rest (none when the params add up to more)
-                own[i] = itemised
-        if n and min(min(x), min(y), min(ws), min(own)) < 0:
+        names = list(chain.from_iterable(plist))
+        if len(names) != len(set(names)):  # some parameters are read by several layers
+            shared = {name for name, count in Counter(names).items() if count > 1}
+            seen: dict[str, tuple[int, int]] = {}  # parameter -> (bytes, last layer reading it)
+            for i, params in enumerate(plist):
+                if not params or shared.isdisjoint(params):
+                    continue
+                for name in shared.intersection(params):
+                    nbytes = params[name]
+                    known = seen.get(name)
+                    if known is not None:
+                        if known[0] != nbytes:
+                            first = layers[known[1]]
+                            raise PlanError(
+                                f"parameter {name!r} is recorded as {known[0]} bytes in layer "
+                                f"{first.name!r} and {nbytes} bytes in layer {layers[i].name!r}: a shared "
+                                "parameter must have one size (regenerate the layer records)"
+                            )
+                        repeats.append((known[1], i, nbytes))
+                    seen[name] = (nbytes, i)
+        if n and min(min(x), min(y), min(ws), min(weights), min(own)) < 0:
             bad = next(l for l in layers if min(l.in_bytes, l.out_bytes, l.activation_bytes, l.buffer_bytes,
                                                  l.weight_bytes, *l.params.values()) < 0)
             raise PlanError(f"layer {bad.name!r} has a negative byte count: every size must be >= 0")
@@ -445,9 +446,7 @@ class FootprintCost(GroupCost):
         """
         if len(ws) <= 1:
             return True
-        if max(max(ws), max(own), max(self.x), max(self.y)) < 2**60:  # no int64 overflow below
-            return self._check_monotone_np(ws, own, repeats)
-        return self._check_monotone_py(ws, own, repeats)
+        return self._check_monotone_np(ws, own, repeats)
 
     def _check_monotone_py(self, ws, own, repeats) -> bool:
         """:meth:`_check_monotone` on Python integers (any size)."""
@@ -471,18 +470,21 @@ class FootprintCost(GroupCost):
         return True
 
     def _check_monotone_np(self, ws, own, repeats) -> bool:
-        """:meth:`_check_monotone` on int64 arrays (every term below 2**60: sums stay exact)."""
+        """:meth:`_check_monotone` on int64 arrays; on Python integers (:meth:`_check_monotone_py`)
+        when a size reaches 2**60 (sums of four terms must stay exact)."""
         import numpy as np
 
-        ws = np.asarray(ws, dtype=np.int64)
-        fresh = np.asarray(own, dtype=np.int64)
+        try:
+            ws, fresh, x, y = (np.array(v, dtype=np.int64) for v in (ws, own, self.x, self.y))
+        except OverflowError:
+            return self._check_monotone_py(ws, own, repeats)
+        if max(ws.max(), fresh.max(), x.max(), y.max()) >= 2**60:
+            return self._check_monotone_py(ws.tolist(), own, repeats)
         fresh_left = fresh.copy()
         if repeats:
             prev, at, nbytes = (np.asarray(v, dtype=np.int64) for v in zip(*repeats))
             np.subtract.at(fresh, at, nbytes)
             np.subtract.at(fresh_left, prev, nbytes)
-        x = np.asarray(self.x, dtype=np.int64)
-        y = np.asarray(self.y, dtype=np.int64)
         prefmax = np.maximum.accumulate(ws)
         sufmax = np.maximum.accumulate(ws[::-1])[::-1]
         right = fresh[1:] + np.maximum(ws[1:] - prefmax[:-1], 0) + y[1:] >= y[:-1]

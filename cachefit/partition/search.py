@@ -304,7 +304,7 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
     the whole run, comes out the same).
     """
     c, bnd = bound
-    core, cost, x = c.core, c.cost, c.x
+    core, cost, x, y = c.core, c.cost, c.x, c.y
     pre = getattr(c, "prefix", None)  # prefix sums close to the core: reach guesses only
     smaller = c.previous_smaller_x()
     track = varied is c
@@ -465,7 +465,7 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
             while p > best:
                 v = cost(a, p)
                 if v <= bnd:
-                    best, arg = p, a
+                    best, arg, reached = p, a, v
                     break
                 if track and v < leap:
                     leap = v
@@ -491,6 +491,8 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
         budget -= win
         level, m = [], INF
         sources = frontier[t - 1]
+        # cost(arg, p) <= core(arg, best) + x[arg] + y[p-1] for p <= best: a test without a query
+        base = reached - y[best - 1]
         p = best
         while p >= lam:  # the suffix minima of x among the members, down to lam
             xp = x[p]
@@ -498,6 +500,13 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
                 p = smaller[p]  # every cut after smaller[p] and before p has x >= x[p] >= m
                 continue
             if p > gp:  # f[p] >= t: member() for this level, inlined (the common case)
+                # (Not a leap candidate: when it fails, the query of arg below fails lower.)
+                if base + y[p - 1] <= bnd:
+                    yes[p], parent[p] = t, arg
+                    level.append(p)
+                    m = xp
+                    p -= 1
+                    continue
                 for a in sources:
                     v = cost(a, p)
                     if v <= bnd:
