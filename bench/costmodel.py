@@ -231,24 +231,23 @@ def cpu(stages: list[int], repeat: int, model: str, method: str, diagnose: bool 
 
 
 def _diagnose(analysis, cost_model, repeat: int) -> str:
-    """For the analysis only (the model never sees it): layer 0 compiled alone, each of its kernel
-    calls timed on its own (best of ``repeat`` x 10 calls, operands warm), against the kernels the
-    cost model predicts for that layer."""
+    """For the analysis only (the model never sees it): layer 0 compiled alone (weights pre-packed as
+    in a stage), each of its kernel calls timed on its own from Python (best of ``repeat`` x 10 calls,
+    operands warm; a Python call adds about a microsecond), against the kernels the cost model
+    predicts for that layer."""
     import numpy as np
     import tvm
-    from tvm import relax
 
-    from cachefit.codegen.pipeline import compile_relax
+    from cachefit.perf.calibrate import _build_many
     from cachefit.passes import layering
 
     _, fn = layering.layer_functions(analysis.mod)[0]
-    mod = tvm.IRModule({"main": fn.with_attr("global_symbol", "main")})
-    ex = compile_relax(mod, tvm.target.Target({"kind": "llvm"}), threads=1)
-    dev = tvm.cpu()
+    n_in = len(fn.params) - int(fn.attrs["cachefit.num_weights"])
+    func = fn.with_attr("global_symbol", "main").with_attr("num_input", n_in)
+    vm, dev, pack = _build_many({"main": lambda bb, name: bb.add_func(func, name)})
     rng = np.random.default_rng(0)
-    args = [tvm.runtime.tensor(rng.standard_normal([int(v) for v in p.ty.shape.values]).astype("float32"), dev)
-            for p in fn.params]
-    vm = relax.VirtualMachine(ex, dev)
+    args = pack("main", [tvm.runtime.tensor(rng.standard_normal([int(v) for v in p.ty.shape.values])
+                                            .astype("float32"), dev) for p in fn.params])
     vm["main"](*args)
     whole = float(vm.time_evaluator("main", dev, number=20, repeat=max(repeat, 10))(*args).min)
     calls = []
