@@ -1,4 +1,4 @@
-"""Structured pruning of MLP hidden units (whole columns / rows), shrinking shapes and FLOPs."""
+"""Structured pruning of MLP hidden units and attention heads (whole columns / rows), shrinking shapes and FLOPs."""
 
 from __future__ import annotations
 
@@ -441,20 +441,31 @@ class _HeadTracer:
             if y in self.lay:
                 self.set(x, self.lay[y].at(perm[self.lay[y].axis]))
             self.handled.add(k)
-        elif self.is_op(v, "relax.reshape") or self.is_op(v, "relax.broadcast_to") or self.is_op(v, "relax.expand_dims"):
+        elif any(self.is_op(v, n) for n in ("relax.reshape", "relax.broadcast_to", "relax.expand_dims")):
             x = v.args[0]
             xd, yd = self.dims(x), self.dims(y)
             if self.is_op(v, "relax.expand_dims"):
-                fwd = lambda l: l.at(_expand_map(len(xd), [int(a) for a in v.attrs.axis])[l.axis])  # noqa: E731
-                bwd = lambda l: l.at(_expand_map(len(xd), [int(a) for a in v.attrs.axis]).index(l.axis)) \
-                    if l.axis in _expand_map(len(xd), [int(a) for a in v.attrs.axis]) else None  # noqa: E731
+                new_axis = _expand_map(len(xd), [int(a) for a in v.attrs.axis])   # old axis -> new axis
+
+                def fwd(l):
+                    return l.at(new_axis[l.axis])
+
+                def bwd(l):
+                    return l.at(new_axis.index(l.axis)) if l.axis in new_axis else None
             elif self.is_op(v, "relax.broadcast_to"):
                 shift = len(yd) - len(xd)
-                fwd = lambda l: l.at(l.axis + shift) if yd[l.axis + shift] == xd[l.axis] else None  # noqa: E731
-                bwd = lambda l: l.at(l.axis - shift) if l.axis >= shift and xd[l.axis - shift] == yd[l.axis] else None  # noqa: E731
+
+                def fwd(l):
+                    return l.at(l.axis + shift) if yd[l.axis + shift] == xd[l.axis] else None
+
+                def bwd(l):
+                    return l.at(l.axis - shift) if l.axis >= shift and xd[l.axis - shift] == yd[l.axis] else None
             else:
-                fwd = lambda l: _reshape_layout(xd, yd, l)  # noqa: E731
-                bwd = lambda l: _reshape_layout(yd, xd, l)  # noqa: E731
+                def fwd(l):
+                    return _reshape_layout(xd, yd, l)
+
+                def bwd(l):
+                    return _reshape_layout(yd, xd, l)
             for src, dst, f in ((x, y, fwd), (y, x, bwd)):
                 if src in self.lay:
                     new = f(self.lay[src])
