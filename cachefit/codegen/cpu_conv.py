@@ -228,8 +228,10 @@ class BlockConvLayout:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if self.lanes < 4:
             return mod
-        # ``y = x`` aliases (TVM's import of ONNX Sum leaves them) would hide a chain's links
-        m = _LayoutMutator(relax.transform.CanonicalizeBindings()(mod), self.lanes, self.min_chain)
+        # ``y = x`` aliases (TVM's import of ONNX Sum leaves them) and inference dropouts would
+        # hide a chain's links
+        mod = relax.transform.CanonicalizeBindings()(_DropoutToIdentity(mod.clone()).run())
+        m = _LayoutMutator(mod, self.lanes, self.min_chain)
         changed = False
         for gv, func in m.mod_.functions_items():
             if not isinstance(func, relax.Function) or (func.attrs and "Primitive" in func.attrs):
@@ -242,6 +244,30 @@ class BlockConvLayout:
         if not changed:
             return mod
         return relax.transform.DeadCodeElimination()(m.builder_.get())
+
+
+@mutator
+class _DropoutToIdentity(PyExprMutator):
+    """``dropout(x)[0]`` as ``x`` (inference: the compile pipeline is inference-only)."""
+
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.mod_ = mod
+        self._dropout = tvm.ir.Op.get("relax.nn.dropout")
+
+    def run(self) -> tvm.IRModule:
+        for gv, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function) and not (func.attrs and "Primitive" in func.attrs):
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.get()
+
+    def visit_tuple_getitem_(self, op):  # pylint: disable=arguments-renamed
+        op = super().visit_tuple_getitem_(op)
+        tup = op.tuple_value
+        value = self.lookup_binding(tup) if isinstance(tup, relax.Var) else tup
+        if int(op.index) == 0 and isinstance(value, relax.Call) and value.op.same_as(self._dropout):
+            return value.args[0]
+        return op
 
 
 @mutator
