@@ -230,8 +230,8 @@ class BlockConvLayout:
             return mod
         # ``y = x`` aliases (TVM's import of ONNX Sum leaves them) and inference dropouts would
         # hide a chain's links
-        mod = relax.transform.CanonicalizeBindings()(_DropoutToIdentity(mod.clone()).run())
-        m = _LayoutMutator(mod, self.lanes, self.min_chain)
+        clean = relax.transform.CanonicalizeBindings()(_DropoutToIdentity(mod.clone()).run())
+        m = _LayoutMutator(clean, self.lanes, self.min_chain)
         changed = False
         for gv, func in m.mod_.functions_items():
             if not isinstance(func, relax.Function) or (func.attrs and "Primitive" in func.attrs):
