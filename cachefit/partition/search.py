@@ -316,38 +316,40 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
     parent: dict[int, int] = {}
     budget = 16 * (end - start) + 4096
 
-    def left_reach(p: int, hint: int) -> int:
-        """Smallest ``a >= start`` with ``core(a, p)`` within the bound (``p`` if none)."""
+    def farthest(value, length: int, guess: int) -> int:
+        """Largest ``i`` in ``[0, length]`` with ``value(i)`` within the bound (``value``
+        nondecreasing in ``i``, ``i = 0`` meaning none): exponential search from ``guess``,
+        then bisection; refused values feed the leap."""
         nonlocal leap
-        a = max(p - max(hint, 1), start)
-        v = core(a, p)
-        if v <= bnd:  # exponential search down from the hint
-            ok, step = a, 1
-            while ok > start:
-                a = max(ok - step, start)
-                v = core(a, p)
+        i = min(max(guess, 1), length)
+        v = value(i)
+        if v <= bnd:  # search outwards
+            ok, step = i, 1
+            while ok < length:
+                i = min(ok + step, length)
+                v = value(i)
                 if v > bnd:
                     break
-                ok, step = a, step * 2
+                ok, step = i, step * 2
             else:
                 return ok
-            bad = a
-        else:  # exponential search up from the hint
-            bad, ok, step = a, p, 1
-            while ok - bad > 1:
-                a = min(bad + step, p - 1)
-                v2 = core(a, p)
+            bad = i
+        else:  # search inwards
+            bad, ok, step = i, 0, 1
+            while bad > 1:
+                i = max(bad - step, 1)
+                v2 = value(i)
                 if v2 <= bnd:
-                    ok = a
+                    ok = i
                     break
                 if track and v2 < leap:
                     leap = v2
-                bad, step = a, step * 2
+                bad, step = i, step * 2
         if track and v < leap:
             leap = v
-        while ok - bad > 1:  # bad refused, ok allowed (or p)
-            mid = (bad + ok) // 2
-            v = core(mid, p)
+        while bad - ok > 1:  # ok allowed (or 0), bad refused
+            mid = (ok + bad) // 2
+            v = value(mid)
             if v <= bnd:
                 ok = mid
             else:
@@ -356,46 +358,14 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
                 bad = mid
         return ok
 
+    def left_reach(p: int, hint: int) -> int:
+        """Smallest ``a >= start`` with ``core(a, p)`` within the bound (``p`` if none)."""
+        return p - farthest(lambda i: core(p - i, p), p - start, hint)
+
     def right_reach(a: int, hint: int) -> int:
         """Largest ``b <= end`` with ``core(a, b) + x[a]`` within the bound (``a`` if none)."""
-        nonlocal leap
         xa = x[a]
-        b = min(a + max(hint, 1), end)
-        v = core(a, b) + xa
-        if v <= bnd:  # exponential search up from the hint
-            ok, step = b, 1
-            while ok < end:
-                b = min(ok + step, end)
-                v = core(a, b) + xa
-                if v > bnd:
-                    break
-                ok, step = b, step * 2
-            else:
-                return ok
-            bad = b
-        else:  # exponential search down from the hint
-            bad, ok, step = b, a, 1
-            while bad - 1 > a:
-                b = max(bad - step, a + 1)
-                v2 = core(a, b) + xa
-                if v2 <= bnd:
-                    ok = b
-                    break
-                if track and v2 < leap:
-                    leap = v2
-                bad, step = b, step * 2
-        if track and v < leap:
-            leap = v
-        while bad - ok > 1:  # ok allowed (or a), bad refused
-            mid = (ok + bad) // 2
-            v = core(a, mid) + xa
-            if v <= bnd:
-                ok = mid
-            else:
-                if track and v < leap:
-                    leap = v
-                bad = mid
-        return ok
+        return a + farthest(lambda i: core(a, a + i) + xa, end - a, hint)
 
     def member(p: int, t: int, depth: int) -> bool:
         """Whether ``f[p] <= t`` (``t`` at most the current level)."""

@@ -17,9 +17,9 @@ class MergeLayers:
     The groups balance the weight elements: the smallest possible largest group, computed by the
     partitioner (:func:`cachefit.partition.partition`, ``balanced`` with ``count`` devices, exact).
     Among the groupings with that optimum it takes ``tie_break="late"``: later groups hold as many
-    layers as the optimum allows, every cut as early as any optimal grouping's (this keeps the
-    groupings ``--layers N`` gave before for equal layers, e.g. six into four as 1, 1, 2, 2 layers,
-    so merged layer names stay as they were). A merged layer is named
+    layers as the optimum allows, every cut as early as any optimal grouping's (six equal layers
+    into four: 1, 1, 2, 2 layers, as ``--layers N`` merged them before; see docs/partitioning.md,
+    "Ties", for where it differs from the DP used before). A merged layer is named
     ``first..last`` after the layers it holds. ``groups`` (a list of (first, last) layer indices)
     fixes the grouping instead. Asking for more layers than there are is an error; asking for as
     many leaves the module unchanged.
