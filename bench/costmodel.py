@@ -300,34 +300,24 @@ def _compile(model_path: Path, out: Path, k: int):
 
 
 def _time_stages(pipes: dict, repeat: int) -> dict:
-    """Time every stage of every pipeline alone on the previous stage's real outputs.
-
-    ``repeat`` round-robin passes over all stages; in each pass a stage runs once untimed (its
-    weights warm, as in a steady pipeline) and 3 times timed. A stage's time is the minimum over
-    all its timed runs: other processes on this shared machine only ever add time, and spreading
-    each stage's runs over the whole measurement keeps a busy moment from spoiling one stage.
-    Returns ``k -> (groups, seconds per stage)``.
-    """
+    """Time every stage of every pipeline alone on the previous stage's real outputs, with the
+    calibration's protocol (:func:`cachefit.perf.calibrate.time_calls`): ``repeat`` round-robin
+    passes over all stages, each stage warm and then timed call by call for 25 ms per pass; the
+    minimum over all its calls. Returns ``k -> (groups, seconds per stage)``."""
     import numpy as np
     import tvm
 
-    calls = []  # (k, stage index, stage, its inputs)
+    from cachefit.perf.calibrate import time_calls
+
+    calls = {}
     for k, pipe in pipes.items():
         rng = np.random.default_rng(0)
         current = [tvm.runtime.tensor(rng.standard_normal(d["shape"]).astype(d["dtype"]), pipe.stages[0].device)
                    for d in pipe.inputs]
         for i, stage in enumerate(pipe.stages):
-            calls.append((k, i, stage, current))
+            calls[(k, i)] = (lambda st, a: lambda: st(a))(stage, current)
             current = stage(current)
-    best = {(k, i): float("inf") for k, i, _, _ in calls}
-    for _ in range(repeat):
-        for k, i, stage, args in calls:
-            stage(args)
-            for _ in range(3):
-                t0 = time.perf_counter()
-                stage(args)
-                stage.device.sync()
-                best[(k, i)] = min(best[(k, i)], time.perf_counter() - t0)
+    best = time_calls(calls, passes=repeat, per_pass=0.025)
     out = {}
     for k, pipe in pipes.items():
         groups = [(int(s["first_layer"]), int(s["last_layer"])) for s in pipe.manifest["plan"]["stages"]]

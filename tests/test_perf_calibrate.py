@@ -97,3 +97,14 @@ def test_kernel_table_round_trip_and_old_files(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(CachefitError, match="malformed kernel table"):
         load_hardware(tmp_path / "bad.json")
+
+
+def test_time_calls_interleaves_passes_and_keeps_the_minimum():
+    """Every function runs in every pass (once warm, then at least 3 timed calls), in round-robin
+    order; the result is one best time per function."""
+    from cachefit.perf.calibrate import time_calls
+
+    order = []
+    best = time_calls({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, passes=3, per_pass=0.0)
+    assert order == (["a"] * 4 + ["b"] * 4) * 3
+    assert set(best) == {"a", "b"} and all(t >= 0 for t in best.values())

@@ -84,6 +84,26 @@ def _best_time(fn: Callable[[], object], *, min_time: float = 0.05, repeats: int
     return min(samples)
 
 
+def time_calls(calls: dict, *, passes: int, per_pass: float) -> dict:
+    """Best time of one call of each ``name -> fn()``: ``passes`` round-robin passes over all of
+    them; in each pass a function runs once untimed (warm, as a steady pipeline runs its stage
+    over and over), then timed call by call for about ``per_pass`` seconds (at least 3 calls). The
+    minimum over every timed call: a shared machine only ever adds time, and spreading each
+    function's calls over the whole run keeps a busy moment from spoiling one function's figure."""
+    best = {name: float("inf") for name in calls}
+    for _ in range(passes):
+        for name, fn in calls.items():
+            fn()
+            start = time.perf_counter()
+            n = 0
+            while n < 3 or time.perf_counter() - start < per_pass:
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t0)
+                n += 1
+    return best
+
+
 def _compile(mod, *, prepack: bool = False):
     """Compile as cachefit compiles a one-thread CPU stage (its codegen pipeline and schedules);
     TVM's default pipeline where that pipeline is not available. Returns ``(executable, packer)``:
@@ -424,18 +444,8 @@ def _block_tvm(*, min_time: float, repeats: int, spill_l2: int | None = None) ->
             rng = np.random.default_rng(0)
             args = [tvm.runtime.tensor(rng.standard_normal(d["shape"]).astype(d["dtype"]), stage.device)
                     for d in pipe.inputs]
-            calls[key] = (stage, args)
-        best = {key: float("inf") for key in calls}
-        deadline = time.perf_counter() + max(min_time, 0.02) * (10 if spill_l2 else 5)
-        rounds = 0
-        while rounds < max(repeats * 8, 20) or time.perf_counter() < deadline:
-            for key, (stage, args) in calls.items():
-                stage(args)  # warm: a steady pipeline runs its stage over and over
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    stage(args)
-                    best[key] = min(best[key], time.perf_counter() - t0)
-            rounds += 1
+            calls[key] = (lambda st, a: lambda: st(a))(stage, args)
+        best = time_calls(calls, passes=max(repeats * 8, 40), per_pass=min_time / 4)
     t = best["one"]
     out = {"hidden": 128, "ffn": 512, "tokens": 32, "flops": flops, "weight_bytes": weights, "seconds": t,
            "flops_per_s": flops / t}
