@@ -608,7 +608,8 @@ class QuantizeWeights:
                     (:func:`~cachefit.passes.calibrate_weights.gptq_quantize`) instead of round to
                     nearest; same stored format. None: data-free (round to nearest).
         int8_weights: fnmatch patterns of weight names kept at INT8 when ``bits`` is 4 (mixed
-                    precision, e.g. ``["*router*"]``); see :data:`SENSITIVE_INT8`.
+                    precision, e.g. ``["*router*"]``); see :data:`SENSITIVE_INT8`. The names are
+                    the IR's (ONNX initializer names sanitised: ``layers.0.attn`` -> ``layers_0_attn``).
     ``quantized`` lists what was done (QuantizedWeight records, with their own ``bits``).
     """
 
