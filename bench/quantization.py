@@ -15,7 +15,8 @@ when the branches do); ``weight err`` is the output-err ratio on the quantized w
 branch-to-output norm ratio ``||y_ref - x|| / ||y_ref||`` of that init. ``gptq`` schemes calibrate on
 ``--calibrate`` random batches (other draws than the evaluation inputs); ``int8 routers`` keeps the
 MoE routers at INT8 (``SENSITIVE_INT8``); ``attention int8`` keeps the attention projections and
-routers at INT8 and quantizes the MLPs / experts to INT4 (mixed precision: see the bytes column). ``bytes`` is the sum of the stage weight files over the
+routers at INT8 and quantizes the MLPs / experts to INT4 (mixed precision: see the bytes column);
+``head int8`` keeps the LM head (layer ``head``) at INT8, the blocks INT4. ``bytes`` is the sum of the stage weight files over the
 float32 ones; ``ms`` the median time of one call of the stage (this CPU, 1 thread). Prints
 Markdown tables (the numbers of BENCHMARKS.md, "Quantization accuracy").
 """
@@ -57,6 +58,8 @@ SCHEMES = [
                                          quantize_int8_weights=SENSITIVE_INT8)),
     ("int4 g128 gptq, attention int8", dict(quantize="int4", group_size=128, quantize_calibration=CALIBRATE,
                                             quantize_int8_weights=ATTENTION_INT8)),
+    ("int4 g128 gptq, head int8", dict(quantize="int4", group_size=128, quantize_calibration=CALIBRATE,
+                                       quantize_int8_weights=("@head",) + SENSITIVE_INT8)),
     ("prune 25%", dict(prune=0.25)),
     ("prune heads 50%", dict(prune_heads=0.5)),
     ("int8 + prune 25%", dict(quantize="int8", prune=0.25)),
@@ -117,6 +120,8 @@ def run_model(name: str, init: str, seeds: int, repeat: int, calibrate: int, wor
     rows = []
     for label, opts in SCHEMES:
         if "routers" in label and not any("router" in n for n in analysis.params):
+            continue
+        if "head int8" in label and not any(r.name == "head" for r in analysis.layers):
             continue
         opts = {k: (calibrate if v == CALIBRATE else v) for k, v in opts.items()}
         t0 = time.perf_counter()

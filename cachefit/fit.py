@@ -516,7 +516,8 @@ def fit_model(
     floats, token ids uniform over the embedding) or a list of input feeds (ONNX input name ->
     array); the float model runs on them in onnxruntime, and every quantized matmul weight is
     rounded by GPTQ against its input Hessian (:mod:`cachefit.passes.calibrate_weights`).
-    ``int8_weights``: weight-name patterns kept at INT8 where INT4 is applied (mixed precision;
+    ``int8_weights``: weight-name patterns kept at INT8 where INT4 is applied, or ``@<layer>``
+    for the weights a layer reads (``@head``) (mixed precision;
     :data:`cachefit.passes.quantize_weights.SENSITIVE_INT8` are the MoE routers).
 
     Returns ``(analysis, report)``: a :class:`~cachefit.analysis.ModelAnalysis` of the rewritten model

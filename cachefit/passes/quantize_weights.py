@@ -610,6 +610,8 @@ class QuantizeWeights:
         int8_weights: fnmatch patterns of weight names kept at INT8 when ``bits`` is 4 (mixed
                     precision, e.g. ``["*router*"]``); see :data:`SENSITIVE_INT8`. The names are
                     the IR's (ONNX initializer names sanitised: ``layers.0.attn`` -> ``layers_0_attn``).
+                    A pattern ``@<layer>`` matches the weights read by that layer (``@head``: the
+                    LM head, whatever the export called its weight).
     ``quantized`` lists what was done (QuantizedWeight records, with their own ``bits``).
     """
 
@@ -642,8 +644,9 @@ class QuantizeWeights:
         taken = {gv.name_hint for gv in mod.get_global_vars()}
         names = {p.name for p in mod["main"].params}
         expansion: dict = {}
+        layer_names = {i: str(fn.attrs["cachefit.layer_name"]) for i, _gv, fn, _args in _layer_calls(mod)}
         for name, u in uses.items():
-            bits = 8 if self.bits == 4 and any(fnmatch.fnmatchcase(name, pat) for pat in self.int8_weights) else self.bits
+            bits = 8 if self.bits == 4 and self._keeps_int8(name, u, layer_names) else self.bits
             g = self.group_size if self.group_size and self.group_size < u.k else None
             q_shape = (packed_rows(u.k, bits), u.n)
             s_shape = (num_groups(u.k, g), u.n)
@@ -711,6 +714,17 @@ class QuantizeWeights:
                               expanded)
         log.info("QuantizeWeights: %d weight(s) to INT%d in %d layer(s)", len(self.quantized), self.bits, len(new_layers))
         return out
+
+    def _keeps_int8(self, name: str, use: WeightUse, layer_names: dict) -> bool:
+        """``name`` matches an ``int8_weights`` pattern, or every layer that reads it quantized
+        matches an ``@layer`` pattern."""
+        for pat in self.int8_weights:
+            if pat.startswith("@"):
+                if use.layers and all(fnmatch.fnmatchcase(layer_names[i], pat[1:]) for i in use.layers):
+                    return True
+            elif fnmatch.fnmatchcase(name, pat):
+                return True
+        return False
 
     def _rewrite(self, fn, gv, which, info, uses, expansion, kernel):
         ops = self._ops

@@ -413,3 +413,14 @@ def test_mixed_precision_keeps_matching_weights_at_int8(analyzed):
     # INT8 patterns do nothing at --quantize int8
     _, _, done8 = quantize_weights(a.mod, a.params, bits=8, int8_weights=SENSITIVE_INT8)
     assert {q.bits for q in done8} == {8}
+
+
+def test_int8_by_layer_name(analyzed):
+    """``@head`` keeps the weights the LM head reads at INT8: in the GPT-2 legacy export that is
+    an anonymous ``onnx__MatMul_*`` [64, 256]; the blocks' weights stay INT4."""
+    a = analyzed("gpt2_legacy.onnx")
+    _mod, params, done = quantize_weights(a.mod, a.params, bits=4, int8_weights=["@head"])
+    eight = [q for q in done if q.bits == 8]
+    assert len(eight) == 1 and eight[0].name.startswith("onnx__MatMul_") and eight[0].q_shape == (64, 256)
+    assert params[eight[0].q_name].dtype == np.int8
+    assert {q.bits for q in done if q is not eight[0]} == {4} and len(done) == 13
