@@ -441,18 +441,21 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
                     leap = v
                 p -= 1
                 budget -= 1
-        if best == gp or budget <= 0:
+        if budget <= 0:
             raise _GiveUp
-        prev = frontier[t]
-        if prev[0] != arg:  # membership tests (below) try the cut that reached farthest first
-            prev.remove(arg)
-            prev.insert(0, arg)
         t += 1
-        hint = best - gp
         g.append(best)
-        yes[best], parent[best] = t, arg
-        if best == end:
-            break
+        if best > gp:
+            prev = frontier[t - 1]
+            if prev[0] != arg:  # membership tests (below) try the cut that reached farthest first
+                prev.remove(arg)
+                prev.insert(0, arg)
+            hint = best - gp
+            yes[best], parent[best] = t, arg
+            if best == end:
+                break
+        # else: no cut beyond g[t-1] has f = t; holes below it may still join S_t (the scan
+        # below finds them) and move the next level on; the limit or the budget ends it if not.
         if pre is not None:
             lam = left_reach(best + 1, best + 1 - bisect_left(pre, pre[best + 1] - bnd, start, best + 1))
         else:
@@ -462,7 +465,7 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
         level, m = [], INF
         sources = frontier[t - 1]
         # cost(arg, p) <= core(arg, best) + x[arg] + y[p-1] for p <= best: a test without a query
-        base = reached - y[best - 1]
+        base = reached - y[best - 1] if best > gp else 0
         p = best
         while p >= lam:  # the suffix minima of x among the members, down to lam
             xp = x[p]
