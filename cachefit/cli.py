@@ -310,10 +310,19 @@ def plan(model, input_shapes, batch, dtype, num_layers, layer_boundaries, cache,
 @click.option("-o", "--output", "out_dir", default="build", show_default=True, type=click.Path(file_okay=False),
               help="Artifact directory to write.")
 @fit_options
+@click.option("--prune-heads", type=float, default=0.0, show_default=True,
+              help="Fraction of every attention's heads (key/value groups under GQA) to remove, by the L2 norms "
+                   "of their Q/K/V/O weights.")
+@click.option("--calibrate", type=int, default=None,
+              help="Quantize with GPTQ, calibrated on N random input batches run through the float model "
+                   "(default: data-free round to nearest).")
+@click.option("--int8-weights", multiple=True,
+              help="With --quantize int4, keep these weights at INT8: fnmatch patterns on the IR weight names "
+                   "('*router*') or @LAYER ('@head'); repeatable.")
 @user_errors
 def compile_cmd(model, target, arch, input_shapes, batch, dtype, num_layers, layer_boundaries, cache, hardware,
                 strategy, devices, footprint, layout, allow_spill, threads, mcpu, tuning_records, out_dir, quantize,
-                group_size, prune, fit, max_prune, micro_batch):
+                group_size, prune, fit, max_prune, micro_batch, prune_heads, calibrate, int8_weights):
     """Compile MODEL.onnx into one library per device plus manifest.json (see docs/artifact-format.md)."""
     from .compiler import compile_model
 
@@ -325,6 +334,8 @@ def compile_cmd(model, target, arch, input_shapes, batch, dtype, num_layers, lay
                            layout=layout, allow_spill=allow_spill, layers=num_layers,
                            layer_boundaries=_boundaries(layer_boundaries), threads=threads, mcpu=mcpu,
                            tuning_records=tuning_records, progress=lambda line: click.echo(line, err=True),
+                           prune_heads=prune_heads, quantize_calibration=calibrate,
+                           quantize_int8_weights=list(int8_weights) or None,
                            **_fit_kwargs(quantize, group_size, prune, fit, max_prune, micro_batch))
     if result.fit is not None:
         click.echo(result.fit.format_table())
