@@ -346,3 +346,25 @@ def test_calibration_follows_pruning(analyzed):
         fit_model(a, 10**9, quantize="int4", calibration=0)
     with pytest.raises(CachefitError, match="prune-heads 1.5"):
         fit_model(a, 10**9, prune_heads=1.5)
+
+
+@pytest.mark.slow
+def test_cli_compile_prune_heads_calibrate_int8_weights(tmp_path):
+    """`cachefit compile --quantize int4 --calibrate 2 --int8-weights '*fc2*' --prune-heads 0.5`:
+    the manifest records GPTQ on 2 batches, fc2 at INT8 and the rest INT4, and heads 2 -> 1."""
+    from click.testing import CliRunner
+
+    from cachefit.cli import main
+    from cachefit.models import build
+
+    path = tmp_path / "d.onnx"
+    onnx.save(build("dense", layers=1, hidden=32, heads=2, ffn=64, seq=4, batch=2), str(path))
+    out = tmp_path / "art"
+    r = CliRunner().invoke(main, ["compile", str(path), "--quantize", "int4", "--calibrate", "2", "--int8-weights",
+                                  "*fc2*", "--prune-heads", "0.5", "--threads", "1", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    fit = json.loads((out / "manifest.json").read_text())["plan"]["fit"]
+    assert fit["calibration"] == 2 and fit["int8_weights"] == ["*fc2*"] and fit["prune_heads"] == 0.5
+    bits = {q["name"]: (q["bits"], q["method"]) for q in fit["quantized"]}
+    assert bits.pop("layers_0_mlp_fc2_weight") == (8, "gptq") and set(bits.values()) == {(4, "gptq")}
+    assert [(p["heads_before"], p["heads_after"]) for p in fit["pruned"]] == [(2, 1)]
