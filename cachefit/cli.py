@@ -215,6 +215,8 @@ def models_list():
 @click.option("--vocab", type=int, default=None)
 @click.option("--dtype", default=None)
 @click.option("--seed", type=int, default=None)
+@click.option("--init", type=click.Choice(["default", "gpt2"]), default=None,
+              help="Weights: default N(0, 1/sqrt(fan_in)); gpt2 N(0, 0.02), residual projections / sqrt(2 * layers).")
 @click.option("--shape-only", is_flag=True, default=None, help="Declare the weights as external data, never written.")
 @user_errors
 def models_export(name, output, **overrides):
