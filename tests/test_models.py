@@ -422,3 +422,17 @@ def test_gpt2_init_branches_are_small_next_to_the_residual():
         y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         ratios.append(np.linalg.norm(y - x) / np.linalg.norm(y))
     assert 0.8 < ratios[0] < 0.9 and 0.03 < ratios[1] < 0.07
+
+
+def test_cli_models_export_init(tmp_path):
+    """`cachefit models export dense-tiny --init gpt2` writes the GPT-2-initialised model."""
+    from click.testing import CliRunner
+
+    from cachefit.cli import main
+
+    out = tmp_path / "g.onnx"
+    r = CliRunner().invoke(main, ["models", "export", "dense-tiny", "-o", str(out), "--init", "gpt2"])
+    assert r.exit_code == 0, r.output
+    m = onnx.load(str(out))
+    assert models.model_params(m)["init"] == "gpt2"
+    assert m.SerializeToString() == models.build("dense-tiny", init="gpt2").SerializeToString()
