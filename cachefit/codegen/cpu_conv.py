@@ -634,8 +634,12 @@ class NCHWcConvRule(dlight.ScheduleRule):
             pad = sch.get_sblock(PAD_BLOCK)
             pl = sch.get_loops(pad)
             _vec_inner(sch, pl[-1], lanes)
-            if threads > 1:
-                sch.parallel(sch.fuse(pl[0], pl[1]))
+            pad_size = 1
+            for lp in pl:
+                pad_size *= int(sch.get(lp).extent)
+            if threads > 1 and pad_size >= (1 << 16):
+                # rows too: a squeeze layer has one channel block
+                sch.parallel(sch.fuse(pl[0], pl[1], pl[2]))
         except Exception:  # pylint: disable=broad-except
             pass
         return sch
