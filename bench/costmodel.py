@@ -201,6 +201,14 @@ def cpu(stages: list[int], repeat: int, model: str, method: str, diagnose: bool 
             + ", ".join(f"{c} {v * 1e9:.3f}" for c, v in table.per_element.items())
             + "; fused: " + ", ".join(f"{c} {v * 1e9:.3f}" for c, v in table.fused_per_element.items())
             + f"; per kernel {table.per_kernel_s * 1e6:.2f} us, VM call {table.call_s * 1e6:.2f} us")
+    blk, chain = meas.get("block", {}), meas.get("spill_matmul", {})
+    if "spill" in blk:
+        sp = blk["spill"]
+        lines.append(
+            f"overlap: {sp['layers']} calibration blocks (hidden 128, {format_bytes(sp['weight_bytes'])} of weights) "
+            f"in one stage, {sp['seconds_per_layer'] * 1e3:.3f} ms per block against the model's compute "
+            f"{sp['compute_s'] * 1e3:.3f} ms (one resident block measured {blk['seconds'] * 1e3:.3f} ms) and memory "
+            f"{sp['memory_s'] * 1e3:.3f} ms: {sp['memory_overlap']:.2f}; matmul chain: {chain.get('memory_overlap', 0):.2f}")
     timed = _time_stages(pipes, repeat)
     load1 = Path("/proc/loadavg").read_text().split()[:3]
 

@@ -108,3 +108,17 @@ def test_time_calls_interleaves_passes_and_keeps_the_minimum():
     best = time_calls({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, passes=3, per_pass=0.0)
     assert order == (["a"] * 4 + ["b"] * 4) * 3
     assert set(best) == {"a", "b"} and all(t >= 0 for t in best.values())
+
+
+def test_overlap_inverts_the_layer_time():
+    """_overlap gives the memory_overlap for which the cost model's layer time is the measured one:
+    roofline form, c 3 ms, m 2 ms, t 4 ms: 1 - (4 - 3) / 2 = 0.5; kernel-timed, c 3, m 2, t 4.5:
+    1 - 1.5 / 2 = 0.25; a time at or under the stream itself: 1; slower than the sum: 0."""
+    from cachefit.perf.calibrate import _overlap
+    from cachefit.perf.costmodel import LayerCost
+
+    assert _overlap(4.0, 3.0, 2.0, kernel_timed=False) == pytest.approx(0.5)
+    assert _overlap(4.5, 3.0, 2.0, kernel_timed=True) == pytest.approx(0.25)
+    assert LayerCost("l", 3.0, 2.0, 0.0, overlap=0.25, kernel_timed=True).time_s == pytest.approx(4.5)
+    assert _overlap(1.5, 1.0, 2.0, kernel_timed=True) == 1.0
+    assert _overlap(9.0, 3.0, 2.0, kernel_timed=True) == 0.0

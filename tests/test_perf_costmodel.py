@@ -326,10 +326,14 @@ def test_layer_compute_is_the_sum_of_its_kernels():
     assert cost.memory_s == 0.0 and cost.time_s == pytest.approx(expect)
     # spilling (1 MB capacity, but the stage is not resident): the 262,144 weight bytes come from
     # off chip at 0.1 GB/s = 2.62144 ms; the activations stay on chip (working set within capacity).
-    # overlap 0.5: max(2.62144 ms, compute) + 0.5 x compute
+    # The kernels stall for (1 - overlap) of that stream, and the layer is never faster than it:
+    # overlap 0.5: max(2.62144 ms, 0.534432 + 1.31072 ms) = 2.62144 ms; overlap 0: the sum.
     spill = model.layer_cost(layer, resident=False)
-    assert spill.weight_s == pytest.approx(262_144 / 1e8) and spill.activation_s == 0.0
-    assert spill.time_s == pytest.approx(262_144 / 1e8 + 0.5 * expect)
+    m = 262_144 / 1e8
+    assert spill.weight_s == pytest.approx(m) and spill.activation_s == 0.0
+    assert spill.time_s == pytest.approx(m)
+    hw0 = Hardware(**{**hw.__dict__, "memory_overlap": 0.0})
+    assert CostModel(hw0, kernels={"layers.0": prof}).layer_time(layer, False) == pytest.approx(expect + m)
     # compute_efficiency divides the kernel sum as it divides the peak
     assert CostModel(hw, kernels={"layers.0": prof}, compute_efficiency=0.5).compute_time(layer) == pytest.approx(
         2 * expect)
@@ -395,3 +399,15 @@ def test_layer_kernels_follow_the_fusion_of_the_pipeline():
         KernelSpec("softmax", elements=4096.0),
         KernelSpec("matmul", m=16, n=16, k=32, batch=8, rows_in_m=False),
     )
+
+
+def test_kernel_timed_layer_stalls_for_the_unhidden_share_of_its_off_chip_stream():
+    """Kernel-timed: max(memory, compute + (1 - overlap) memory). Compute-bound (c 3, m 2, overlap
+    0.25): 3 + 1.5 = 4.5, as the roofline form gives; memory-bound (c 1, m 2, overlap 0.75):
+    max(2, 1 + 0.5) = 2, where the roofline form would give 2 + 0.25 = 2.25."""
+    from cachefit.perf.costmodel import LayerCost
+
+    assert LayerCost("l", 3.0, 2.0, 0.0, overlap=0.25, kernel_timed=True).time_s == pytest.approx(4.5)
+    assert LayerCost("l", 3.0, 2.0, 0.0, overlap=0.25).time_s == pytest.approx(4.5)
+    assert LayerCost("l", 1.0, 1.5, 0.5, overlap=0.75, kernel_timed=True).time_s == pytest.approx(2.0)
+    assert LayerCost("l", 1.0, 1.5, 0.5, overlap=0.75).time_s == pytest.approx(2.25)

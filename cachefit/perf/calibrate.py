@@ -403,13 +403,16 @@ def _spill_chain_tvm(l2: int, offchip: float, *, min_time: float, say) -> dict:
             "compute_s": best["resident"], "memory_s": count * 4 * width * width / offchip}
 
 
-def _block_tvm(*, min_time: float, repeats: int, spill_l2: int | None = None) -> dict | None:
+def _block_tvm(*, min_time: float, repeats: int, spill_l2: int | None = None,
+               table: KernelTable | None = None) -> dict | None:
     """A small pre-norm transformer block (hidden 128, ffn 512, 2 x 16 tokens: not the size of any
     reference preset) compiled by ``cachefit compile`` into one single-thread stage: its effective
     FLOP/s (the ``flops / peak`` model's peak). With ``spill_l2`` (the L2 bytes) also a stack of such
     blocks whose weights add up to 2.5x that L2, compiled into one stage: a spilling stage, whose
     time per block against the resident block's gives the compute/memory overlap of a real kernel
-    mix. Both stages are timed interleaved, Python call included. None if that path is unavailable."""
+    mix. Both stages are timed interleaved, Python call included. With ``table``, also the block's
+    compute as the per-kernel cost model predicts it (its kernels from its Relax IR, timed with the
+    table). None if that path is unavailable."""
     import math
     import tempfile
 
@@ -431,6 +434,11 @@ def _block_tvm(*, min_time: float, repeats: int, spill_l2: int | None = None) ->
         result = compile_model(model(1), out_dir=f"{tmp}/one", target="llvm", devices=1, cache="1GB", threads=1)
         flops = sum(layer.flops for layer in result.analysis.layers)
         weights = sum(layer.weight_bytes for layer in result.analysis.layers)
+        kernels_s = None
+        if table is not None:
+            from .flops import module_kernels
+
+            kernels_s = sum(p.seconds(table) for p in module_kernels(result.analysis.mod).values())
         dirs = {"one": f"{tmp}/one"}
         count = 0
         if spill_l2:
@@ -448,7 +456,7 @@ def _block_tvm(*, min_time: float, repeats: int, spill_l2: int | None = None) ->
         best = time_calls(calls, passes=max(repeats * 8, 40), per_pass=min_time / 4)
     t = best["one"]
     out = {"hidden": 128, "ffn": 512, "tokens": 32, "flops": flops, "weight_bytes": weights, "seconds": t,
-           "flops_per_s": flops / t}
+           "flops_per_s": flops / t, "kernels_seconds": kernels_s}
     if spill_l2:
         out["spill"] = {"layers": count, "weight_bytes": count * weights, "seconds": best["spill"],
                         "seconds_per_layer": best["spill"] / count}
@@ -515,7 +523,7 @@ def measure_cpu(*, method: str = "tvm", quick: bool = False, progress: Callable[
         # the kernel mix of a real layer (fused epilogues, norms, softmax, small batched matmuls)
         # reaches less than a bare matmul: time one generic transformer block as cachefit compiles it
         say("transformer block (hidden 128, ffn 512, 2 x 16 tokens)")
-        block = _block_tvm(min_time=min_time, repeats=repeats, spill_l2=None if quick else l2)
+        block = _block_tvm(min_time=min_time, repeats=repeats, spill_l2=None if quick else l2, table=table)
         if block is not None:
             meas["block"] = block
             peak = block["flops_per_s"]
@@ -559,15 +567,20 @@ def measure_cpu(*, method: str = "tvm", quick: bool = False, progress: Callable[
         c = 2 * 16 * k_n * k_n / meas["matmul_flops_per_s"]
         m = (4 * k_n * k_n) / offchip + (2 * 16 * k_n * 4) / onchip
         spill = {"k": k_n, "n": k_n, "m": 16, "seconds": t_sp, "compute_s": c, "memory_s": m}
-    overlap = 1.0 - (t_sp - max(c, m)) / min(c, m)
-    overlap = min(1.0, max(0.0, overlap))
+    overlap = _overlap(t_sp, c, m, kernel_timed=table is not None)
     meas["spill_matmul"] = {**spill, "memory_overlap": overlap}
     if "spill" in meas.get("block", {}):
-        # a real kernel mix hides less of the off-chip traffic than a matmul chain: the stack of
-        # blocks (weights 2.5x L2) against the resident block, per block, sets the overlap
+        # a real kernel mix hides less of the off-chip traffic than a matmul chain: a stack of
+        # blocks (weights 2.5x L2), per block, against the block's compute sets the overlap. The
+        # compute is the per-kernel model's own prediction for the block (with a kernel table),
+        # so the overlap is what makes the model's spilling time right on this generic block;
+        # the stage's fixed call cost is spread over its blocks.
         b, sp = meas["block"], meas["block"]["spill"]
-        c, m, t_layer = b["seconds"], b["weight_bytes"] / offchip, sp["seconds_per_layer"]
-        overlap = min(1.0, max(0.0, 1.0 - (t_layer - max(c, m)) / min(c, m)))
+        kernel_timed = table is not None and b.get("kernels_seconds")
+        c = b["kernels_seconds"] if kernel_timed else b["seconds"]
+        m = b["weight_bytes"] / offchip
+        t_layer = sp["seconds_per_layer"] - (table.call_s / sp["layers"] if kernel_timed else 0.0)
+        overlap = _overlap(t_layer, c, m, kernel_timed=bool(kernel_timed))
         sp.update(compute_s=c, memory_s=m, memory_overlap=overlap)
 
     # link: memory copy to another core + thread hand-off latency
@@ -595,6 +608,22 @@ def measure_cpu(*, method: str = "tvm", quick: bool = False, progress: Callable[
         source=f"calibrated ({method} kernels, {time.strftime('%Y-%m-%d %H:%M')})",
     )
     return hw, meas
+
+
+def _overlap(t: float, compute: float, memory: float, *, kernel_timed: bool) -> float:
+    """The ``memory_overlap`` for which the cost model's layer time equals the measured ``t``
+    (clamped to [0, 1]): ``max(c, m) + (1 - o) min(c, m)``, or with kernel-timed compute (on-chip
+    traffic inside, ``memory`` off-chip only) ``max(m, c + (1 - o) m)``
+    (see :class:`cachefit.perf.costmodel.LayerCost`)."""
+    if memory <= 0 or compute <= 0:
+        return 1.0
+    if kernel_timed:
+        if t <= memory:
+            return 1.0
+        o = 1.0 - (t - compute) / memory
+    else:
+        o = 1.0 - (t - max(compute, memory)) / min(compute, memory)
+    return min(1.0, max(0.0, o))
 
 
 def calibrate(path=None, *, method: str = "tvm", quick: bool = False,
@@ -638,6 +667,8 @@ def format_calibration(hw: Hardware, meas: dict) -> str:
         b = meas["block"]
         lines.append(f"  transformer block ({b['flops'] / 1e6:.1f} MFLOP): {b['seconds'] * 1e3:.3f} ms = "
                      f"{b['flops_per_s'] / 1e9:.2f} GFLOP/s (the preset's peak)")
+        if b.get("kernels_seconds"):
+            lines.append(f"    its kernels as the per-kernel model times them: {b['kernels_seconds'] * 1e3:.3f} ms")
         if "spill" in b:
             sp = b["spill"]
             lines.append(f"  {sp['layers']} such blocks in one stage ({format_bytes(sp['weight_bytes'])} of weights): "

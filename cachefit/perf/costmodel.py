@@ -19,7 +19,8 @@ The model, in full (every figure is for one micro-batch through one device):
     cost, plus a fixed cost per kernel call; all divided by ``compute_efficiency``. The kernels
     were timed with their operands on chip, so this compute time already holds the on-chip
     traffic: in this mode the memory part below counts only the off-chip traffic (0 for a
-    resident layer);
+    resident layer), and the layer takes ``max(memory, compute + (1 - overlap) * memory)``: the
+    kernels stall for the share of the off-chip stream they cannot hide (see ``LayerCost``);
   - memory = weight traffic + activation traffic, each at the bandwidth of where it lives:
 
     ========================  =====================  ===========================================
@@ -139,6 +140,12 @@ class LayerCost:
 
     ``overlap`` (the hardware's ``memory_overlap``): 1.0 gives the roofline
     ``max(compute, memory)``, 0.0 the sum; in between ``max + (1 - overlap) * min``.
+
+    ``kernel_timed`` (the per-kernel model): ``compute_s`` is the sum of measured kernel times,
+    which already hold the on-chip traffic, and ``memory_s`` only the off-chip traffic. The
+    kernels run at their measured speed and stall for the ``1 - overlap`` share of the off-chip
+    stream they cannot hide, and a layer is never faster than that stream:
+    ``max(memory, compute + (1 - overlap) * memory)`` (the same as above while compute-bound).
     """
 
     name: str
@@ -147,6 +154,7 @@ class LayerCost:
     activation_s: float
     overhead_s: float = 0.0
     overlap: float = 1.0
+    kernel_timed: bool = False
 
     @property
     def memory_s(self) -> float:
@@ -154,6 +162,9 @@ class LayerCost:
 
     @property
     def time_s(self) -> float:
+        if self.kernel_timed:
+            mem = self.memory_s
+            return max(mem, self.compute_s + (1.0 - self.overlap) * mem) + self.overhead_s
         hi, lo = max(self.compute_s, self.memory_s), min(self.compute_s, self.memory_s)
         return hi + (1.0 - self.overlap) * lo + self.overhead_s
 
@@ -293,6 +304,7 @@ class CostModel:
             activation_s=activation_s,
             overhead_s=hw.launch_overhead,
             overlap=hw.memory_overlap,
+            kernel_timed=profile is not None,
         )
 
     def allreduce_time(self, nbytes: int, ranks: int) -> float:
