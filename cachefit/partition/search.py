@@ -316,18 +316,18 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
     parent: dict[int, int] = {}
     budget = 16 * (end - start) + 4096
 
-    def farthest(value, length: int, guess: int) -> int:
-        """Largest ``i`` in ``[0, length]`` with ``value(i)`` within the bound (``value``
-        nondecreasing in ``i``, ``i = 0`` meaning none): exponential search from ``guess``,
-        then bisection; refused values feed the leap."""
+    def farthest(o: int, right: bool, add, length: int, guess: int) -> int:
+        """Largest ``i`` in ``[0, length]`` with ``core(o, o + i) + add`` (``right``) or
+        ``core(o - i, o) + add`` within the bound (``i = 0``: none). Both grow with ``i``:
+        exponential search from ``guess``, then bisection; refused values feed the leap."""
         nonlocal leap
         i = min(max(guess, 1), length)
-        v = value(i)
+        v = (core(o, o + i) if right else core(o - i, o)) + add
         if v <= bnd:  # search outwards
             ok, step = i, 1
             while ok < length:
                 i = min(ok + step, length)
-                v = value(i)
+                v = (core(o, o + i) if right else core(o - i, o)) + add
                 if v > bnd:
                     break
                 ok, step = i, step * 2
@@ -338,7 +338,7 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
             bad, ok, step = i, 0, 1
             while bad > 1:
                 i = max(bad - step, 1)
-                v2 = value(i)
+                v2 = (core(o, o + i) if right else core(o - i, o)) + add
                 if v2 <= bnd:
                     ok = i
                     break
@@ -349,7 +349,7 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
             leap = v
         while bad - ok > 1:  # ok allowed (or 0), bad refused
             mid = (ok + bad) // 2
-            v = value(mid)
+            v = (core(o, o + mid) if right else core(o - mid, o)) + add
             if v <= bnd:
                 ok = mid
             else:
@@ -360,12 +360,11 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
 
     def left_reach(p: int, hint: int) -> int:
         """Smallest ``a >= start`` with ``core(a, p)`` within the bound (``p`` if none)."""
-        return p - farthest(lambda i: core(p - i, p), p - start, hint)
+        return p - farthest(p, False, 0, p - start, hint)
 
     def right_reach(a: int, hint: int) -> int:
         """Largest ``b <= end`` with ``core(a, b) + x[a]`` within the bound (``a`` if none)."""
-        xa = x[a]
-        return a + farthest(lambda i: core(a, a + i) + xa, end - a, hint)
+        return a + farthest(a, True, x[a], end - a, hint)
 
     def member(p: int, t: int, depth: int) -> bool:
         """Whether ``f[p] <= t`` (``t`` at most the current level)."""
