@@ -10,14 +10,18 @@ with ``core`` monotone under inclusion and ``x, y >= 0`` (see docs/partitioning.
 
 - when every cost is monotone under inclusion, the farthest-reach greedy is optimal for the
   fewest groups and runs in O(groups * log(group length)) cost queries;
-- otherwise an exact dynamic programme over cut positions with dominance pruning
-  (``_dp_fewest``) is used: O(n * window) in the worst case, about O(n) in practice.
+- otherwise, with one bound, the level-by-level frontier search (``_frontier_fewest``):
+  O(groups * (frontier size * log(group length))) cost queries in the usual case; it hands
+  a case to the dynamic programme only when a work budget is spent;
+- with several bounds (or ``force_dp``), an exact dynamic programme over cut positions with
+  dominance pruning (``_dp_fewest``): O(n * window) in the worst case, about O(n) in practice.
 
 The bottleneck search (``min_bottleneck``) bisects over the bound of one cost with the
-fewest-groups test, tightening the upper end to the bottleneck actually reached and leaping
-the lower end, after a failure, to the smallest cost that would change one of the test's
-decisions. ``spread`` then uses as many of the given devices as the optimum allows.
-``reference_balanced`` is the O(n^2 k) dynamic programme kept as the reference.
+fewest-groups test, after a count-guided first bracket, tightening the upper end to the
+bottleneck actually reached and leaping the lower end, after a failure, to the smallest cost
+that would change one of the test's decisions. ``spread`` then uses as many of the given
+devices as the optimum allows. ``reference_balanced`` is the O(n^2 k) dynamic programme kept
+as the reference (and for costs outside the form above).
 """
 
 from __future__ import annotations
