@@ -19,6 +19,12 @@ Bytes moved: every op reads its tensor arguments and writes its output once (unf
 bound of the traffic after fusion); view-like ops (reshape, squeeze, expand_dims, flatten) move
 nothing. ``weight_bytes_read`` is the part of the reads that are the function's weight
 parameters (those after ``num_input``).
+
+Kernels: ``layer_kernels(func, mod)`` lists what the compiled code runs for a function, as
+:class:`~cachefit.perf.costmodel.KernelSpec` s (matmuls with their ``M, N, K`` and batch, the
+other kernels by class and element count, epilogue ops fused into the kernel before them);
+``module_kernels(mod)`` does it for every layer of a layered module. The per-kernel cost model
+(``CostModel(kernels=...)``) times them with a calibrated kernel table.
 """
 
 from __future__ import annotations
