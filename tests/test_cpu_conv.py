@@ -116,10 +116,10 @@ class _Graph:
         return model
 
 
-def _conv_chain(cin, cout, size, kernel, stride, pad, seed=0):
-    """conv(3x3, cin -> 32) + relu, then the convolution under test + relu: a chain of two."""
+def _conv_chain(cin, cout, size, kernel, stride, pad, seed=0, mid=None):
+    """conv(3x3, cin -> mid) + relu, then the convolution under test + relu: a chain of two."""
     g = _Graph(cin, size, seed)
-    g.conv(32, 3, 1, 1)
+    g.conv(mid or 32, 3, 1, 1)
     g.op("Relu")
     g.conv(cout, kernel, stride, pad)
     g.op("Relu")
@@ -164,11 +164,12 @@ def test_choose_tile_fits_registers_and_the_problem():
         (32, 64, 14, 3, 2, 1),     # 3x3 stride 2
         (16, 32, 14, 1, 2, 0),     # 1x1 stride 2 (a ResNet shortcut)
         (3, 32, 23, 3, 2, 0),      # an RGB stem (cb = 1 input blocks), no padding, width 11
+        (256, 32, 14, 1, 1, 0),    # many input channels: reduction in L1-sized chunks
     ],
 )
 def test_blocked_conv_chain_matches_onnxruntime(cin, cout, size, kernel, stride, pad):
     """Two chained convolutions (+ bias + relu) on the NCHWc path agree with onnxruntime."""
-    model = _conv_chain(cin, cout, size, kernel, stride, pad)
+    model = _conv_chain(cin, cout, size, kernel, stride, pad, mid=cin if cin >= 64 else 32)
     names, _ = _blocked_calls(model)
     assert sum("conv2d_nchwc" in n for n in names) == 2
     got, want = _run_both(model)

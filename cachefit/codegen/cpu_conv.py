@@ -541,8 +541,23 @@ class NCHWcConvRule(dlight.ScheduleRule):
     Takes functions holding a block named ``cachefit_nchwc_conv``; returns None for others.
     """
 
-    def __init__(self, spec):
+    def __init__(self, spec, chunk: bool = True):
         self.spec = spec
+        self.chunk = chunk
+
+    @staticmethod
+    def _parallel(sch, outer, threads: int, work: int) -> None:
+        """The shortest prefix of ``outer`` with at least 4 iterations per thread, parallel."""
+        if threads <= 1 or work < (1 << 17):
+            return
+        prefix, n_par = [], 1
+        for lp in outer:
+            prefix.append(lp)
+            n_par *= int(sch.get(lp).extent)
+            if n_par >= 4 * threads:
+                break
+        if n_par >= threads:
+            sch.parallel(sch.fuse(*prefix) if len(prefix) > 1 else prefix[0])
 
     def apply(self, func, target, _tunable):  # pylint: disable=too-many-locals,too-many-branches,too-many-statements
         if not isinstance(func, tirx.PrimFunc):
@@ -597,38 +612,61 @@ class NCHWcConvRule(dlight.ScheduleRule):
         in_bytes = cib * cb * (oh * 1) * owp * 4 * max(1, kh)  # about the input read per channel block
         w_bytes = cob * ob * cib * cb * kh * kw * 4
         rows_outer = in_bytes > self.spec.l2_bytes // 2 and w_bytes <= self.spec.l2_bytes // 2
-        if rows_outer:
-            sch.reorder(b, y, oo, xo, rc, ry, rx, ri, oi, xi, v)
-            outer = [b, y, oo]
-        else:
-            sch.reorder(b, oo, y, xo, rc, ry, rx, ri, oi, xi, v)
-            outer = [b, oo, y]
-        if epi is not None:
-            sch.set_scope(conv, 0, "local")
-            sch.reverse_compute_at(epi, xo, preserve_unit_loops=True)
-            eloops = sch.get_loops(epi)
-            _vec_inner(sch, eloops[-1], lanes)
-        else:
-            cw = sch.cache_write(conv, 0, "local")
-            sch.reverse_compute_at(cw, xo, preserve_unit_loops=True)
-            _vec_inner(sch, sch.get_loops(cw)[-1], lanes)
-        sch.unroll(oi)
-        sch.unroll(xi)
-        sch.vectorize(v)
-        if cb <= 16:
-            sch.unroll(ri)
+        # the weights one tile reads (ocr vectors x all input channels x taps) pass through L1
+        # once per tile: with many input channels they come from L2 for every few pixels. Then
+        # the input channels are split in chunks whose weights stay in L1 while every tile of
+        # the row uses them; the accumulators are loaded and stored once per chunk
+        w_chunk = ocr * ob * cb * kh * kw * 4
+        rcc = cib
+        if self.chunk and cib * w_chunk > self.spec.l1_bytes // 2 and owp // owt >= 2:
+            fits = [d for d in range(1, cib) if cib % d == 0 and d * w_chunk <= self.spec.l1_bytes // 2]
+            rcc = max(fits) if fits else 1
         threads = self.spec.threads
         work = ext[0] * cob * oh * owp * ob * cib * kh * kw * cb
-        if threads > 1 and work >= (1 << 17):
-            prefix, n_par = [], 1
-            for lp in outer:
-                prefix.append(lp)
-                n_par *= int(sch.get(lp).extent)
-                if n_par >= 4 * threads:
-                    break
-            if n_par >= threads:
-                sch.parallel(sch.fuse(*prefix) if len(prefix) > 1 else prefix[0])
-        sch.decompose_reduction(conv, rc)
+        if rcc < cib:
+            rco, rci = sch.split(rc, [None, rcc])
+            if rows_outer:
+                sch.reorder(b, y, oo, rco, xo, rci, ry, rx, ri, oi, xi, v)
+                outer, row_loop = [b, y, oo], oo
+            else:
+                sch.reorder(b, oo, y, rco, xo, rci, ry, rx, ri, oi, xi, v)
+                outer, row_loop = [b, oo, y], y
+            if epi is not None:
+                sch.reverse_compute_at(epi, row_loop, preserve_unit_loops=True)
+                _vec_inner(sch, sch.get_loops(epi)[-1], lanes)
+            sch.unroll(oi)
+            sch.unroll(xi)
+            sch.vectorize(v)
+            if cb <= 16:
+                sch.unroll(ri)
+            self._parallel(sch, outer, threads, work)
+            # the partial sums stay in the output buffer: with the tile's addresses invariant in
+            # the innermost reduction loop and noalias inputs, LLVM keeps them in registers there
+            init = sch.decompose_reduction(conv, rco)
+            _vec_inner(sch, sch.get_loops(init)[-1], lanes)
+        else:
+            if rows_outer:
+                sch.reorder(b, y, oo, xo, rc, ry, rx, ri, oi, xi, v)
+                outer = [b, y, oo]
+            else:
+                sch.reorder(b, oo, y, xo, rc, ry, rx, ri, oi, xi, v)
+                outer = [b, oo, y]
+            if epi is not None:
+                sch.set_scope(conv, 0, "local")
+                sch.reverse_compute_at(epi, xo, preserve_unit_loops=True)
+                eloops = sch.get_loops(epi)
+                _vec_inner(sch, eloops[-1], lanes)
+            else:
+                cw = sch.cache_write(conv, 0, "local")
+                sch.reverse_compute_at(cw, xo, preserve_unit_loops=True)
+                _vec_inner(sch, sch.get_loops(cw)[-1], lanes)
+            sch.unroll(oi)
+            sch.unroll(xi)
+            sch.vectorize(v)
+            if cb <= 16:
+                sch.unroll(ri)
+            self._parallel(sch, outer, threads, work)
+            sch.decompose_reduction(conv, rc)
         # padding: its own pass, vectorised along the channel block, parallel over channel blocks
         try:
             pad = sch.get_sblock(PAD_BLOCK)
