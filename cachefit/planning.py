@@ -84,9 +84,13 @@ class PlanReport:
         return "\n".join(lines)
 
 
-def resolve_capacity(cache: str | int | None, hardware: str | None) -> tuple[int, Hardware | None]:
-    """--cache SIZE wins over --hardware NAME; the default is the h100 preset."""
-    hw = get_hardware(hardware) if hardware else (None if cache is not None else get_hardware("h100"))
+def resolve_capacity(cache: str | int | None, hardware: "str | Hardware | None") -> tuple[int, Hardware | None]:
+    """--cache SIZE wins over --hardware NAME (a preset, a hardware file or a ``Hardware``); the default is the
+    h100 preset."""
+    if isinstance(hardware, Hardware):
+        hw = hardware
+    else:
+        hw = get_hardware(hardware) if hardware else (None if cache is not None else get_hardware("h100"))
     if cache is not None:
         cap = cache if isinstance(cache, int) else parse_size(cache)
         if cap <= 0:
@@ -102,7 +106,7 @@ def plan_model(
     batch: int | None = None,
     dtype: str | None = None,
     cache: str | int | None = None,
-    hardware: str | None = None,
+    hardware: "str | Hardware | None" = None,
     strategy: str = "greedy",
     devices: int | None = None,
     footprint: str = "exact",
@@ -149,7 +153,13 @@ def plan_model(
         from .perf.costmodel import CostModel
 
         base = hw or get_hardware("h100")
-        cost_model = CostModel(hardware=base if base.capacity_bytes == cap else _with_capacity(base, cap))
+        kernels = None
+        if base.kernels is not None:  # a calibrated CPU: time each layer by its kernels
+            from .perf.flops import module_kernels
+
+            kernels = module_kernels(analysis.mod)
+        cost_model = CostModel(hardware=base if base.capacity_bytes == cap else _with_capacity(base, cap),
+                               kernels=kernels)
     plan = make_plan(analysis.layers, cap, strategy=strategy, devices=devices, footprint=footprint,
                      layout=layout, allow_spill=allow_spill, cost_model=cost_model)
     return PlanReport(analysis=analysis, plan=plan, capacity_bytes=cap, hardware=hw, fit=fit_report)

@@ -215,3 +215,37 @@ def test_cli_estimate_analytic_table_and_errors(tiny_onnx, tmp_path):
     notref.write_bytes(b"not an onnx file")
     bad = CliRunner().invoke(main, ["estimate", str(notref), "--records", "analytic"])
     assert bad.exit_code == 2 and "cannot read ONNX model" in bad.output
+
+
+def test_calibrated_cpu_times_ir_layers_by_their_kernels(tiny_onnx):
+    """With a kernel table (a calibrated CPU), `estimate` on an ONNX model and `plan --strategy
+    min-time` time every layer as the sum of its kernels from the Relax IR: each layer's compute equals
+    the layer's KernelProfile on that table, not FLOPs / peak (which a 1 GFLOP/s peak makes 100x
+    slower than the table's flat 100 GFLOP/s matmuls)."""
+    from cachefit.analysis import analyze_onnx
+    from cachefit.perf.estimate import estimate_model
+    from cachefit.perf.flops import module_kernels
+    from cachefit.perf.hardware import KernelTable
+    from cachefit.planning import plan_model
+
+    table = KernelTable(matmul_m=(1,), matmul_n=(1,), matmul_k=(1,), matmul_flops_per_s=(1e11,),
+                        per_element={"elementwise": 1e-9, "norm": 2e-9, "softmax": 2e-9, "transcendental": 2e-9,
+                                     "move": 1e-9},
+                        fused_per_element={"elementwise": 0.5e-9, "transcendental": 1e-9}, per_kernel_s=1e-6)
+    hw = Hardware(name="calibrated", onchip_bytes=64 << 20, onchip_bw=1e11, offchip_bw=1e10,
+                  peak_flops={"float32": 1e9}, link_bw=1e10, link_latency=1e-6, kernels=table, memory_overlap=0.5)
+    report = estimate_model(tiny_onnx, hardware=hw, devices=2)
+    analysis = analyze_onnx(tiny_onnx)
+    profiles = module_kernels(analysis.mod)
+    costs = [c for st in report.plan.stages for c in st.layer_costs]
+    assert len(costs) == len(analysis.layers)
+    for layer, cost in zip(analysis.layers, costs):
+        assert cost.kernel_timed
+        assert cost.compute_s == pytest.approx(profiles[layer.name].seconds(table, layer.batch))
+        assert cost.compute_s < layer.flops / 1e9 / 10
+    # the same hardware without the table: FLOPs / peak
+    plain = estimate_model(tiny_onnx, hardware=Hardware(**{**hw.__dict__, "kernels": None}), devices=2)
+    assert all(not c.kernel_timed for st in plain.plan.stages for c in st.layer_costs)
+    # plan's min-time strategy uses the same kernel-timed model
+    rep = plan_model(tiny_onnx, hardware=hw, devices=2, strategy="min-time", analysis=analysis)
+    assert len(rep.plan.stages) == 2

@@ -252,6 +252,7 @@ def estimate_layers(
     groups: Sequence[tuple[int, int]] | None = None,
     weight_bits: int | None = None,
     model_name: str = "model",
+    kernels=None,
 ) -> EstimateReport:
     """Predict cachefit's plan on ``devices`` devices and each baseline in ``compare``.
 
@@ -266,6 +267,9 @@ def estimate_layers(
     groups:           cachefit's stages (default: ``make_plan`` with ``strategy`` and this model).
     weight_bits:      evaluate every plan as if the weights were stored at 8 or 4 bits (weight-only
                       quantization; compute dtype unchanged).
+    kernels:          layer name -> :class:`~cachefit.perf.costmodel.KernelProfile` (from
+                      :func:`cachefit.perf.flops.module_kernels`): on a hardware with a calibrated
+                      kernel table, those layers are timed as the sum of their kernels.
     """
     layers = list(layers)
     if weight_bits is not None:
@@ -279,7 +283,7 @@ def estimate_layers(
         hw = hw.with_usable_fraction(usable_fraction)
     model = CostModel(hw, dtype=compute_dtype, compute_efficiency=compute_efficiency,
                       bandwidth_efficiency=bandwidth_efficiency, overlap_transfers=overlap_transfers,
-                      overlap_allreduce=overlap_allreduce)
+                      overlap_allreduce=overlap_allreduce, kernels=kernels)
     samples = layers[0].batch
     per_sample = tokens_per_batch / samples
     baselines = parse_baselines(compare) if isinstance(compare, str) else list(compare)
@@ -364,6 +368,12 @@ def estimate_model(source, *, input_shapes=None, batch: int | None = None, dtype
 
     analysis = analyze_onnx(source, input_shapes=input_shapes, batch=batch, dtype=dtype, layers=layers)
     name = getattr(analysis, "name", None) or "model"
+    hw = kwargs.get("hardware")
+    hw = get_hardware(hw) if isinstance(hw, str) else hw
+    if hw is not None and hw.kernels is not None and "kernels" not in kwargs:
+        from .flops import module_kernels  # a calibrated CPU: time each layer by its kernels
+
+        kwargs["kernels"] = module_kernels(analysis.mod)
     return estimate_layers(analysis.layers, tokens_per_batch=analysis.tokens_per_batch, model_name=str(name),
                            **kwargs)
 
