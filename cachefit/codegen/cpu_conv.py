@@ -617,8 +617,12 @@ class NCHWcConvRule(dlight.ScheduleRule):
         # the input channels are split in chunks whose weights stay in L1 while every tile of
         # the row uses them; the accumulators are loaded and stored once per chunk
         w_chunk = ocr * ob * cb * kh * kw * 4
+        # small outputs (7x7, 14x14): the chunk loop goes outside the rows too, so that a chunk
+        # of weights serves every tile of the channel slab (whose partial sums stay in L2)
+        slab_outer = not rows_outer and ocr * ob * oh * owp * 4 <= self.spec.l2_bytes // 4
+        tiles = (oh if slab_outer else 1) * (owp // owt)
         rcc = cib
-        if self.chunk and cib * w_chunk > self.spec.l1_bytes // 2 and owp // owt >= 2:
+        if self.chunk and cib * w_chunk > self.spec.l1_bytes // 2 and tiles >= 2:
             fits = [d for d in range(1, cib) if cib % d == 0 and d * w_chunk <= self.spec.l1_bytes // 2]
             rcc = max(fits) if fits else 1
         threads = self.spec.threads
@@ -628,6 +632,10 @@ class NCHWcConvRule(dlight.ScheduleRule):
             if rows_outer:
                 sch.reorder(b, y, oo, rco, xo, rci, ry, rx, ri, oi, xi, v)
                 outer, row_loop = [b, y, oo], oo
+            elif slab_outer:
+                sch.reorder(b, oo, rco, y, xo, rci, ry, rx, ri, oi, xi, v)
+                n_outer = int(sch.get(b).extent) * int(sch.get(oo).extent)
+                outer, row_loop = ([b, oo] if n_outer >= 2 * threads else [y]), oo
             else:
                 sch.reorder(b, oo, y, rco, xo, rci, ry, rx, ri, oi, xi, v)
                 outer, row_loop = [b, oo, y], y
