@@ -1,9 +1,9 @@
 """Channel-blocked (NCHWc) convolutions for llvm targets: layout pass, kernels, schedule rule.
 
 - :class:`BlockConvLayout` (a Relax pass, before ``LegalizeOps``): chains of ``relax.nn.conv2d``
-  (NCHW / OIHW, one group, static float32 shapes, output channels a multiple of the block) run on
-  activations stored ``[N, C / cb, H, W, cb]`` (``cb`` = the target's float32 lanes: 16 with
-  AVX-512). Element-wise operators (batch-norm multiply-add, bias, residual add, relu), pooling,
+  (NCHW / OIHW, one group, static float32 shapes) run on activations stored
+  ``[N, C / cb, H, W, cb]`` (``cb`` = the target's float32 lanes: 16 with AVX-512; a channel count
+  that is not a multiple of ``cb`` is zero-padded). Element-wise operators (batch-norm multiply-add, bias, residual add, relu), pooling,
   spatial means and channel concatenation between the convolutions work on the blocked tensors;
   every other consumer gets an NCHW copy (one transform per tensor, made where first needed). Each
   convolution becomes ``R.call_tir(cachefit_conv2d_nchwc, (x_blocked, w_packed))`` with the
@@ -14,8 +14,13 @@
 - :class:`NCHWcConvRule` (a schedule rule): the kernel as a register tile of ``owt`` output pixels
   along W x ``ocr`` output-channel vectors, accumulated over input-channel blocks, taps and the
   channels of a block (one broadcast input element and ``ocr`` weight vectors per step); the fused
-  epilogue (bias, batch norm, residual add, relu) runs on the tile; parallel over output-channel
+  epilogue (bias, batch norm, residual add, relu) runs on the tile, or per row / channel slab when
+  the input channels are split in chunks whose weights stay in L1; parallel over output-channel
   blocks x rows when the stage owns several threads.
+
+The pass runs at the end of :class:`cachefit.codegen.cpu_legalize.SumOfStackToAdd` (see
+:func:`cachefit.codegen.cpu_legalize.block_conv_layout`); the rule is the first of
+:func:`cachefit.codegen.cpu_schedule.default_rules`.
 """
 
 from __future__ import annotations
