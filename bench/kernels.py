@@ -121,7 +121,7 @@ def _timed(fn, budget_s: float, max_calls: int = 400) -> list[float]:
     return out
 
 
-def measure_model(name: str, threads: int, budget_s: float) -> dict:
+def measure_model(name: str, threads: int, budget_s: float, tuning_records: str | None = None) -> dict:
     import onnxruntime as ort
     import tvm
     from tvm import relax
@@ -132,7 +132,8 @@ def measure_model(name: str, threads: int, budget_s: float) -> dict:
     feeds = model_inputs(model)
     mod, params = import_model(model)
     t0 = time.perf_counter()
-    compiled = compile_relax(mod, tvm.target.Target({"kind": "llvm"}), threads=threads, prepack=True)
+    compiled = compile_relax(mod, tvm.target.Target({"kind": "llvm"}), threads=threads, prepack=True,
+                            tuning_records=tuning_records)
     packed = compiled.pack(params)  # the weights as a stage stores them: pre-packed at compile time
     compile_s = time.perf_counter() - t0
     vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
@@ -307,10 +308,11 @@ def _worker(args) -> None:
     if args.kernel_table:
         print("RESULT " + json.dumps(kernel_table(args.model, args.top)))
     else:
-        print("RESULT " + json.dumps(measure_model(args.model, args.threads, args.budget)))
+        print("RESULT " + json.dumps(measure_model(args.model, args.threads, args.budget, args.tuning_records)))
 
 
-def _spawn(model: str, threads: int, budget: float, kernels: bool = False, top: int = 8) -> dict:
+def _spawn(model: str, threads: int, budget: float, kernels: bool = False, top: int = 8,
+           tuning_records: str | None = None) -> dict:
     env = dict(os.environ)
     env["TVM_NUM_THREADS"] = str(threads)
     env["OMP_NUM_THREADS"] = str(threads)
@@ -318,6 +320,8 @@ def _spawn(model: str, threads: int, budget: float, kernels: bool = False, top: 
            "--budget", str(budget), "--top", str(top)]
     if kernels:
         cmd.append("--kernel-table")
+    if tuning_records:
+        cmd += ["--tuning-records", tuning_records]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -370,6 +374,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel-models", nargs="*", default=None, help="models for the kernel table")
     ap.add_argument("--top", type=int, default=6)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--tuning-records", default=None,
+                    help="compile the models with these tile records (cachefit.codegen.cpu_tuning)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--kernel-table", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -381,7 +387,7 @@ def main(argv=None) -> int:
     results = []
     for model in args.models:
         for th in args.threads:
-            r = _spawn(model, th, args.budget)
+            r = _spawn(model, th, args.budget, tuning_records=args.tuning_records)
             results.append(r)
             print(_fmt_model_table([r]).splitlines()[-1], flush=True)
     print()

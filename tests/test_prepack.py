@@ -191,3 +191,30 @@ def test_panel_width_and_the_packed_gemm_form():
     assert form.m == 16  # the batch axis folds into the rows: the weight does not read it
     pack = matmul_pack_func(32, 128, 64, "float32", transposed=False)
     assert bool(pack.attrs["cachefit.weight_pack"])
+
+
+@pytest.mark.parametrize("m, threads", [(8, 1), (32, 2)])
+def test_streamed_packed_weight_is_prefetched_and_correct(m, threads):
+    """A packed weight larger than a quarter of L2 (here a 64 KiB L2) gets software prefetches of
+    the next panel in the k loop (not a smaller one); results match numpy either way."""
+    from cachefit.codegen.cpu_schedule import CPUSpec, GemmRule, target_vector_bits
+    from cachefit.codegen.pipeline import host_llvm_target
+
+    target = host_llvm_target(LLVM)
+    k, n = 256, 256
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((m, k)).astype("float32")
+    w = rng.standard_normal((k, n)).astype("float32")
+    lanes = target_vector_bits(target) // 32
+    panel = panel_width(n, lanes)
+    func = packed_matmul_func([m, k], n, panel, "float32", "float32")
+    packed = w.reshape(k, n // panel, panel).transpose(1, 0, 2).copy()
+    for l2, prefetched in ((64 * 1024, True), (64 * 1024 * 1024, False)):
+        spec = CPUSpec(vector_bits=target_vector_bits(target), l2_bytes=l2, threads=threads)
+        sch = GemmRule(spec).apply(func, target, False)
+        assert sch is not None
+        assert ("llvm.prefetch" in str(sch.mod["main"])) == prefetched
+        lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target)
+        out = tvm.runtime.tensor(np.zeros((m, n), "float32"))
+        lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(packed), out)
+        np.testing.assert_allclose(out.numpy(), a @ w, rtol=1e-5, atol=1e-4)

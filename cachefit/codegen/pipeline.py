@@ -87,6 +87,15 @@ def _records(tuning_records: str | None) -> tuple[dict, list]:
     return load_records(path), []
 
 
+def _conv_layout_passes(lanes: int) -> list:
+    """``BlockConvLayout`` (cachefit.codegen.cpu_conv) when present and the target has 8+ lanes."""
+    try:
+        from .cpu_conv import BlockConvLayout  # pylint: disable=import-outside-toplevel
+    except ImportError:  # pragma: no cover - the conv module is optional
+        return []
+    return [BlockConvLayout(lanes)] if lanes >= 8 else []
+
+
 def cpu_front_passes(target: tvm.target.Target, spec: CPUSpec, prepack: bool = False) -> list:
     """The CPU pipeline up to legalised, unfused Relax (with ``prepack``: weight packs lifted)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # pylint: disable=import-outside-toplevel
@@ -97,6 +106,8 @@ def cpu_front_passes(target: tvm.target.Target, spec: CPUSpec, prepack: bool = F
         cpu.library_dispatch_passes(target)
         # inference-only decompositions: batch norm becomes one multiply-add that fuses into convs
         + [FoldBatchNormScale(), relax.transform.DecomposeOpsForInference(), SumOfStackToAdd()]
+        # chains of convolutions in channel-blocked NCHWc, their weights packed (cpu_conv)
+        + _conv_layout_passes(lanes)
         # matmul weights as column panels (packs that run at compile time), with prepack only
         + ([PackMatmulWeights(lanes)] if prepack else [])
         # legalize, conv2d as im2col + GEMM
