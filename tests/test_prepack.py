@@ -196,8 +196,9 @@ def test_panel_width_and_the_packed_gemm_form():
 @pytest.mark.parametrize("m, threads", [(8, 1), (32, 2)])
 def test_streamed_packed_weight_is_prefetched_and_correct(m, threads):
     """A packed weight larger than a quarter of L2 (here a 64 KiB L2) gets software prefetches of
-    the next panel in the k loop (not a smaller one); results match numpy either way."""
-    from cachefit.codegen.cpu_schedule import CPUSpec, GemmRule, target_vector_bits
+    the next panel in the k loop when the kernel runs on one thread (not a smaller weight; with
+    two threads only when a tuning record asks for it); results match numpy either way."""
+    from cachefit.codegen.cpu_schedule import CPUSpec, GemmRule, target_vector_bits, workload_key
     from cachefit.codegen.pipeline import host_llvm_target
 
     target = host_llvm_target(LLVM)
@@ -209,9 +210,11 @@ def test_streamed_packed_weight_is_prefetched_and_correct(m, threads):
     panel = panel_width(n, lanes)
     func = packed_matmul_func([m, k], n, panel, "float32", "float32")
     packed = w.reshape(k, n // panel, panel).transpose(1, 0, 2).copy()
-    for l2, prefetched in ((64 * 1024, True), (64 * 1024 * 1024, False)):
+    cases = [(64 * 1024, None, threads == 1), (64 * 1024 * 1024, None, False),
+             (64 * 1024, {workload_key(func): {"prefetch": True}}, True)]
+    for l2, records, prefetched in cases:
         spec = CPUSpec(vector_bits=target_vector_bits(target), l2_bytes=l2, threads=threads)
-        sch = GemmRule(spec).apply(func, target, False)
+        sch = GemmRule(spec, records).apply(func, target, False)
         assert sch is not None
         assert ("llvm.prefetch" in str(sch.mod["main"])) == prefetched
         lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target)
