@@ -476,3 +476,120 @@ def test_cuda_stages_without_a_gpu_driver(cpp_build, dense_artifact, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(manifest))
     _assert_user_error(_run(cpp_build / "cachefit-run", bad, "-i", tmp_path / "in.npz"),
                        "TVM's CUDA runtime", "libcuda.so.1")
+
+
+# --- the host CPU check (manifest target.cpu_features) -------------------------------------------
+
+
+def _fake_cpuinfo(path: Path, model: str, flags) -> Path:
+    """A /proc/cpuinfo-format file of two processors (only the first one's lines count)."""
+    text = "".join(f"processor\t: {i}\nvendor_id\t: GenuineIntel\nmodel name\t: {model}\n"
+                   f"flags\t\t: {' '.join(flags)}\n\n" for i in range(2))
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.slow
+def test_cpu_flag_map_mirrors_python(cpp_build):
+    """The C++ table (cachefit-run --print-cpu-flag-map) is cachefit.runtime.loader.CPUINFO_FLAGS, in order."""
+    from cachefit.runtime.loader import CPUINFO_FLAGS
+
+    proc = _run(cpp_build / "cachefit-run", "--print-cpu-flag-map")
+    assert proc.returncode == 0, proc.stderr
+    pairs = [tuple(line.split()) for line in proc.stdout.splitlines()]
+    assert pairs == list(CPUINFO_FLAGS.items())
+
+
+@pytest.mark.slow
+def test_host_without_the_artifacts_isa_is_refused(cpp_build, dense_artifact, tmp_path):
+    """A manifest claiming AVX-512 features a (fake, CACHEFIT_CPUINFO) host lacks: cachefit-run exits 2 naming
+    the artifact's mcpu, the host's model name and the missing features, before any stage library is
+    loaded; the library throws CpuFeatureError with those fields; Python refuses the same host alike."""
+    from cachefit.errors import ArtifactError
+    from cachefit.runtime import loader
+
+    np.savez(tmp_path / "in.npz", **_inputs(dense_artifact))
+    art = _copy(dense_artifact, tmp_path / "claims_avx512")
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["target"].update(mcpu="sapphirerapids", cpu_features=["avx", "avx2", "fma", "avx512f", "avx512vnni"])
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    old = _fake_cpuinfo(tmp_path / "old_cpuinfo", "Old Test CPU", ["fpu", "sse2", "avx", "avx2", "fma", "avx512_bw"])
+    env = dict(os.environ, CACHEFIT_CPUINFO=str(old), LD_DEBUG="files")
+
+    proc = _run(cpp_build / "cachefit-run", art, "-i", tmp_path / "in.npz", env=env)
+    _assert_user_error(proc, "was compiled for CPU 'sapphirerapids'", "whose code uses avx512f, avx512vnni",
+                       "this host's CPU (Old Test CPU) lacks them", "illegal instruction", "--mcpu x86-64-v3")
+    assert "stage_0.so" not in proc.stderr  # refused before the dynamic loader saw any stage library
+    lib = _run(cpp_build / "cachefit-selftest", "load", art, env=dict(os.environ, CACHEFIT_CPUINFO=str(old)))
+    assert lib.returncode == 3, (lib.stdout, lib.stderr)
+    assert lib.stdout.strip() == ("CpuFeatureError mcpu=sapphirerapids host=Old Test CPU "
+                                  "missing=avx512f,avx512vnni kind_artifact=1")
+    # the Python runtime, given the same cpuinfo file, refuses the same features
+    with pytest.raises(ArtifactError, match="avx512f, avx512vnni; this host's CPU \\(Old Test CPU\\) lacks them"):
+        loader.check_host_cpu(manifest, art, cpu=loader.host_cpu(old))
+
+    # one missing feature ("it"); features outside the table are not checked, as in Python
+    manifest["target"]["cpu_features"] = ["avx2", "avx512vnni", "sse4.2", "made-up"]
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    _assert_user_error(_run(cpp_build / "cachefit-run", art, "-i", tmp_path / "in.npz", env=env),
+                       "whose code uses avx512vnni; this host's CPU (Old Test CPU) lacks it")
+
+    # the unedited artifact (compiled for this host) on a host with no SIMD at all
+    bare = _fake_cpuinfo(tmp_path / "bare_cpuinfo", "No-SIMD CPU", ["fpu", "sse2"])
+    real = json.loads((dense_artifact / "manifest.json").read_text())["target"]
+    assert real["kind"] == "llvm" and real["cpu_features"], real
+    proc = _run(cpp_build / "cachefit-run", dense_artifact, "-i", tmp_path / "in.npz",
+                env=dict(os.environ, CACHEFIT_CPUINFO=str(bare)))
+    _assert_user_error(proc, "No-SIMD CPU", f"was compiled for CPU '{real['mcpu']}'",
+                       f"whose code uses {', '.join(f for f in real['cpu_features'] if f in loader.CPUINFO_FLAGS)};")
+
+
+@pytest.mark.slow
+def test_host_with_the_artifacts_isa_runs_and_matches_python(cpp_build, dense_artifact, tmp_path):
+    """A (fake) host with every feature the manifest claims runs, with outputs equal to Python's bit for bit;
+    so do a manifest without cpu_features (older builds) on a bare host and a cpuinfo without a flags line
+    (a warning on stderr: nothing to check against). A CACHEFIT_CPUINFO that cannot be read, or a
+    cpu_features that is not a list of strings, is refused."""
+    from cachefit.runtime import load
+    from cachefit.runtime.loader import CPUINFO_FLAGS
+
+    inputs = _inputs(dense_artifact, seed=5)
+    np.savez(tmp_path / "in.npz", **inputs)
+    want = load(dense_artifact).run(inputs)
+    features = json.loads((dense_artifact / "manifest.json").read_text())["target"]["cpu_features"]
+    has_all = _fake_cpuinfo(tmp_path / "has_all", "New Test CPU",
+                            ["fpu", "sse2", *(CPUINFO_FLAGS[f] for f in features if f in CPUINFO_FLAGS)])
+
+    def run_ok(artifact, cpuinfo, tag):
+        proc = _run(cpp_build / "cachefit-run", artifact, "-i", tmp_path / "in.npz", "-o", tmp_path / f"{tag}.npz",
+                    "--no-print-outputs", env=dict(os.environ, CACHEFIT_CPUINFO=str(cpuinfo)))
+        assert proc.returncode == 0, proc.stderr
+        with np.load(tmp_path / f"{tag}.npz") as got:
+            assert sorted(got.files) == sorted(want)
+            for name, ref in want.items():
+                assert np.abs(ref).max() > 0, "a reference of zeros would prove nothing"
+                np.testing.assert_array_equal(got[name], ref, err_msg=name)
+        return proc
+
+    assert "warning" not in run_ok(dense_artifact, has_all, "has_all").stderr
+
+    bare = _fake_cpuinfo(tmp_path / "bare", "No-SIMD CPU", ["fpu", "sse2"])
+    older = _copy(dense_artifact, tmp_path / "older")
+    manifest = json.loads((older / "manifest.json").read_text())
+    for key in ("mcpu", "mattr", "cpu_features"):
+        manifest["target"].pop(key)
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    assert "warning" not in run_ok(older, bare, "older").stderr
+
+    no_flags = tmp_path / "arm_cpuinfo"
+    no_flags.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n")
+    proc = run_ok(dense_artifact, no_flags, "no_flags")
+    assert "cachefit: warning:" in proc.stderr and "has no 'flags' line: not checking" in proc.stderr, proc.stderr
+
+    _assert_user_error(_run(cpp_build / "cachefit-run", dense_artifact, "-i", tmp_path / "in.npz",
+                            env=dict(os.environ, CACHEFIT_CPUINFO=str(tmp_path / "nowhere"))),
+                       "CACHEFIT_CPUINFO names", "nowhere, which cannot be read")
+    manifest["target"]["cpu_features"] = "avx2"
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    _assert_user_error(_run(cpp_build / "cachefit-run", older, "-i", tmp_path / "in.npz"),
+                       "target.cpu_features is not a list")

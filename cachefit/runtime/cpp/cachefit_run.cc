@@ -2,6 +2,10 @@
 //
 //   cachefit-run ARTIFACT_DIR -i inputs.npz [-o outputs.npz] [--devices cpu|cuda:0,cuda:1,...]
 //                [--repeat N --print-time] [--no-print-outputs]
+//   cachefit-run --print-cpu-flag-map     (the LLVM feature -> /proc/cpuinfo flag table of the CPU check)
+//
+// Before loading any stage library, an llvm artifact's target.cpu_features are checked against the host's
+// /proc/cpuinfo flags (or the file named by $CACHEFIT_CPUINFO); a CPU that lacks one is refused (exit 2).
 //
 // Exit status: 0 on success, 2 for errors in the artifact, the inputs or the command line (one line on
 // stderr starting with "cachefit-run: error:"), 1 for unexpected failures.
@@ -34,7 +38,11 @@ const char* kUsage =
     "  --repeat N              runs to time with --print-time (default 1)\n"
     "  --print-time            print per-stage and total run times (ms)\n"
     "  --no-print-outputs      do not print each output's shape, dtype and first values\n"
-    "  -h, --help              show this help\n";
+    "  --print-cpu-flag-map    print the LLVM feature -> /proc/cpuinfo flag table of the host CPU check, exit\n"
+    "  -h, --help              show this help\n"
+    "\n"
+    "An llvm artifact is refused (exit 2) when this host's CPU lacks a feature in its manifest's\n"
+    "target.cpu_features. CACHEFIT_CPUINFO=FILE takes the host CPU from FILE (/proc/cpuinfo format).\n";
 
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -43,7 +51,7 @@ struct UsageError : std::runtime_error {
 struct Args {
   std::string artifact, inputs, outputs, devices;
   int repeat = 1;
-  bool print_time = false, print_outputs = true;
+  bool print_time = false, print_outputs = true, print_cpu_flag_map = false;
 };
 
 Args parse_args(int argc, char** argv) {
@@ -86,12 +94,15 @@ Args parse_args(int argc, char** argv) {
       a.print_outputs = false;
     } else if (arg == "--print-outputs") {
       a.print_outputs = true;
+    } else if (arg == "--print-cpu-flag-map") {
+      a.print_cpu_flag_map = true;
     } else if (!arg.empty() && arg[0] == '-') {
       throw UsageError("unknown option " + arg);
     } else {
       positional.push_back(arg);
     }
   }
+  if (a.print_cpu_flag_map) return a;
   if (positional.size() != 1) throw UsageError("give exactly one ARTIFACT_DIR");
   a.artifact = positional[0];
   if (a.inputs.empty()) throw UsageError("give the inputs with -i INPUTS.npz");
@@ -178,6 +189,10 @@ void print_times(const std::vector<cachefit::TimeSummary>& stages, const cachefi
 }
 
 int run(const Args& args) {
+  if (args.print_cpu_flag_map) {
+    for (const auto& [llvm_name, flag] : cachefit::cpuinfo_flag_map()) std::printf("%s %s\n", llvm_name.c_str(), flag.c_str());
+    return 0;
+  }
   cachefit::LoadOptions options;
   if (!args.devices.empty()) options.devices = parse_devices(args.devices);
   cachefit::Pipeline pipe = cachefit::Pipeline::load(args.artifact, options);

@@ -236,6 +236,8 @@ struct StageSpec {
 struct Manifest {
   fs::path path;
   std::string model_name, target_kind;
+  std::string mcpu;                        // target.mcpu; "" when null or absent
+  std::vector<std::string> cpu_features;   // target.cpu_features (LLVM names); empty when absent
   std::vector<TensorDesc> inputs, outputs;
   std::vector<StageSpec> stages;
 };
@@ -345,9 +347,17 @@ Manifest read_manifest(const fs::path& root) {
   }
   if (version < 1) throw artifact_error(file + " has format version " + std::to_string(version) + "; versions start at 1");
 
-  m.target_kind = r.str(r.at(j, "target", "manifest"), "kind", "target");
+  const json& target = r.at(j, "target", "manifest");
+  m.target_kind = r.str(target, "kind", "target");
   if (m.target_kind != "llvm" && m.target_kind != "cuda") {
     r.fail("target.kind is '" + m.target_kind + "', expected 'llvm' or 'cuda'");
+  }
+  if (target.contains("mcpu") && !target["mcpu"].is_null()) m.mcpu = r.str(target, "mcpu", "target");
+  if (target.contains("cpu_features") && !target["cpu_features"].is_null()) {
+    for (const json& f : r.list(target, "cpu_features", "target")) {
+      if (!f.is_string()) r.fail("target.cpu_features is not a list of strings: " + target["cpu_features"].dump());
+      m.cpu_features.push_back(f.get<std::string>());
+    }
   }
   const json& model = r.at(j, "model", "manifest");
   m.model_name = (model.is_object() && model.contains("name") && model["name"].is_string())
@@ -603,7 +613,122 @@ std::vector<ffi::Tensor> load_weights(const fs::path& path, const StageSpec& st,
   return params;
 }
 
+// The host CPU check of Pipeline::load (docs/artifact-format.md, target.cpu_features), after the
+// checksums and before any library is loaded. Only llvm artifacts that list their features are checked.
+void check_host_cpu(const fs::path& root, const Manifest& m, const LoadOptions& options) {
+  if (m.target_kind != "llvm" || m.cpu_features.empty()) return;
+  auto warn = [&](const std::string& msg) {
+    if (options.warn) {
+      options.warn(msg);
+    } else {
+      std::fprintf(stderr, "cachefit: warning: %s\n", msg.c_str());
+    }
+  };
+  std::string features;
+  for (const std::string& f : m.cpu_features) features += (features.empty() ? "" : " ") + f;
+  std::string path = options.cpuinfo, origin = "LoadOptions::cpuinfo";
+  if (path.empty()) {
+    const char* env = std::getenv("CACHEFIT_CPUINFO");
+    if (env != nullptr && *env != '\0') {
+      path = env;
+      origin = "CACHEFIT_CPUINFO";
+    }
+  }
+  HostCpu host;
+  if (path.empty()) {
+#ifdef __linux__
+    if (!read_cpuinfo("/proc/cpuinfo", &host)) {
+      warn("cannot read the CPU flags from /proc/cpuinfo: not checking that this host has the CPU features (" +
+           features + ") that " + root.string() + " was compiled for");
+      return;
+    }
+#else
+    warn("not a Linux host: not checking that this CPU has the features (" + features + ") that " +
+         root.string() + " was compiled for (set CACHEFIT_CPUINFO to a file in /proc/cpuinfo format to check)");
+    return;
+#endif
+  } else {
+    std::ifstream probe(path);
+    if (!probe) {
+      throw Error(Error::Kind::kInput, origin + " names " + path + ", which cannot be read; name a file in "
+                                       "/proc/cpuinfo format, or unset it to check this host's /proc/cpuinfo");
+    }
+    probe.close();
+    if (!read_cpuinfo(path, &host)) {
+      warn(path + " (" + origin + ") has no 'flags' line: not checking that this host has the CPU features (" +
+           features + ") that " + root.string() + " was compiled for");
+      return;
+    }
+  }
+  check_cpu_features(root.string(), m.mcpu, m.cpu_features, host);
+}
+
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// host CPU check
+
+bool read_cpuinfo(const std::string& path, HostCpu* host) {
+  std::ifstream f(path);
+  if (!f) return false;
+  HostCpu out;
+  bool have_name = false, have_flags = false;
+  std::string line;
+  while (std::getline(f, line)) {
+    const std::size_t colon = line.find(':');
+    auto strip = [](const std::string& t) {
+      const std::size_t b = t.find_first_not_of(" \t\r\n\f\v");
+      if (b == std::string::npos) return std::string();
+      return t.substr(b, t.find_last_not_of(" \t\r\n\f\v") - b + 1);
+    };
+    const std::string key = strip(line.substr(0, colon));
+    const std::string value = colon == std::string::npos ? std::string() : line.substr(colon + 1);
+    if (key == "model name" && !have_name) {
+      out.model_name = strip(value);
+      have_name = true;
+    } else if (key == "flags" && !have_flags) {
+      std::istringstream words(value);
+      for (std::string w; words >> w;) out.flags.insert(w);
+      have_flags = true;
+    }
+  }
+  if (!have_flags) return false;
+  *host = std::move(out);
+  return true;
+}
+
+const std::vector<std::pair<std::string, std::string>>& cpuinfo_flag_map() {
+  // Mirrors cachefit.runtime.loader.CPUINFO_FLAGS (the source), in its order.
+  static const std::vector<std::pair<std::string, std::string>> kMap = {
+      {"avx", "avx"},           {"avx2", "avx2"},           {"fma", "fma"},
+      {"f16c", "f16c"},         {"avx512f", "avx512f"},     {"avx512bw", "avx512bw"},
+      {"avx512dq", "avx512dq"}, {"avx512vl", "avx512vl"},   {"avx512cd", "avx512cd"},
+      {"avx512vnni", "avx512_vnni"}, {"avx512bf16", "avx512_bf16"}, {"avx512fp16", "avx512_fp16"},
+      {"amx-tile", "amx_tile"},
+  };
+  return kMap;
+}
+
+void check_cpu_features(const std::string& artifact, const std::string& mcpu,
+                        const std::vector<std::string>& cpu_features, const HostCpu& host) {
+  std::vector<std::string> missing;
+  for (const std::string& feature : cpu_features) {
+    for (const auto& [llvm_name, flag] : cpuinfo_flag_map()) {
+      if (llvm_name == feature && !host.flags.count(flag)) missing.push_back(feature);
+    }
+  }
+  if (missing.empty()) return;
+  std::string list;
+  for (const std::string& f : missing) list += (list.empty() ? "" : ", ") + f;
+  // The message of cachefit.runtime.loader.check_host_cpu.
+  throw CpuFeatureError(
+      artifact + " was compiled for CPU " + (mcpu.empty() ? std::string("(unnamed)") : "'" + mcpu + "'") +
+          ", whose code uses " + list + "; this host's CPU (" + host.model_name + ") lacks " +
+          (missing.size() == 1 ? "it" : "them") +
+          ", and the stages would die of an illegal instruction. Recompile on this host, or with --mcpu naming a "
+          "CPU this host has (e.g. --mcpu x86-64-v3 for AVX2 without AVX-512)",
+      mcpu, host.model_name, missing);
+}
 
 // ---------------------------------------------------------------------------------------------
 // public helpers
@@ -721,6 +846,7 @@ Pipeline Pipeline::load(const std::string& artifact_dir, const LoadOptions& opti
   impl->manifest = read_manifest(root);
   const Manifest& m = impl->manifest;
   verify_files(root, m);  // before any native code is loaded
+  check_host_cpu(root, m, options);  // likewise: code for a CPU this host is not would die of SIGILL
 
   const std::size_t k = m.stages.size();
   if (options.devices.size() > 1 && options.devices.size() != k) {

@@ -13,10 +13,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace cachefit {
@@ -38,6 +41,23 @@ class Error : public std::runtime_error {
 
  private:
   Kind kind_;
+};
+
+// Thrown by Pipeline::load (kind kArtifact) for an llvm artifact whose code uses instruction-set
+// extensions (the manifest's target.cpu_features) that the host CPU lacks: its code would die of an
+// illegal instruction (SIGILL). Nothing of the artifact has been loaded when it is thrown.
+class CpuFeatureError : public Error {
+ public:
+  CpuFeatureError(const std::string& message, std::string mcpu, std::string host_model, std::vector<std::string> missing)
+      : Error(Kind::kArtifact, message), mcpu_(std::move(mcpu)), host_model_(std::move(host_model)),
+        missing_(std::move(missing)) {}
+  const std::string& mcpu() const { return mcpu_; }          // the artifact's target.mcpu ("" when null)
+  const std::string& host_model() const { return host_model_; }  // the host's "model name" in /proc/cpuinfo
+  const std::vector<std::string>& missing() const { return missing_; }  // LLVM feature names, manifest order
+
+ private:
+  std::string mcpu_, host_model_;
+  std::vector<std::string> missing_;
 };
 
 // Bytes per element of a TVM dtype name ("float32" -> 4, "bool" -> 1); throws Error for others.
@@ -93,6 +113,13 @@ struct LoadOptions {
   // Empty: each stage on its manifest device (cuda:i for GPU stage i, cpu:0 for CPU stages).
   // One entry: every stage on that device. Otherwise one device per stage.
   std::vector<Device> devices;
+  // The host CPU check (see check_cpu_features): a file in /proc/cpuinfo format to take the host's
+  // CPU model and flags from. Empty: $CACHEFIT_CPUINFO when set (tests use it to fake a host), else
+  // /proc/cpuinfo on Linux; on other systems the check is skipped with a warning. A named file that
+  // cannot be read is an Error; a file without a "flags" line skips the check with a warning.
+  std::string cpuinfo;
+  // Receives the runtime's warnings (one line each); default: "cachefit: warning: ..." on stderr.
+  std::function<void(const std::string&)> warn;
 };
 
 // Per-stage and end-to-end timing summary of repeated runs, in seconds.
@@ -104,7 +131,8 @@ struct TimeSummary {
 // The loaded stages of an artifact. Movable, not copyable; not thread-safe (one run at a time).
 class Pipeline {
  public:
-  // Reads manifest.json, refuses a newer format version, verifies every stage file's sha256 before
+  // Reads manifest.json, refuses a newer format version, verifies every stage file's sha256 and (llvm
+  // artifacts) that the host CPU has the manifest's target.cpu_features (CpuFeatureError) before
   // loading any native code, then loads each stage's library and weights on its device.
   static Pipeline load(const std::string& artifact_dir, const LoadOptions& options = LoadOptions());
 
@@ -133,6 +161,30 @@ class Pipeline {
   explicit Pipeline(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// --- host CPU check -------------------------------------------------------------------------------
+
+// The host's CPU as /proc/cpuinfo describes its first processor.
+struct HostCpu {
+  std::string model_name = "unknown CPU";  // the first "model name" line
+  std::set<std::string> flags;             // the first "flags" line, split on whitespace
+};
+
+// Reads a /proc/cpuinfo-format file into *host; false when it cannot be opened or has no "flags" line
+// (as on non-x86 Linux hosts).
+bool read_cpuinfo(const std::string& path, HostCpu* host);
+
+// LLVM feature name (the manifest's target.cpu_features) -> Linux /proc/cpuinfo flag ("avx512vnni" ->
+// "avx512_vnni"). This table mirrors cachefit.runtime.loader.CPUINFO_FLAGS, which is the source: change
+// that one and this one together (tests/test_cpp_runtime.py compares them via cachefit-run
+// --print-cpu-flag-map). Features not in the table are not checked, as in Python.
+const std::vector<std::pair<std::string, std::string>>& cpuinfo_flag_map();
+
+// The check Pipeline::load applies after verifying checksums and before loading any library: throws
+// CpuFeatureError, naming `mcpu`, the host's model name and the missing features, when `host` lacks
+// the flag of one of `cpu_features`. `artifact` names the artifact in the message.
+void check_cpu_features(const std::string& artifact, const std::string& mcpu,
+                        const std::vector<std::string>& cpu_features, const HostCpu& host);
 
 // Lowercase hex SHA-256 (FIPS 180-4) of a buffer and of a file's bytes (Error naming the file when
 // it cannot be read).

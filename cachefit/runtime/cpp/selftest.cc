@@ -4,6 +4,8 @@
 //   cachefit-selftest sha256 FILE...     "<sha256_file> <sha256_hex of the bytes> FILE" per file
 //   cachefit-selftest npz-list IN.npz    "name dtype [shape]" per array, in file order
 //   cachefit-selftest npz-copy IN.npz OUT.npz   read IN and write its arrays (C order, little-endian) to OUT
+//   cachefit-selftest load ARTIFACT      Pipeline::load; "loaded N stages", or for a CpuFeatureError
+//                                        "CpuFeatureError mcpu=<> host=<> missing=<a,b>" (exit 3)
 #include <cstdio>
 #include <exception>
 #include <fstream>
@@ -24,7 +26,7 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 }
 
 int usage() {
-  std::fputs("usage: cachefit-selftest sha256 FILE... | npz-list IN.npz | npz-copy IN.npz OUT.npz\n", stderr);
+  std::fputs("usage: cachefit-selftest sha256 FILE... | npz-list IN.npz | npz-copy IN.npz OUT.npz | load ARTIFACT\n", stderr);
   return 2;
 }
 
@@ -55,6 +57,19 @@ int main(int argc, char** argv) {
       for (const auto& [name, t] : arrays) refs.emplace_back(name, &t);
       cachefit::npz::save_npz(argv[3], refs);
       return 0;
+    }
+    if (cmd == "load" && argc == 3) {
+      try {
+        cachefit::Pipeline pipe = cachefit::Pipeline::load(argv[2]);
+        std::printf("loaded %zu stages\n", pipe.num_stages());
+        return 0;
+      } catch (const cachefit::CpuFeatureError& e) {
+        std::string missing;
+        for (const std::string& f : e.missing()) missing += (missing.empty() ? "" : ",") + f;
+        std::printf("CpuFeatureError mcpu=%s host=%s missing=%s kind_artifact=%d\n", e.mcpu().c_str(),
+                    e.host_model().c_str(), missing.c_str(), e.kind() == cachefit::Error::Kind::kArtifact);
+        return 3;
+      }
     }
     return usage();
   } catch (const cachefit::Error& e) {
