@@ -113,6 +113,8 @@ def verify_files(artifact_dir: str | Path, manifest: dict) -> None:
 
 
 #: LLVM feature names (the manifest's ``target.cpu_features``) -> Linux /proc/cpuinfo flags
+#: (the source: the C++ runtime's ``cpuinfo_flag_map`` in cachefit/runtime/cpp/cachefit_runtime.cc mirrors it,
+#: and tests/test_cpp_runtime.py compares the two; change both together)
 CPUINFO_FLAGS = {"avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512f",
                  "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512cd": "avx512cd",
                  "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
