@@ -321,3 +321,79 @@ def test_light_zoo_cnn_blocked_matches_onnxruntime(name):
     got, want = _run_both(model, prepack=True)
     assert got.shape == want.shape
     assert _rel_err(got, want) < RTOL
+
+
+def _front(model, prepack: bool):
+    """``main`` after the CPU pipeline's front passes (with ``prepack``: packs lifted)."""
+    from cachefit.codegen.pipeline import cpu_front_passes  # pylint: disable=import-outside-toplevel
+
+    mod, _ = _import(model)
+    target = host_llvm_target(LLVM)
+    with target:
+        return tvm.transform.Sequential(cpu_front_passes(target, CPUSpec.for_target(target, 1), prepack))(mod)
+
+
+def _conv_bn_net():
+    """conv(+bias) + BN + relu, conv + BN + relu, 1x1 conv + BN: a blocked chain."""
+    g = _Graph(16, 12, seed=11)
+    g.conv(32, 3, 1, 1, bias=True)
+    g.bn()
+    g.op("Relu")
+    g.conv(48, 3, 1, 1, bias=False)
+    g.bn()
+    g.op("Relu")
+    g.conv(40, 1, 1, 0, bias=False)
+    g.bn()
+    return g.model()
+
+
+def _main_call_names(low) -> list:
+    names = []
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.op.same_as(call_tir):
+            names.append(e.args[0].name_hint)
+
+    relax.analysis.post_order_visit(low["main"].body, visit)
+    return names
+
+
+def test_batchnorm_after_conv_is_folded_into_the_packed_weights():
+    """With prepack, conv + BN (+ relu) takes the folded weight (one pack that folds the scale and
+    re-lays out, from the weight, gamma and var) and a folded shift (from bias, beta, gamma, mean,
+    var): the compiled stage runs no batch-norm math (no square root, no per-channel multiply), no
+    BN parameter reaches it, and the output agrees with onnxruntime, packs lifted or not."""
+    model = _conv_bn_net()
+    low = _front(model, prepack=True)
+    names = _main_call_names(low)
+    assert sum("conv2d_nchwc" in n for n in names) == 3
+    assert not any("rsqrt" in n or "sqrt" in n or "multiply" in n or "bn_fold" in n or "pack" in n for n in names)
+    from cachefit.codegen.prepack import packed_params  # pylint: disable=import-outside-toplevel
+
+    params = packed_params(low)
+    assert [len(p.sources) for p in params] == [3, 5, 3, 4, 3, 4]
+    assert all(p.pack is not None for p in params)   # the BN parameters are no parameters of main
+    assert "cachefit_pack_conv_weight" in params[0].pack and "bn_fold_bias" in params[1].pack
+    for prepack in (False, True):
+        got, want = _run_both(model, prepack=prepack)
+        assert _rel_err(got, want) < RTOL
+
+
+def test_batchnorm_after_a_lone_conv_is_folded_on_the_nchw_path():
+    """A lone convolution (NCHW path) followed by BN takes the folded weight and shift too."""
+    g = _Graph(16, 10, seed=12)
+    g.conv(32, 3, 1, 1, bias=False)
+    g.bn()
+    g.op("Relu")
+    model = g.model()
+    low = _front(model, prepack=True)
+    names = _main_call_names(low)
+    assert sum("conv2d_direct" in n for n in names) == 1
+    assert not any("sqrt" in n or "multiply" in n or "bn_fold" in n for n in names)
+    from cachefit.codegen.prepack import packed_params  # pylint: disable=import-outside-toplevel
+
+    assert [(p.pack, len(p.sources)) for p in packed_params(low)] == [
+        ("cachefit_bn_fold_weight", 3), ("cachefit_bn_fold_bias", 4)]
+    got, want = _run_both(model, prepack=True)
+    assert _rel_err(got, want) < RTOL

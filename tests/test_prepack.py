@@ -221,3 +221,91 @@ def test_streamed_packed_weight_is_prefetched_and_correct(m, threads):
         out = tvm.runtime.tensor(np.zeros((m, n), "float32"))
         lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(packed), out)
         np.testing.assert_allclose(out.numpy(), a @ w, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packs of several weights (batch norm folded into a convolution)
+# ---------------------------------------------------------------------------------------------
+
+EPS = 1e-5
+
+
+def _bn_fold_module(const_arg: bool = False) -> tvm.IRModule:
+    """main(x, w, beta, gamma, mean, var) = conv2d(x, fold_w(w, gamma, var)) + fold_b(beta, gamma,
+    mean, var): the batch-norm fold of cpu_legalize as two marked packs of several weights; with
+    ``const_arg`` the weight fold reads a constant in place of ``var``."""
+    from cachefit.codegen.cpu_legalize import bn_fold_bias_func, bn_fold_weight_func
+
+    bb = relax.BlockBuilder()
+    fw = bb.add_func(bn_fold_weight_func([8, 4, 3, 3], EPS, True), "fold_w")
+    fb = bb.add_func(bn_fold_bias_func(8, EPS, True, True, False), "fold_b")
+    f32 = "float32"
+    x = relax.Var("x", relax.TensorType((1, 4, 6, 6), f32))
+    w = relax.Var("w", relax.TensorType((8, 4, 3, 3), f32))
+    vecs = [relax.Var(n, relax.TensorType((8,), f32)) for n in ("beta", "gamma", "mean", "var")]
+    beta, gamma, mean, var = vecs
+    with bb.function("main", [x, w, *vecs], {"num_input": 1}):
+        with bb.dataflow():
+            v = relax.const(np.full(8, 0.5, f32)) if const_arg else var
+            wf = bb.emit(relax.call_tir(fw, [w, gamma, v], relax.TensorType((8, 4, 3, 3), f32)))
+            shift = bb.emit(relax.call_tir(fb, [beta, gamma, mean, var], relax.TensorType((1, 8, 1, 1), f32)))
+            y = bb.emit(relax.op.add(relax.op.nn.conv2d(x, wf, padding=[1, 1, 1, 1]), shift))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _bn_weights(seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((8, 4, 3, 3)).astype("float32")
+    beta, mean = (rng.standard_normal(8).astype("float32") for _ in range(2))
+    gamma, var = (rng.uniform(0.5, 1.5, 8).astype("float32") for _ in range(2))
+    return w, beta, gamma, mean, var
+
+
+def test_pack_of_several_weights_is_lifted_with_all_its_sources():
+    """A marked pack whose arguments are all weights is lifted like a pack of one: main takes its
+    output in place of its first argument; the weights read only by lifted packs leave main; the
+    layout attribute and packed_params list every source, in argument order."""
+    lifted = LiftWeightPacks()(_legalized(_bn_fold_module()))
+    main = lifted["main"]
+    assert [p.name for p in main.params] == ["x", "w_packed", "beta_packed"]
+    assert not {"fold_w", "fold_b"} & set(_call_tir_names(main))
+    assert packed_params(lifted) == [
+        PackedParam(0, "fold_w", (8, 4, 3, 3), "float32", (0, 2, 4)),
+        PackedParam(1, "fold_b", (1, 8, 1, 1), "float32", (1, 2, 3, 4)),
+    ]
+    # a pack of one weight keeps its single source
+    assert PackedParam(3, "p", (1,), "float32").sources == (3,)
+    transform = lifted["main" + TRANSFORM_SUFFIX]
+    assert [p.name for p in transform.params] == ["w", "beta", "gamma", "mean", "var"]
+
+
+def test_pack_with_a_constant_argument_is_not_lifted():
+    """Every argument of a lifted pack must be a weight: a fold that also reads a constant stays in
+    main (which keeps the weights it reads); the pack of weights only next to it is lifted."""
+    lifted = LiftWeightPacks()(_legalized(_bn_fold_module(const_arg=True)))
+    main = lifted["main"]
+    assert "fold_w" in _call_tir_names(main) and "fold_b" not in _call_tir_names(main)
+    assert [p.name for p in main.params] == ["x", "w", "beta_packed", "gamma"]
+    assert [(p.source, p.pack, p.sources) for p in packed_params(lifted)] == [
+        (0, None, (0,)), (1, "fold_b", (1, 2, 3, 4)), (2, None, (2,))]
+
+
+def test_stored_bn_fold_equals_numpy_folding_and_outputs_agree():
+    """compile_relax(prepack=True).pack computes the folded weight ``w * gamma / sqrt(var + eps)``
+    and shift ``beta - mean * scale`` as numpy does, and main on them gives the output of the
+    module whose folds run on every call."""
+    mod = _bn_fold_module()
+    w, beta, gamma, mean, var = _bn_weights()
+    compiled = compile_relax(mod, LLVM, threads=1, prepack=True)
+    packed = compiled.pack([w, beta, gamma, mean, var])
+    scale = gamma / np.sqrt(var + np.float32(EPS))
+    np.testing.assert_allclose(packed[0].numpy(), w * scale[:, None, None, None], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(packed[1].numpy(), (beta - mean * scale).reshape(1, 8, 1, 1), rtol=1e-6, atol=1e-7)
+    x = np.random.default_rng(1).standard_normal((1, 4, 6, 6)).astype("float32")
+    got = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x), *packed).numpy()
+    plain = relax.VirtualMachine(compile_relax(mod, LLVM, threads=1), tvm.cpu())["main"]
+    want = plain(*[tvm.runtime.tensor(a) for a in (x, w, beta, gamma, mean, var)]).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(want).max() > 0.1

@@ -18,8 +18,10 @@
   the input channels are split in chunks whose weights stay in L1; parallel over output-channel
   blocks x rows when the stage owns several threads.
 
-The pass runs at the end of :class:`cachefit.codegen.cpu_legalize.SumOfStackToAdd` (see
-:func:`cachefit.codegen.cpu_legalize.block_conv_layout`); the rule is the first of
+The pass runs in :func:`cachefit.codegen.pipeline.cpu_front_passes`, after batch norm is folded
+(:class:`cachefit.codegen.cpu_legalize.FoldBatchNormScale`: a convolution's weight may arrive as a
+marked batch-norm fold of weights, which the weight pack then composes with its re-layout into one
+multi-weight pack); the rule is the first of
 :func:`cachefit.codegen.cpu_schedule.default_rules`.
 """
 
@@ -35,9 +37,11 @@ from tvm.s_tir import dlight
 
 log = logging.getLogger(__name__)
 
-#: attribute of a PrimFunc that re-lays out one weight parameter (evaluated at compile time when
-#: the pipeline supports it)
+#: attribute of a PrimFunc that computes from weight parameters only (a re-layout, a batch-norm
+#: fold; evaluated at compile time with ``prepack``: cachefit.codegen.prepack)
 WEIGHT_PACK_ATTR = "cachefit.weight_pack"
+#: the batch-norm fold of cachefit.codegen.cpu_legalize (bn_fold_weight_func) carries its epsilon here
+BN_FOLD_ATTR = "cachefit.bn_fold_eps"
 CONV_BLOCK = "cachefit_nchwc_conv"
 PAD_BLOCK = "cachefit_nchwc_pad"
 
@@ -140,21 +144,39 @@ def conv2d_nchwc_func(n, cib, cb, h, w, cob, ob, kh, kw, strides, padding, dilat
     return func.with_attr({"op_pattern": _OUT_EWISE_FUSABLE, "tirx.noalias": True})
 
 
-def pack_weight_func(co, ci, kh, kw, cb, ob, dtype="float32"):
+def pack_weight_func(co, ci, kh, kw, cb, ob, dtype="float32", fold_eps=None, fold_scaled=True):
     """``OIHW`` -> ``[CO / ob, CI / cb, KH, KW, cb, ob]`` (a pure re-layout, marked as a weight pack;
-    channel counts that are not a multiple of the block are padded with zero weights)."""
+    channel counts that are not a multiple of the block are padded with zero weights).
+
+    fold_eps: with an epsilon, the pack also folds a following inference batch norm's scale into
+              the weight (``w[o] * gamma[o] / sqrt(var[o] + eps)``, as
+              :func:`cachefit.codegen.cpu_legalize.bn_fold_weight_func`): arguments
+              ``(w, gamma, var)``, or ``(w, var)`` when ``fold_scaled`` is False.
+    """
     w = te.placeholder(_i64(co, ci, kh, kw), dtype, name="w")
+    extra = []
+    if fold_eps is not None:
+        gamma = te.placeholder(_i64(co), dtype, name="gamma") if fold_scaled else None
+        var = te.placeholder(_i64(co), dtype, name="var")
+        extra = ([gamma] if fold_scaled else []) + [var]
+
+    def value(oc, ic, y, x):
+        v = w[oc, ic, y, x]
+        if fold_eps is not None:
+            s = 1.0 / te.sqrt(var[oc] + tirx.const(fold_eps, dtype))
+            v = v * (gamma[oc] * s if fold_scaled else s)
+        return v
 
     def body(o, c, y, x, i, v):
         oc, ic = o * ob + v, c * cb + i
         if co % ob == 0 and ci % cb == 0:
-            return w[oc, ic, y, x]
+            return value(oc, ic, y, x)
         return tirx.if_then_else(tvm.tirx.all(oc < co, ic < ci),
-                                 w[tvm.te.min(oc, co - 1), tvm.te.min(ic, ci - 1), y, x], tirx.const(0, dtype))
+                                 value(tvm.te.min(oc, co - 1), tvm.te.min(ic, ci - 1), y, x), tirx.const(0, dtype))
 
     packed = te.compute(_i64(_blocks(co, ob), _blocks(ci, cb), kh, kw, cb, ob), body,
                         name="cachefit_pack_conv_weight")
-    func = te.create_prim_func([w, packed])
+    func = te.create_prim_func([w, *extra, packed])
     return func.with_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, WEIGHT_PACK_ATTR: True})
 
 
@@ -509,10 +531,23 @@ class _LayoutMutator(PyExprMutator):  # pylint: disable=too-many-instance-attrib
         cob = _blocks(co, ob)
         x = self._as_blocked(data, cb_in)
         wv = self.visit_expr(weight)
-        pack = self._add_func(("pack", co, ci, kh, kw, cb_in, ob),
-                              lambda: pack_weight_func(co, ci, kh, kw, cb_in, ob), "cachefit_pack_conv_weight")
+        # a weight with a batch norm folded in (FoldBatchNormScale): one pack folds and re-lays
+        # out, from the original weights
+        eps, wargs = None, [wv]
+        fold = self.lookup_binding(wv) if isinstance(wv, relax.Var) else None
+        if isinstance(fold, relax.Call) and isinstance(fold.args[0], tvm.ir.GlobalVar):
+            try:
+                func = self.mod_[fold.args[0]]
+            except (KeyError, ValueError, tvm.error.TVMError):  # pragma: no cover - TVM's error type
+                func = None
+            if isinstance(func, tirx.PrimFunc) and func.attrs is not None and BN_FOLD_ATTR in func.attrs:
+                eps, wargs = float(func.attrs[BN_FOLD_ATTR]), list(fold.args[1].fields)
+        scaled = len(wargs) == 3
+        pack = self._add_func(("pack", co, ci, kh, kw, cb_in, ob, eps, scaled),
+                              lambda: pack_weight_func(co, ci, kh, kw, cb_in, ob, fold_eps=eps, fold_scaled=scaled),
+                              "cachefit_pack_conv_weight")
         wp = self.builder_.emit(relax.call_tir(
-            pack, [wv], relax.TensorType([cob, cib, kh, kw, cb_in, ob], "float32")))
+            pack, wargs, relax.TensorType([cob, cib, kh, kw, cb_in, ob], "float32")))
         strides = [int(s) for s in a.strides]
         padding = [int(p) for p in a.padding]
         dilation = [int(d) for d in a.dilation]

@@ -21,7 +21,7 @@ import logging
 
 import tvm
 import tvm_ffi
-from tvm import relax, tirx
+from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 log = logging.getLogger(__name__)
@@ -373,6 +373,64 @@ def _count_uses(func: relax.Function) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+#: PrimFunc attribute of :func:`bn_fold_weight_func`: the batch norm's epsilon (lets the NCHWc
+#: path compose the fold with its own weight re-layout into one pack)
+BN_FOLD_ATTR = "cachefit.bn_fold_eps"
+
+
+def bn_fold_weight_func(shape, eps: float, scaled: bool, dtype: str = "float32") -> tirx.PrimFunc:
+    """``wf[o, ...] = w[o, ...] * gamma[o] / sqrt(var[o] + eps)``: a convolution weight (output
+    channels first) with the following inference batch norm's scale folded in. Arguments
+    ``(w, gamma, var)``, or ``(w, var)`` when the batch norm has no scale; marked as a weight pack
+    (``cachefit.weight_pack``), so that a compile with ``prepack`` runs it once."""
+    from .prepack import PACK_ATTR  # pylint: disable=import-outside-toplevel
+
+    shape = [int(d) for d in shape]
+    co = shape[0]
+    w = te.placeholder(shape, dtype, name="w")
+    gamma = te.placeholder((co,), dtype, name="gamma") if scaled else None
+    var = te.placeholder((co,), dtype, name="var")
+
+    def body(o, *rest):
+        s = 1.0 / te.sqrt(var[o] + tirx.const(eps, dtype))
+        if scaled:
+            s = gamma[o] * s
+        return w[(o, *rest)] * s
+
+    wf = te.compute(shape, body, name="cachefit_bn_fold_weight")
+    args = [w] + ([gamma] if scaled else []) + [var, wf]
+    func = te.create_prim_func(args, index_dtype_override="int64").without_attr("global_symbol")
+    return func.with_attr({"op_pattern": 8, "tirx.noalias": True, PACK_ATTR: True, BN_FOLD_ATTR: float(eps)})
+
+
+def bn_fold_bias_func(channels: int, eps: float, scaled: bool, centered: bool, biased: bool,
+                      dtype: str = "float32") -> tirx.PrimFunc:
+    """``[1, C, 1, 1]`` shift of a convolution followed by inference batch norm:
+    ``beta - mean * s`` (``+ b * s`` with a convolution bias ``b``), ``s = gamma / sqrt(var + eps)``.
+    Arguments in the order ``b, beta, gamma, mean, var`` (those the convolution / batch norm has);
+    marked as a weight pack."""
+    from .prepack import PACK_ATTR  # pylint: disable=import-outside-toplevel
+
+    c = int(channels)
+    b = te.placeholder((c,), dtype, name="b") if biased else None
+    beta = te.placeholder((c,), dtype, name="beta") if centered else None
+    gamma = te.placeholder((c,), dtype, name="gamma") if scaled else None
+    mean = te.placeholder((c,), dtype, name="mean")
+    var = te.placeholder((c,), dtype, name="var")
+
+    def body(_n, o, _y, _x):
+        s = 1.0 / te.sqrt(var[o] + tirx.const(eps, dtype))
+        if scaled:
+            s = gamma[o] * s
+        t = (b[o] - mean[o]) * s if biased else -(mean[o] * s)
+        return beta[o] + t if centered else t
+
+    out = te.compute((1, c, 1, 1), body, name="cachefit_bn_fold_bias")
+    args = [x for x in (b, beta, gamma, mean, var) if x is not None] + [out]
+    func = te.create_prim_func(args, index_dtype_override="int64").without_attr("global_symbol")
+    return func.with_attr({"op_pattern": 8, "tirx.noalias": True, PACK_ATTR: True})
+
+
 @tvm.transform.module_pass(opt_level=0, name="FoldBatchNormScale")
 class FoldBatchNormScale:
     """Inference batch norm as ``x * scale + shift``, ``scale = gamma / sqrt(var + eps)``,
@@ -382,14 +440,25 @@ class FoldBatchNormScale:
     which fusion turns into a square root and a division per output element of the convolution
     epilogue; here each element costs one multiply-add and the per-channel terms are computed once
     per call (see :class:`IsolateParamMath`). Runs before ``LegalizeOps``.
+
+    A batch norm that is the only reader of ``conv2d(x, w)`` (NCHW / OIHW, optionally ``+ b``)
+    whose weight, bias and batch-norm parameters are all weights of the function (parameters at
+    positions ``>= num_input``) is folded into the convolution: ``conv2d(x, w * scale) + shift'``,
+    the folded weight and shift computed by marked weight packs (:func:`bn_fold_weight_func`,
+    :func:`bn_fold_bias_func`) that a compile with ``prepack`` evaluates once, so no batch-norm
+    math runs per call (onnxruntime does the same at session creation).
     """
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         mutator_ = _BatchNormMutator(mod.clone())
         for gv, func in mutator_.mod_.functions_items():
             if isinstance(func, relax.Function):
+                mutator_.start(func)
                 mutator_.builder_.update_func(gv, mutator_.visit_expr(func))
-        return relax.transform.CanonicalizeBindings()(mutator_.builder_.get())
+        out = mutator_.builder_.get()
+        if mutator_.folded:
+            out = relax.transform.DeadCodeElimination()(out)
+        return relax.transform.CanonicalizeBindings()(out)
 
 
 @mutator
@@ -398,11 +467,83 @@ class _BatchNormMutator(PyExprMutator):
         super().__init__(mod)
         self.mod_ = mod
         self._bn = tvm.ir.Op.get("relax.nn.batch_norm")
+        self._conv = tvm.ir.Op.get("relax.nn.conv2d")
+        self._add = tvm.ir.Op.get("relax.add")
+        self._reshape = tvm.ir.Op.get("relax.reshape")
+        self._weights: set = set()
+        self._uses: dict = {}
+        self._funcs: dict = {}
+        self.folded = 0
+
+    def start(self, func: relax.Function) -> None:
+        """Facts of the function about to be visited: its weights and the uses of each var."""
+        n_in = func.attrs.get("num_input") if func.attrs is not None else None
+        self._weights = set(func.params[int(n_in):]) if n_in is not None else set()
+        self._uses = _count_uses(func)
+
+    def _func(self, key, make, name):
+        if key not in self._funcs:
+            self._funcs[key] = self.builder_.add_func(make(), name)
+        return self._funcs[key]
+
+    def _bound(self, var, op):
+        """The call of ``op`` bound to ``var`` when ``var`` is read once, else None."""
+        if not isinstance(var, relax.Var) or self._uses.get(var, 0) != 1:
+            return None
+        value = self.lookup_binding(var)
+        return value if isinstance(value, relax.Call) and value.op.same_as(op) else None
+
+    def _fold_into_conv(self, call: relax.Call):
+        """``conv2d(x, w * s) + shift`` for ``batch_norm(conv2d(x, w) [+ b])``, or None."""
+        x, gamma, beta, mean, var = call.args
+        a = call.attrs
+        if int(a.axis) != 1 or not self._weights:
+            return None
+        bias = None
+        conv = self._bound(x, self._conv)
+        if conv is None:
+            add = self._bound(x, self._add)
+            if add is None:
+                return None
+            conv = self._bound(add.args[0], self._conv)
+            bterm = add.args[1]
+            reshape = self._bound(bterm, self._reshape)
+            bias = reshape.args[0] if reshape is not None else bterm
+            if conv is None or bias not in self._weights or _shape(bias) != [(_shape(x) or [0, 0])[1]]:
+                return None
+        ca = conv.attrs
+        data, w = conv.args
+        wshape, oshape = _shape(w), _shape(x)
+        if (w not in self._weights or wshape is None or oshape is None or len(wshape) != 4
+                or ca.data_layout != "NCHW" or ca.kernel_layout != "OIHW" or ca.out_layout != "NCHW"
+                or str(w.ty.dtype) != "float32" or str(x.ty.dtype) != "float32"):
+            return None
+        scaled, centered = bool(a.scale), bool(a.center)
+        bn_args = ([beta] if centered else []) + ([gamma] if scaled else []) + [mean, var]
+        if not all(p in self._weights for p in bn_args):
+            return None
+        eps = float(a.epsilon)
+        co = wshape[0]
+        fw = self._func(("w", tuple(wshape), eps, scaled), lambda: bn_fold_weight_func(wshape, eps, scaled),
+                        "cachefit_bn_fold_weight")
+        wf = self.builder_.emit(relax.call_tir(fw, [w] + ([gamma] if scaled else []) + [var], w.ty))
+        fb = self._func(("b", co, eps, scaled, centered, bias is not None),
+                        lambda: bn_fold_bias_func(co, eps, scaled, centered, bias is not None),
+                        "cachefit_bn_fold_bias")
+        shift = self.builder_.emit(relax.call_tir(
+            fb, ([bias] if bias is not None else []) + bn_args, relax.TensorType([1, co, 1, 1], "float32")))
+        y = self.builder_.emit(relax.op.add(
+            self.builder_.emit(relax.Call(conv.op, [data, wf], ca)), shift))
+        self.folded += 1
+        return relax.Tuple([y, mean, var])
 
     def visit_call_(self, call: relax.Call):  # pylint: disable=arguments-renamed
         call = super().visit_call_(call)
         if not call.op.same_as(self._bn) or bool(call.attrs.training):
             return call
+        folded = self._fold_into_conv(call)
+        if folded is not None:
+            return folded
         x, gamma, beta, mean, var = call.args
         xt = x.ty
         if xt.shape is None or xt.ndim is None or int(xt.ndim) < 1 or str(xt.dtype) not in ("float32", "float64", "float16"):
@@ -425,6 +566,17 @@ class _BatchNormMutator(PyExprMutator):
             relax.op.reshape(shift, bshape),
         )
         return relax.Tuple([self.builder_.emit(y), mean, var])
+
+
+def _shape(expr) -> list | None:
+    ty = getattr(expr, "ty", None)
+    shape = getattr(ty, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return [int(d) for d in shape]
+    except (TypeError, ValueError):
+        return None
 
 
 @tvm.transform.module_pass(opt_level=0, name="IsolateParamMath")
@@ -512,27 +664,7 @@ class SumOfStackToAdd:
         for gv, func in m.mod_.functions_items():
             if isinstance(func, relax.Function):
                 m.builder_.update_func(gv, m.visit_expr(func))
-        return block_conv_layout(relax.transform.DeadCodeElimination()(m.builder_.get()))
-
-
-def block_conv_layout(mod: tvm.IRModule) -> tvm.IRModule:
-    """:class:`cachefit.codegen.cpu_conv.BlockConvLayout` for the current llvm target (``with
-    target``), channel block = its float32 lanes; other targets get ``mod`` unchanged.
-
-    Run at the end of :class:`SumOfStackToAdd` (the last pass before ``LegalizeOps`` in
-    ``pipeline.cpu_passes``) until the pipeline lists ``BlockConvLayout`` itself; running it twice
-    changes nothing (a converted convolution is a ``call_tir``).
-    """
-    from .cpu_conv import BlockConvLayout  # pylint: disable=import-outside-toplevel
-    from .cpu_schedule import target_vector_bits  # pylint: disable=import-outside-toplevel
-
-    target = tvm.target.Target.current(allow_none=True)
-    if target is None or target.kind.name != "llvm":
-        return mod
-    lanes = target_vector_bits(target) // 32
-    if lanes < 8:
-        return mod
-    return BlockConvLayout(lanes)(mod)
+        return relax.transform.DeadCodeElimination()(m.builder_.get())
 
 
 @mutator

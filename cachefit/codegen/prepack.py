@@ -4,12 +4,15 @@ Weights are known when a stage is compiled, yet cachefit's stage functions take 
 parameters. A kernel that wants its weight in another layout (column panels for a matmul, NCHWc
 blocks for a convolution) would pay for the re-layout on every call. The contract:
 
-- any binding ``y = R.call_tir(pack_fn, (w,), out_ty)`` of a Relax function, where ``pack_fn`` is a
-  PrimFunc carrying the function attribute ``"cachefit.weight_pack": True`` (a pure re-layout of
-  one tensor, see :func:`mark_weight_pack`) and ``w`` is one of the function's weights (the
-  parameters at positions ``>= num_input``), is evaluated once at compile time;
-- :class:`LiftWeightPacks` rewrites the function to take ``y`` as a parameter in place of ``w``
-  (``w`` stays a parameter only while something else still reads it) and adds a function
+- any binding ``y = R.call_tir(pack_fn, (w0, w1, ...), out_ty)`` of a Relax function, where
+  ``pack_fn`` is a PrimFunc carrying the function attribute ``"cachefit.weight_pack": True`` (a
+  pure function of its arguments, see :func:`mark_weight_pack`: a re-layout of one weight, or a
+  fold of several, such as batch norm into a convolution's weight) and every argument is one of
+  the function's weights (the parameters at positions ``>= num_input``; a constant or an
+  activation argument disqualifies the pack), is evaluated once at compile time;
+- :class:`LiftWeightPacks` rewrites the function to take ``y`` as a parameter in place of its
+  first argument ``w0`` (each weight stays a parameter only while something other than lifted
+  packs still reads it) and adds a function
   ``<name>_transform_params(w0, w1, ...)`` that computes the new weight list from the original one;
   the rewritten function carries ``cachefit.packed_params`` (see :func:`packed_params`);
 - :func:`cachefit.codegen.pipeline.compile_relax` with ``prepack=True`` runs the lifting right
@@ -37,16 +40,18 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 log = logging.getLogger(__name__)
 
-#: PrimFunc attribute that marks a pure re-layout of one weight (the contract above)
+#: PrimFunc attribute that marks a pure function of weights (re-layout, fold; the contract above)
 PACK_ATTR = "cachefit.weight_pack"
-#: Relax function attribute set by LiftWeightPacks: ``[[source weight index, pack name or ""], ...]``
+#: Relax function attribute set by LiftWeightPacks: ``[[source weight index, pack name or ""], ...]``,
+#: with a third element ``[weight indices]`` for a pack of several weights
 LAYOUT_ATTR = "cachefit.packed_params"
 #: name suffix of the function that computes the packed weights from the original ones
 TRANSFORM_SUFFIX = "_transform_params"
 
 
 def mark_weight_pack(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """``func`` marked as a weight re-layout that may run once at compile time."""
+    """``func`` marked as a weight pack (a pure function of its weight arguments: a re-layout, a
+    fold) that may run once at compile time."""
     return func.with_attr(PACK_ATTR, True)
 
 
@@ -70,15 +75,23 @@ def is_weight_pack(mod: tvm.IRModule, gv) -> bool:
 class PackedParam:
     """One weight parameter of a lifted function.
 
-    source: index of the original weight (among the function's weights, 0 = first after the inputs).
-    pack:   name of the pack PrimFunc that made it, or None for the original weight as given.
+    source:  index of the original weight (among the function's weights, 0 = first after the
+             inputs); for a pack of several weights, its first argument.
+    pack:    name of the pack PrimFunc that made it, or None for the original weight as given.
     shape, dtype: of the tensor the compiled function takes.
+    sources: indices of every weight the pack reads, in argument order (``(source,)`` for an
+             original weight or a pack of one weight).
     """
 
     source: int
     pack: str | None
     shape: tuple
     dtype: str
+    sources: tuple = ()
+
+    def __post_init__(self):
+        if not self.sources:
+            object.__setattr__(self, "sources", (self.source,))
 
 
 def _count_uses(func: relax.Function) -> dict:
@@ -118,8 +131,9 @@ class LiftWeightPacks:
     """Lift every marked weight pack of every Relax function with a ``num_input`` attribute.
 
     For a function ``f`` with packs, the module gets ``f`` taking the packed weights (in the order
-    of the original weights, each weight replaced by its packs; kept in front of them when other
-    bindings still read it) with the attribute :data:`LAYOUT_ATTR`, and a public function
+    of the original weights, each weight replaced by the packs whose first argument it is; kept in
+    front of them when bindings other than lifted packs still read it) with the attribute
+    :data:`LAYOUT_ATTR`, and a public function
     ``f_transform_params`` (original weights -> tuple of ``f``'s new weights). Functions without
     packs are left alone.
     """
@@ -149,12 +163,15 @@ class LiftWeightPacks:
                 if keep[i]:
                     new_params.append(w)
                     layout.append([i, ""])
-                for binding in [b for b, src in packs if src == i]:
+                for binding, srcs in [(b, srcs) for b, srcs in packs if srcs[0] == i]:
                     k = counter[i] = counter.get(i, -1) + 1
                     var = relax.Var(f"{w.name}_packed" + (str(k) if k else ""), binding.var.ty)
                     mapping[binding.var] = var
                     new_params.append(var)
-                    layout.append([i, binding.value.args[0].name_hint])
+                    entry = [i, binding.value.args[0].name_hint]
+                    if len(srcs) > 1:
+                        entry.append(list(srcs))
+                    layout.append(entry)
             body = _Rewire({b.var for b, _ in packs}, mapping).visit_expr(func.body)
             new = relax.Function(list(func.params[:n_in]) + new_params, body, func.ret_ty, func.is_pure, func.attrs)
             new = new.with_attr(LAYOUT_ATTR, layout)
@@ -168,14 +185,14 @@ class LiftWeightPacks:
                 with bb.dataflow():
                     outs = []
                     made = {}
-                    for binding, src in packs:
+                    for binding, srcs in packs:
                         call = binding.value
                         made[binding.var] = bb.emit(
-                            relax.call_tir(call.args[0], [by_var[weights[src]]], binding.var.ty))
+                            relax.call_tir(call.args[0], [by_var[weights[s]] for s in srcs], binding.var.ty))
                     for i, w in enumerate(weights):
                         if keep[i]:
                             outs.append(by_var[w])
-                        outs += [made[b.var] for b, src in packs if src == i]
+                        outs += [made[b.var] for b, srcs in packs if srcs[0] == i]
                     result = bb.emit_output(relax.Tuple(outs))
                 bb.emit_func_output(result)
             log.debug("%s: %d weight pack(s) lifted to %s%s", name, len(packs), name, TRANSFORM_SUFFIX)
@@ -183,7 +200,8 @@ class LiftWeightPacks:
 
     @staticmethod
     def _plan(mod, func: relax.Function, call_tir):
-        """(pack bindings with their weight index, keep flag per weight) or None without packs."""
+        """(pack bindings with the weight indices of their arguments, keep flag per weight) or
+        None without packs."""
         n_in = int(func.attrs["num_input"])
         weights = list(func.params[n_in:])
         wpos = {w: i for i, w in enumerate(weights)}
@@ -197,17 +215,19 @@ class LiftWeightPacks:
                 if not (isinstance(v, relax.Call) and v.op.same_as(call_tir) and len(v.args) == 2):
                     continue
                 args = v.args[1]
-                if not (is_weight_pack(mod, v.args[0]) and isinstance(args, relax.Tuple) and len(args.fields) == 1):
+                if not (is_weight_pack(mod, v.args[0]) and isinstance(args, relax.Tuple) and len(args.fields) >= 1):
                     continue
-                src = args.fields[0]
-                if isinstance(src, relax.Var) and src in wpos:
-                    packs.append((b, wpos[src]))
+                # every argument must be a weight: a pack that reads an activation or a constant
+                # is not a function of the stored weights alone
+                if all(isinstance(a, relax.Var) and a in wpos for a in args.fields):
+                    packs.append((b, tuple(wpos[a] for a in args.fields)))
         if not packs:
             return None
         uses = _count_uses(func)
         n_packs: dict = {}
-        for _, i in packs:
-            n_packs[i] = n_packs.get(i, 0) + 1
+        for _, srcs in packs:
+            for i in srcs:
+                n_packs[i] = n_packs.get(i, 0) + 1
         keep = [uses.get(w, 0) > n_packs.get(i, 0) or i not in n_packs for i, w in enumerate(weights)]
         return packs, keep
 
@@ -222,8 +242,10 @@ def packed_params(mod: tvm.IRModule, func_name: str = "main") -> list[PackedPara
         return None
     n_in = int(func.attrs["num_input"])
     out = []
-    for (src, pack), p in zip(func.attrs[LAYOUT_ATTR], func.params[n_in:]):
-        out.append(PackedParam(int(src), str(pack) or None, tuple(int(d) for d in p.ty.shape), str(p.ty.dtype)))
+    for entry, p in zip(func.attrs[LAYOUT_ATTR], func.params[n_in:]):
+        src, pack = int(entry[0]), str(entry[1]) or None
+        sources = tuple(int(i) for i in entry[2]) if len(entry) > 2 else (src,)
+        out.append(PackedParam(src, pack, tuple(int(d) for d in p.ty.shape), str(p.ty.dtype), sources))
     return out
 
 
