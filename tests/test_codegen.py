@@ -339,6 +339,9 @@ def test_host_without_the_artifacts_isa_is_refused():
     check_host_cpu(manifest, "build", cpu=("New Test CPU", {"avx", "avx2", "fma", "avx512f", "avx512_vnni"}))
     check_host_cpu({"target": {"kind": "cuda", "arch": "sm_90a"}}, "build", cpu=avx2_only)
     check_host_cpu({"target": {"kind": "llvm", "arch": None}}, "build", cpu=avx2_only)
+    # a malformed field (a string is not a list of features) is refused, not read letter by letter
+    with pytest.raises(ArtifactError, match="cpu_features must be a list"):
+        check_host_cpu({"target": {"kind": "llvm", "cpu_features": "avx512f"}}, "build", cpu=avx2_only)
 
 
 def test_load_checks_the_host_cpu(llvm_artifact, tmp_path, monkeypatch):

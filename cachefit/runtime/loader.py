@@ -150,6 +150,9 @@ def check_host_cpu(manifest: dict, root: str | Path = ".", cpu: tuple[str, set] 
     needed = target.get("cpu_features")
     if target.get("kind") != "llvm" or not needed:
         return
+    if not isinstance(needed, list) or not all(isinstance(f, str) for f in needed):
+        raise ArtifactError(f"{root}/manifest.json is malformed: target.cpu_features must be a list of feature "
+                            f"names, got {needed!r}")
     cpu = cpu if cpu is not None else host_cpu()
     if cpu is None:
         logger.info("cannot read %s: not checking the CPU features %s of %s", CPUINFO, needed, root)
