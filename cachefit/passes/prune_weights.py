@@ -236,24 +236,29 @@ def _find_pairs_in_layer(fn: relax.Function, ops: _Ops) -> list[dict]:
     return pairs
 
 
+def _layer_scan(mod: tvm.IRModule, layers) -> tuple:
+    """(ops, ``main``'s weight parameters, its layer calls, the chosen layer indices or None, weight
+    name -> the layers that read it) of a layered module; refuses a module that is not layered."""
+    if not layering.is_layered(mod):
+        raise CachefitError("PruneWeights needs a layered module (run DiscoverLayers first)")
+    main = mod["main"]
+    weights = set(main.params[layering.num_input(main):])
+    calls = _layer_calls(mod)
+    readers: dict = {}
+    for i, _gv, _fn, args in calls:
+        for a in args:
+            if isinstance(a, relax.Var) and a in weights:
+                readers.setdefault(a.name, set()).add(i)
+    return _Ops(), weights, calls, _select(layers, calls), readers
+
+
 def find_mlp_pairs(mod: tvm.IRModule, layers: Iterable | None = None) -> list[MlpPair]:
     """The prunable MLP pairs of a layered module (each expert of an MoE layer is one pair).
 
     A pair qualifies when its weights are read by that one layer only, every tensor between fc1
     and fc2 is computed element-wise with the hidden axis last, and none of them is used elsewhere.
     """
-    if not layering.is_layered(mod):
-        raise CachefitError("PruneWeights needs a layered module (run DiscoverLayers first)")
-    ops = _Ops()
-    main = mod["main"]
-    weights = set(main.params[layering.num_input(main):])
-    calls = _layer_calls(mod)
-    chosen = _select(layers, calls)
-    readers: dict = {}
-    for i, _gv, _fn, args in calls:
-        for a in args:
-            if isinstance(a, relax.Var) and a in weights:
-                readers.setdefault(a.name, set()).add(i)
+    ops, weights, calls, chosen, readers = _layer_scan(mod, layers)
     out = []
     for i, _gv, fn, args in calls:
         if chosen is not None and i not in chosen:
@@ -730,18 +735,7 @@ def find_attention_heads(mod: tvm.IRModule, layers: Iterable | None = None) -> l
     units are the G key/value groups, each with its H/G query heads. A layer whose head axis
     reaches anything else raises :class:`HeadsNotFound` naming the layer and the operator.
     """
-    if not layering.is_layered(mod):
-        raise CachefitError("PruneWeights needs a layered module (run DiscoverLayers first)")
-    ops = _Ops()
-    main = mod["main"]
-    weights = set(main.params[layering.num_input(main):])
-    calls = _layer_calls(mod)
-    chosen = _select(layers, calls)
-    readers: dict = {}
-    for i, _gv, _fn, args in calls:
-        for a in args:
-            if isinstance(a, relax.Var) and a in weights:
-                readers.setdefault(a.name, set()).add(i)
+    ops, weights, calls, chosen, readers = _layer_scan(mod, layers)
     out = []
     for i, _gv, fn, args in calls:
         if chosen is not None and i not in chosen:
