@@ -425,3 +425,36 @@ def test_bad_compile_flags_are_user_errors(tmp_path, flags, words):
     assert res.exit_code == 2, res.output
     assert all(w in res.output for w in words), res.output
     assert not (tmp_path / "b" / "manifest.json").exists()
+
+
+def test_manifest_lists_every_source_of_a_pack_of_several_weights():
+    """A pack computed from several weights (a batch norm folded into a conv weight reads w, gamma,
+    var) is described by its first source and lists all of them under ``sources``; a pack of one
+    weight has no ``sources``; an unpacked weight keeps its own description."""
+    import tvm
+
+    from cachefit.codegen.artifact import _stage_weights
+    from cachefit.codegen.prepack import PackedParam
+
+    descs = [{"name": n, "shape": s, "dtype": "float32"} for n, s in
+             (("w", [4, 3, 1, 1]), ("gamma", [4]), ("var", [4]), ("b", [4]))]
+    originals = [np.ones(d["shape"], "float32") for d in descs]
+
+    class Compiled:  # what build_artifact reads of a CompiledModule
+        def params(self, func):
+            assert func == "main"
+            return [PackedParam(0, "cachefit_bn_fold_weight", (4, 3, 1, 1), "float32", (0, 1, 2)),
+                    PackedParam(3, "weight_panels", (1, 4, 4), "float32", (3,)),
+                    PackedParam(1, None, (4,), "float32", (1,))]
+
+        def pack(self, arrays, func):
+            return [tvm.runtime.tensor(np.full(s, i, "float32")) for i, s in enumerate([(4, 3, 1, 1), (1, 4, 4)])] + \
+                [tvm.runtime.tensor(arrays[1])]
+
+    out, tensors = _stage_weights(Compiled(), "main", descs, originals)
+    assert [d["name"] for d in out] == ["w.packed", "b.packed", "gamma"]
+    assert out[0]["packed_from"]["name"] == "w"
+    assert [s["name"] for s in out[0]["packed_from"]["sources"]] == ["w", "gamma", "var"]
+    assert out[0]["packed_from"]["sources"][1] == {"name": "gamma", "shape": [4], "dtype": "float32"}
+    assert "sources" not in out[1]["packed_from"] and out[2] == descs[1]
+    assert sorted(tensors) == ["b.packed", "gamma", "w.packed"]

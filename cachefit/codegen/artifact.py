@@ -380,9 +380,11 @@ def _stage_weights(compiled: CompiledModule, func: str, descs: list, originals: 
         k = seen[src["name"]] = seen.get(src["name"], -1) + 1
         name = f"{src['name']}.packed" + (str(k) if k else "")
         arr = t.numpy()
-        out_descs.append({"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype),
-                          "packed_from": {"name": src["name"], "shape": list(src["shape"]), "dtype": src["dtype"],
-                                          "pack": p.pack}})
+        packed_from = {"name": src["name"], "shape": list(src["shape"]), "dtype": src["dtype"], "pack": p.pack}
+        if len(p.sources) > 1:  # a pack computed from several weights (a batch norm folded into a conv)
+            packed_from["sources"] = [{"name": descs[i]["name"], "shape": list(descs[i]["shape"]),
+                                       "dtype": descs[i]["dtype"]} for i in p.sources]
+        out_descs.append({"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype), "packed_from": packed_from})
         tensors[name] = arr
     return out_descs, tensors
 
