@@ -24,6 +24,8 @@ import tvm_ffi
 from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from .prepack import count_uses as _count_uses
+
 log = logging.getLogger(__name__)
 
 #: relax op patterns (tvm/relax/op_attr_types.h): element-wise, broadcast, injective, reduce, out-ewise-fusable
@@ -355,17 +357,6 @@ class _PrologueMutator(PyExprMutator):
         name = "_".join([prologues[n].args[0].name_hint for n in sorted(prologues)] + [call.args[0].name_hint])
         gv = self.builder_.add_func(fused, name)
         return relax.Call(gv, outer_args)
-
-
-def _count_uses(func: relax.Function) -> dict:
-    counts: dict = {}
-
-    def visit(expr):
-        if isinstance(expr, relax.Var):
-            counts[expr] = counts.get(expr, 0) + 1
-
-    relax.analysis.post_order_visit(func.body, visit)
-    return counts
 
 
 # ---------------------------------------------------------------------------------------------

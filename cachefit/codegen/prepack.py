@@ -94,7 +94,8 @@ class PackedParam:
             object.__setattr__(self, "sources", (self.source,))
 
 
-def _count_uses(func: relax.Function) -> dict:
+def count_uses(func: relax.Function) -> dict:
+    """Relax var -> how many times ``func``'s body reads it."""
     counts: dict = {}
 
     def visit(expr):
@@ -223,7 +224,7 @@ class LiftWeightPacks:
                     packs.append((b, tuple(wpos[a] for a in args.fields)))
         if not packs:
             return None
-        uses = _count_uses(func)
+        uses = count_uses(func)
         n_packs: dict = {}
         for _, srcs in packs:
             for i in srcs:
