@@ -369,7 +369,8 @@ def estimate_model(source, *, input_shapes=None, batch: int | None = None, dtype
     analysis = analyze_onnx(source, input_shapes=input_shapes, batch=batch, dtype=dtype, layers=layers)
     name = getattr(analysis, "name", None) or "model"
     hw = kwargs.get("hardware")
-    hw = get_hardware(hw) if isinstance(hw, str) else hw
+    if isinstance(hw, str):  # resolve once (``cpu`` reads the calibration file); estimate_layers takes it as is
+        hw = kwargs["hardware"] = get_hardware(hw)
     if hw is not None and hw.kernels is not None and "kernels" not in kwargs:
         from .flops import module_kernels  # a calibrated CPU: time each layer by its kernels
 
