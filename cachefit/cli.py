@@ -229,7 +229,8 @@ def models_export(name, output, **overrides):
 
 
 def fit_options(fn):
-    """Options that make oversized layers fit (cachefit.fit): quantization, pruning, micro-batch."""
+    """Options that make oversized layers fit (cachefit.fit), shared by plan and compile: every one of
+    them changes the footprints, so plan reports the bytes compile plans with."""
     opts = [
         click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default=None,
                      help="Weight-only quantization of every matmul/conv weight (default: none)."),
@@ -237,11 +238,24 @@ def fit_options(fn):
                      help="Rows of the reduction axis per scale (e.g. 128); default: one scale per output channel."),
         click.option("--prune", type=float, default=0.0, show_default=True,
                      help="Fraction of every MLP's hidden units to remove (by L2 norm)."),
+        click.option("--prune-heads", type=float, default=0.0, show_default=True,
+                     help="Fraction of every attention's heads (key/value groups under GQA) to remove, by the L2 "
+                          "norms of their Q/K/V/O weights; rounded to whole heads per layer (the report gives "
+                          "the fraction applied)."),
+        click.option("--int8-weights", multiple=True,
+                     help="Where INT4 is applied (--quantize int4, --fit auto), keep these weights at INT8: "
+                          "fnmatch patterns on the IR weight names ('*router*') or @LAYER ('@head'); repeatable."),
         click.option("--fit", type=click.Choice(["auto", "none"]), default=None,
-                     help="auto: per layer over capacity apply INT8, INT4, pruning, a smaller micro-batch; "
-                          "none: only report what would help."),
+                     help="auto: per layer over capacity apply INT8, INT4, INT4 + MLP pruning (5% steps up to "
+                          "--max-prune), then INT4 + that + head pruning (one whole head at a time up to "
+                          "--max-prune-heads), then a smaller micro-batch; none: only report what would help."),
         click.option("--max-prune", type=float, default=0.5, show_default=True,
                      help="The most --fit auto may prune of a layer's MLP hidden units."),
+        click.option("--max-prune-heads", type=float, default=None,
+                     help="The most --fit auto may prune of a layer's attention heads (whole heads, or whole "
+                          "key/value groups under GQA, rounded down); tried only once MLP pruning reached "
+                          "--max-prune, and only in layers with attention. Default: --max-prune's value; "
+                          "0 keeps every head."),
         click.option("--micro-batch", default=None,
                      help="auto (largest divisor of the batch whose working set fits) or N; the runtime "
                           "splits the batch and joins the outputs."),
@@ -251,7 +265,16 @@ def fit_options(fn):
     return fn
 
 
-def _fit_kwargs(quantize, group_size, prune, fit, max_prune, micro_batch) -> dict:
+def calibrate_option(fn):
+    """--calibrate (compile only: it changes weight values, not bytes; plan refuses it with the reason)."""
+    return click.option("--calibrate", type=int, default=None,
+                        help="Quantize with GPTQ, calibrated on N random input batches run through the float "
+                             "model (default: data-free round to nearest).")(fn)
+
+
+def _fit_kwargs(quantize=None, group_size=None, prune=0.0, fit=None, max_prune=0.5, micro_batch=None,
+                prune_heads=0.0, max_prune_heads=None, int8_weights=(), calibrate=None) -> dict:
+    """The fit options as compile_model / fit_and_plan take them."""
     if micro_batch is not None and str(micro_batch).strip().lower() != "auto":
         try:
             micro_batch = int(micro_batch)
@@ -262,7 +285,8 @@ def _fit_kwargs(quantize, group_size, prune, fit, max_prune, micro_batch) -> dic
     elif micro_batch is not None:
         micro_batch = "auto"
     return dict(quantize=quantize, group_size=group_size, prune=prune, fit=fit, max_prune=max_prune,
-                micro_batch=micro_batch)
+                micro_batch=micro_batch, prune_heads=prune_heads, max_prune_heads=max_prune_heads,
+                quantize_int8_weights=list(int8_weights) or None, quantize_calibration=calibrate)
 
 
 @main.command()
@@ -273,18 +297,23 @@ def _fit_kwargs(quantize, group_size, prune, fit, max_prune, micro_batch) -> dic
 @click.option("--format", "fmt", default="table", type=click.Choice(["table", "json"]), show_default=True)
 @click.option("--plot", default=None, type=click.Path(dir_okay=False), help="Write a memory map (PNG) of the plan.")
 @fit_options
+@click.option("--calibrate", type=int, default=None, hidden=True)  # refused with the reason (see fit_and_plan)
 @user_errors
 def plan(model, input_shapes, batch, dtype, num_layers, layer_boundaries, cache, hardware, strategy, devices,
-         footprint, layout, allow_spill, fmt, plot, quantize, group_size, prune, fit, max_prune, micro_batch):
-    """Per-layer footprints of MODEL.onnx and a partition over devices."""
+         footprint, layout, allow_spill, fmt, plot, **fit_opts):
+    """Per-layer footprints of MODEL.onnx and a partition over devices.
+
+    The fit options are compile's, applied the same way, so the bytes are the ones compile plans
+    with. compile's --calibrate is not taken: GPTQ calibration changes the rounded weight values,
+    not a byte of any footprint."""
     import json
 
-    from .planning import plan_model
+    from .compiler import fit_and_plan
 
-    report = plan_model(model, input_shapes=input_shapes, batch=batch, dtype=dtype, cache=cache, hardware=hardware,
-                        strategy=strategy, devices=devices, footprint=footprint, layout=layout,
-                        allow_spill=allow_spill, layers=num_layers, layer_boundaries=_boundaries(layer_boundaries),
-                        **_fit_kwargs(quantize, group_size, prune, fit, max_prune, micro_batch))
+    report = fit_and_plan(model, input_shapes=input_shapes, batch=batch, dtype=dtype, cache=cache, hardware=hardware,
+                          strategy=strategy, devices=devices, footprint=footprint, layout=layout,
+                          allow_spill=allow_spill, layers=num_layers, layer_boundaries=_boundaries(layer_boundaries),
+                          **_fit_kwargs(**fit_opts))
     if plot:
         from .perf.plot import plot_plan
 
@@ -312,19 +341,10 @@ def plan(model, input_shapes, batch, dtype, num_layers, layer_boundaries, cache,
 @click.option("-o", "--output", "out_dir", default="build", show_default=True, type=click.Path(file_okay=False),
               help="Artifact directory to write.")
 @fit_options
-@click.option("--prune-heads", type=float, default=0.0, show_default=True,
-              help="Fraction of every attention's heads (key/value groups under GQA) to remove, by the L2 norms "
-                   "of their Q/K/V/O weights.")
-@click.option("--calibrate", type=int, default=None,
-              help="Quantize with GPTQ, calibrated on N random input batches run through the float model "
-                   "(default: data-free round to nearest).")
-@click.option("--int8-weights", multiple=True,
-              help="With --quantize int4, keep these weights at INT8: fnmatch patterns on the IR weight names "
-                   "('*router*') or @LAYER ('@head'); repeatable.")
+@calibrate_option
 @user_errors
 def compile_cmd(model, target, arch, input_shapes, batch, dtype, num_layers, layer_boundaries, cache, hardware,
-                strategy, devices, footprint, layout, allow_spill, threads, mcpu, tuning_records, out_dir, quantize,
-                group_size, prune, fit, max_prune, micro_batch, prune_heads, calibrate, int8_weights):
+                strategy, devices, footprint, layout, allow_spill, threads, mcpu, tuning_records, out_dir, **fit_opts):
     """Compile MODEL.onnx into one library per device plus manifest.json (see docs/artifact-format.md)."""
     from .compiler import compile_model
 
@@ -336,9 +356,7 @@ def compile_cmd(model, target, arch, input_shapes, batch, dtype, num_layers, lay
                            layout=layout, allow_spill=allow_spill, layers=num_layers,
                            layer_boundaries=_boundaries(layer_boundaries), threads=threads, mcpu=mcpu,
                            tuning_records=tuning_records, progress=lambda line: click.echo(line, err=True),
-                           prune_heads=prune_heads, quantize_calibration=calibrate,
-                           quantize_int8_weights=list(int8_weights) or None,
-                           **_fit_kwargs(quantize, group_size, prune, fit, max_prune, micro_batch))
+                           **_fit_kwargs(**fit_opts))
     if result.fit is not None:
         click.echo(result.fit.format_table())
     click.echo(result.report.plan.format_table())

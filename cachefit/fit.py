@@ -13,9 +13,13 @@ Two halves:
 
 The ladder for one layer over capacity, least aggressive first: INT8 weights; INT4 weights
 (group-wise with ``group_size``); INT4 plus pruning of its MLP hidden units by 5% steps up to
-``max_prune``; then, for the whole model, a smaller micro-batch (the largest divisor of the batch
+``max_prune`` (layers with an MLP); INT4, MLP pruned by ``max_prune``, plus pruning of its
+attention heads one whole head (one whole key/value group under GQA) at a time up to
+``max_prune_heads`` (layers with attention heads that :func:`~cachefit.passes.prune_weights.find_attention_heads`
+can follow); then, for the whole model, a smaller micro-batch (the largest divisor of the batch
 with which every layer fits); if nothing fits, the report says an intra-layer split is needed and
-over how many devices (:func:`cachefit.partition.diagnose`).
+over how many devices (:func:`cachefit.partition.diagnose`). Heads come last among the per-layer
+rungs: removing a head costs more accuracy than the same bytes of MLP units.
 """
 
 from __future__ import annotations
@@ -49,10 +53,16 @@ PRUNE_STEP = 0.05
 
 @dataclass(frozen=True)
 class Recipe:
-    """What is applied to one layer: weight bits (None: as stored) and the pruned fraction."""
+    """What is applied to one layer: weight bits (None: as stored), the pruned fraction of its MLP
+    hidden units, and the pruned fraction of its attention heads (key/value groups under GQA).
+
+    ``heads`` is what is asked of :class:`~cachefit.passes.prune_weights.PruneWeights`, which
+    rounds it to whole units of the layer (:func:`~cachefit.passes.prune_weights.kept_units`); the
+    ladder's head rungs are exact (``k / units``), and the report gives the fraction applied."""
 
     bits: int | None = None
     prune: float = 0.0
+    heads: float = 0.0
 
     def steps(self) -> list[str]:
         out = []
@@ -60,26 +70,53 @@ class Recipe:
             out.append(f"int{self.bits}")
         if self.prune > 0:
             out.append(f"prune {self.prune:.0%}")
+        if self.heads > 0:
+            out.append(f"prune heads {self.heads:.0%}")
         return out
 
     def rank(self) -> tuple:
         """Aggressiveness: a later rung of the ladder compares greater."""
-        return ({None: 0, 8: 1, 4: 2}[self.bits], round(self.prune, 6))
+        return ({None: 0, 8: 1, 4: 2}[self.bits], round(self.prune, 6), round(self.heads, 6))
 
 
-def candidates(base: Recipe, max_prune: float, step: float = PRUNE_STEP, min_prune: float = 0.0) -> list[Recipe]:
-    """The ladder after ``base`` (the global --quantize/--prune), least aggressive first:
-    INT8, INT4, then INT4 with pruning ``min_prune`` rounded up to ``step``, growing by ``step``
-    up to ``max_prune``. Rungs not more aggressive than ``base`` are left out."""
-    out = [Recipe(8, base.prune), Recipe(4, base.prune)]
-    if max_prune > base.prune:
+def removed_units(ratio: float, units: int) -> int:
+    """Whole units (heads, key/value groups) that PruneWeights removes for ``ratio`` of ``units``."""
+    from .passes.prune_weights import kept_units
+
+    return units - kept_units(ratio, units) if ratio > 0 and units > 0 else 0
+
+
+def head_fraction(removed: int, units: int) -> float:
+    """The head fraction of a rung that removes ``removed`` whole units of ``units`` (exact, so that
+    PruneWeights removes exactly ``removed``)."""
+    return round(removed / units, 6)
+
+
+def candidates(base: Recipe, max_prune: float, step: float = PRUNE_STEP, min_prune: float = 0.0, *,
+               mlp: bool = True, head_units: int = 0, max_prune_heads: float = 0.0) -> list[Recipe]:
+    """The ladder after ``base`` (the global --quantize/--prune/--prune-heads), least aggressive first:
+    INT8, INT4, then (``mlp``: the layer has a prunable MLP) INT4 with pruning ``min_prune`` rounded
+    up to ``step``, growing by ``step`` up to ``max_prune``; then (``head_units`` > 0: the layer's
+    attention has that many prunable units, heads or key/value groups) INT4 with the MLP pruning
+    reached so far and one more whole unit of heads removed per rung, as long as the removed fraction
+    stays within ``max_prune_heads`` and one unit is left. Rungs not more aggressive than ``base``
+    are left out."""
+    out = [Recipe(8, base.prune, base.heads), Recipe(4, base.prune, base.heads)]
+    prune = base.prune
+    if mlp and max_prune > base.prune:
         start = max(base.prune + step, min_prune)
         p = math.ceil(round(start / step, 6)) * step
         while p < max_prune + 1e-9:
-            out.append(Recipe(4, round(p, 6)))
+            out.append(Recipe(4, round(p, 6), base.heads))
             p += step
         if not out or out[-1].prune < max_prune - 1e-9:
-            out.append(Recipe(4, round(max_prune, 6)))
+            out.append(Recipe(4, round(max_prune, 6), base.heads))
+        prune = out[-1].prune
+    if head_units > 1 and max_prune_heads > 0:
+        for k in range(removed_units(base.heads, head_units) + 1, head_units):
+            if k / head_units > max_prune_heads + 1e-9:
+                break
+            out.append(Recipe(4, prune, head_fraction(k, head_units)))
     return [r for r in out if r.rank() > base.rank()]
 
 
@@ -123,6 +160,8 @@ class LayerFit:
     bytes_before / bytes_after: its footprint alone (``footprint`` mode) before anything / at the end.
     split_devices:  when nothing fits: the devices of an intra-layer split that would.
     suggestions:    the diagnosis (what would help) when nothing was applied (``--fit none``) or nothing fits.
+    heads_before / heads_after: its attention's query heads before / after head pruning (None: no
+                    head was pruned); ``applied`` says ``prune heads 25% (4 -> 3)``.
     """
 
     index: int
@@ -135,6 +174,8 @@ class LayerFit:
     applied: list = field(default_factory=list)
     split_devices: int | None = None
     suggestions: list = field(default_factory=list)
+    heads_before: int | None = None
+    heads_after: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,6 +201,7 @@ class FitReport:
     prune_heads: float = 0.0       # fraction of the attention heads removed (every layer with heads)
     calibration: int = 0           # input batches of the GPTQ calibration run (0: data-free)
     int8_weights: list = field(default_factory=list)   # name patterns kept at INT8 under int4
+    max_prune_heads: float = 0.0   # the most --fit auto may remove of a layer's attention heads
 
     @property
     def fits(self) -> bool:
@@ -177,6 +219,7 @@ class FitReport:
             "fits": self.fits, "layers": [l.to_dict() for l in self.layers],
             "quantized": list(self.quantized), "pruned": list(self.pruned), "notes": list(self.notes),
             "calibration": self.calibration, "int8_weights": list(self.int8_weights), "prune_heads": self.prune_heads,
+            "max_prune_heads": self.max_prune_heads,
         }
 
     def format_table(self) -> str:
@@ -342,17 +385,24 @@ class _Workbench:
     """
 
     def __init__(self, analysis, group_size: int | None, hessians: dict | None = None,
-                 int8_weights: Sequence[str] | None = None, prune_heads: float = 0.0):
+                 int8_weights: Sequence[str] | None = None):
         from .passes.annotate_footprint import AnnotateFootprint
 
         self.analysis = analysis
         self.group_size = group_size
         self.hessians = dict(hessians or {})
         self.int8_weights = list(int8_weights or [])
-        self.prune_heads = float(prune_heads)
         self.annotator = AnnotateFootprint(dtype=analysis.dtype)
         self.n = len(analysis.layers)
         self._cache: dict = {}
+        self._structure: dict = {}
+
+    def structure(self, i: int) -> tuple[bool, int, str | None]:
+        """(layer ``i`` has a prunable MLP, units of its prunable attention heads (0: none), why its
+        heads cannot be pruned (None: they can, or it has none)), on the float model."""
+        if i not in self._structure:
+            self._structure[i] = layer_structure(self.analysis.mod, i)
+        return self._structure[i]
 
     def build(self, recipes: Sequence[Recipe]):
         """(module, params, records, quantized, pruned) for one recipe per layer."""
@@ -365,8 +415,9 @@ class _Workbench:
         mod, params = self.analysis.mod, self.analysis.params
         quantized, pruned = [], []
         hessians = dict(self.hessians)
-        if self.prune_heads:
-            mod, params, done = prune_weights(mod, params, 0.0, heads=self.prune_heads)
+        for ratio in sorted({r.heads for r in recipes if r.heads > 0}):
+            sel = [i for i, r in enumerate(recipes) if r.heads == ratio]
+            mod, params, done = prune_weights(mod, params, 0.0, layers=sel, heads=ratio)
             pruned += [d.to_dict() for d in done]
             for d in done:   # the output projection lost rows of its reduction axis
                 for name, rows in d.reduced:
@@ -387,7 +438,7 @@ class _Workbench:
                 mod, params, done = quantize_weights(mod, params, bits=bits, group_size=self.group_size, layers=sel,
                                                      hessians=hessians, int8_weights=self.int8_weights)
                 quantized += [d.to_dict() for d in done]
-        if all(r == Recipe() for r in recipes) and not self.prune_heads:
+        if all(r == Recipe() for r in recipes):
             result = (mod, params, list(self.analysis.layers), quantized, pruned)
         else:
             mod, records = self.measure(mod)
@@ -428,8 +479,16 @@ class _Workbench:
 
 
 def _layer_fit(i, before: LayerRecord, after: LayerRecord, recipe: Recipe, capacity: int, footprint: str,
-               micro: int | None) -> LayerFit:
-    applied = recipe.steps() + ([f"micro-batch {micro}"] if micro else [])
+               micro: int | None, heads_done: dict | None = None) -> LayerFit:
+    """One layer's report entry. The head step says what was applied to this layer (``heads_done``,
+    PruneWeights' record for it: whole heads, so the fraction may differ from the one asked for;
+    a layer without heads gets no head step)."""
+    applied = dataclasses.replace(recipe, heads=0.0).steps()
+    h_before = h_after = None
+    if heads_done is not None:
+        h_before, h_after = int(heads_done["heads_before"]), int(heads_done["heads_after"])
+        applied.append(f"prune heads {(h_before - h_after) / h_before:.0%} ({h_before} -> {h_after})")
+    applied += [f"micro-batch {micro}"] if micro else []
     b_after = layer_bytes(after, footprint)
     fits = b_after <= capacity
     return LayerFit(
@@ -439,28 +498,28 @@ def _layer_fit(i, before: LayerRecord, after: LayerRecord, recipe: Recipe, capac
         fits=fits, applied=applied,
         split_devices=None if fits else _split_devices(after, capacity, footprint, i),
         suggestions=[] if fits else _suggestions(after, capacity, footprint, i),
+        heads_before=h_before, heads_after=h_after,
     )
 
 
 def _escalate(bench: _Workbench, base: Recipe, capacity: int, footprint: str, max_prune: float,
-              progress: Callable[[str], None] | None):
-    """Per layer over capacity, the least aggressive rung that fits. Returns (recipes, unresolved)."""
+              progress: Callable[[str], None] | None, max_prune_heads: float = 0.0):
+    """Per layer over capacity, the least aggressive rung that fits (:func:`candidates`, with the
+    layer's own structure: MLP rungs only where it has a prunable MLP, head rungs only where it has
+    attention heads that can be followed). Returns (recipes, unresolved, notes)."""
     n = bench.n
     recipes = [base] * n
     _, _, records, _, _ = bench.build(recipes)
     over = [i for i, r in enumerate(records) if layer_bytes(r, footprint) > capacity]
-    unresolved = []
+    unresolved, notes = [], []
     for i in over:
         chosen = None
         last = records[i]
         best = (layer_bytes(last, footprint), base)   # the smallest footprint measured so far
-        prunable = None
-        for cand in candidates(base, max_prune):
-            if cand.prune > base.prune:
-                if prunable is None:
-                    prunable = _has_mlp(bench, i)
-                if not prunable:
-                    break
+        mlp, units, why = bench.structure(i)
+        if why and max_prune_heads > 0:
+            notes.append(f"layer {i} ({records[i].name}): its attention heads are not pruned by --fit auto: {why}")
+        for cand in candidates(base, max_prune, mlp=mlp, head_units=units, max_prune_heads=max_prune_heads):
             trial = list(recipes)
             trial[i] = cand
             _, _, recs, _, _ = bench.build(trial)
@@ -479,13 +538,82 @@ def _escalate(bench: _Workbench, base: Recipe, capacity: int, footprint: str, ma
             recipes[i] = best[1]
         else:
             recipes[i] = chosen
-    return recipes, unresolved
+    return recipes, unresolved, notes
 
 
-def _has_mlp(bench: _Workbench, i: int) -> bool:
-    from .passes.prune_weights import find_mlp_pairs
+def layer_structure(mod, i: int) -> tuple[bool, int, str | None]:
+    """What the pruning rungs can do to layer ``i`` of a layered module: (it has a prunable MLP
+    pair, the prunable units of its attention (heads; key/value groups under GQA; 0 when it has no
+    attention), why its attention cannot be pruned (the
+    :class:`~cachefit.passes.prune_weights.HeadsNotFound` message; None when it can or has none))."""
+    from .passes.prune_weights import HeadsNotFound, find_attention_heads, find_mlp_pairs
 
-    return bool(find_mlp_pairs(bench.analysis.mod, layers=[i]))
+    mlp = bool(find_mlp_pairs(mod, layers=[i]))
+    try:
+        atts = find_attention_heads(mod, layers=[i])
+    except HeadsNotFound as exc:
+        log.info("fit: layer %d: no head rungs: %s", i, exc)
+        return mlp, 0, str(exc)
+    return mlp, (atts[0].units if atts else 0), None
+
+
+def check_fit_options(*, mode: str = "none", quantize: str | None = None, group_size: int | None = None,
+                      prune: float = 0.0, max_prune: float = 0.5, max_prune_heads: float | None = None,
+                      prune_heads: float = 0.0, int8_weights: Sequence[str] | None = None) -> None:
+    """Refuse option values :func:`fit_model` cannot use (a CachefitError naming the flag and the value);
+    cheap, no model needed: run it before importing one."""
+    if mode not in FIT_MODES:
+        raise CachefitError(f"unknown --fit {mode!r}: use auto (apply the fixes) or none (only report)")
+    quantize = (quantize or "none").lower()
+    if quantize not in QUANTIZE_MODES:
+        raise CachefitError(f"unknown --quantize {quantize!r}: use none, int8 or int4")
+
+    def fraction(flag, value, example):
+        try:
+            ok = 0.0 <= float(value) < 1.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CachefitError(f"{flag} {value} is not a fraction in [0, 1): {example}")
+
+    fraction("--prune", prune, "e.g. 0.25 removes a quarter of the MLP units")
+    fraction("--max-prune", max_prune, "e.g. 0.5 lets --fit auto remove up to half of a layer's MLP units")
+    if max_prune_heads is not None:
+        fraction("--max-prune-heads", max_prune_heads, "e.g. 0.25 lets --fit auto remove up to a quarter of a "
+                 "layer's attention heads; 0 keeps every head")
+    fraction("--prune-heads", prune_heads, "e.g. 0.25 removes a quarter of each attention layer's heads")
+    if group_size is not None and int(group_size) < 1:
+        raise CachefitError(f"--group-size {group_size} must be a positive number of rows")
+    for pat in int8_weights or ():
+        if not str(pat).strip() or str(pat).strip() == "@":
+            raise CachefitError(f"--int8-weights {pat!r} is empty: give a weight-name pattern ('*router*') or "
+                                "@LAYER ('@head')")
+    if int8_weights and quantize != "int4" and mode != "auto":
+        raise CachefitError(f"--int8-weights {' '.join(map(str, int8_weights))} keeps weights at INT8 where INT4 "
+                            f"is applied, and nothing is quantized to INT4 here (--quantize {quantize}, --fit {mode}): "
+                            "add --quantize int4 or --fit auto, or leave --int8-weights out")
+
+
+def _check_int8_patterns(analysis, int8_weights: Sequence[str]) -> None:
+    """Each --int8-weights pattern must name something: a weight of the IR (or a layer, for @LAYER)."""
+    import fnmatch
+
+    names = [str(k) for k in analysis.params]
+    layer_names = [r.name for r in analysis.layers]
+    originals = getattr(getattr(analysis, "imported", None), "original_names", None) or {}
+    for pat in int8_weights:
+        pat = str(pat)
+        if pat.startswith("@"):
+            if not any(fnmatch.fnmatchcase(n, pat[1:]) for n in layer_names):
+                raise CachefitError(f"--int8-weights {pat!r} matches no layer of {analysis.name}: its layers are "
+                                    f"{', '.join(layer_names[:6])}{', ...' if len(layer_names) > 6 else ''}")
+        elif not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            hint = next((ir for ir, orig in originals.items() if fnmatch.fnmatchcase(str(orig), pat)), None)
+            raise CachefitError(
+                f"--int8-weights {pat!r} matches no weight of {analysis.name}"
+                + (f"; the patterns match the IR's names, where {originals[hint]!r} is {hint!r}" if hint else
+                   f": its weights are named like {', '.join(names[:3])}")
+            )
 
 
 def fit_model(
@@ -505,12 +633,20 @@ def fit_model(
     calibration: int | Sequence[Mapping] | None = None,
     int8_weights: Sequence[str] | None = None,
     prune_heads: float = 0.0,
+    max_prune_heads: float | None = None,
 ):
-    """Apply ``--quantize``/``--prune`` to every layer, then (``mode="auto"``) escalate on each layer
-    still over ``capacity``; ``micro_batch`` is ``None`` (auto only as a last resort of
-    ``mode="auto"``), ``"auto"`` (the largest divisor of the batch that fits, see
+    """Apply ``--quantize``/``--prune``/``--prune-heads`` to every layer, then (``mode="auto"``)
+    escalate on each layer still over ``capacity``; ``micro_batch`` is ``None`` (auto only as a last
+    resort of ``mode="auto"``), ``"auto"`` (the largest divisor of the batch that fits, see
     :func:`choose_micro_batch`) or a number. ``layers``/``layer_boundaries`` are the ones the model was
     analysed with (a smaller micro-batch imports it again).
+
+    ``max_prune`` bounds the MLP rungs, ``max_prune_heads`` (None: the value of ``max_prune``; 0: no
+    head rungs) the attention-head rungs of ``mode="auto"``: whole heads (whole key/value groups under
+    GQA) are removed one at a time, only where the removed fraction stays within it, only after the
+    MLP rungs reached ``max_prune``, and only in layers whose attention
+    :func:`~cachefit.passes.prune_weights.find_attention_heads` follows. The report gives the
+    fraction each layer got (``prune heads 25% (4 -> 3)``).
 
     ``calibration`` (opt-in; the default is data-free): a number N of random input batches (N(0, 1)
     floats, token ids uniform over the embedding) or a list of input feeds (ONNX input name ->
@@ -518,30 +654,23 @@ def fit_model(
     rounded by GPTQ against its input Hessian (:mod:`cachefit.passes.calibrate_weights`).
     ``int8_weights``: weight-name patterns kept at INT8 where INT4 is applied, or ``@<layer>``
     for the weights a layer reads (``@head``) (mixed precision;
-    :data:`cachefit.passes.quantize_weights.SENSITIVE_INT8` are the MoE routers).
+    :data:`cachefit.passes.quantize_weights.SENSITIVE_INT8` are the MoE routers); a pattern that
+    matches no weight (no layer) is refused.
 
     Returns ``(analysis, report)``: a :class:`~cachefit.analysis.ModelAnalysis` of the rewritten model
     (module, params, records measured on it) and the :class:`FitReport`.
     """
     check_mode(footprint)
-    if mode not in FIT_MODES:
-        raise CachefitError(f"unknown --fit {mode!r}: use auto (apply the fixes) or none (only report)")
+    check_fit_options(mode=mode, quantize=quantize, group_size=group_size, prune=prune, max_prune=max_prune,
+                      max_prune_heads=max_prune_heads, prune_heads=prune_heads, int8_weights=int8_weights)
     quantize = (quantize or "none").lower()
-    if quantize not in QUANTIZE_MODES:
-        raise CachefitError(f"unknown --quantize {quantize!r}: use none, int8 or int4")
-    if not 0.0 <= float(prune) < 1.0:
-        raise CachefitError(f"--prune {prune} is not a fraction in [0, 1): e.g. 0.25 removes a quarter of the MLP units")
-    if not 0.0 <= float(max_prune) < 1.0:
-        raise CachefitError(f"--max-prune {max_prune} is not a fraction in [0, 1)")
-    if group_size is not None and int(group_size) < 1:
-        raise CachefitError(f"--group-size {group_size} must be a positive number of rows")
-    if not 0.0 <= float(prune_heads) < 1.0:
-        raise CachefitError(f"--prune-heads {prune_heads} is not a fraction in [0, 1): e.g. 0.25 removes a quarter "
-                            "of each attention layer's heads")
+    max_prune_heads = float(max_prune if max_prune_heads is None else max_prune_heads)
     if capacity <= 0:
         raise CachefitError(f"the capacity must be positive, got {capacity}")
+    if int8_weights:
+        _check_int8_patterns(analysis, int8_weights)
     batch = analysis.layers[0].batch if analysis.layers else 1
-    base = Recipe({"none": None, "int8": 8, "int4": 4}[quantize], float(prune))
+    base = Recipe({"none": None, "int8": 8, "int4": 4}[quantize], float(prune), float(prune_heads))
     original = list(analysis.layers)
     notes: list[str] = []
 
@@ -553,7 +682,7 @@ def fit_model(
         hessians, n_calib = _calibrate(analysis, calibration, progress)
 
     def workbench(a):
-        return _Workbench(a, group_size, hessians, int8_weights, prune_heads)
+        return _Workbench(a, group_size, hessians, int8_weights)
 
     micro = batch
     current = analysis
@@ -564,7 +693,7 @@ def fit_model(
     bench = workbench(current)
 
     if mode == "auto":
-        recipes, unresolved = _escalate(bench, base, capacity, footprint, max_prune, progress)
+        recipes, unresolved, found = _escalate(bench, base, capacity, footprint, max_prune, progress, max_prune_heads)
         if unresolved and micro_batch in (None, "auto") and micro > 1:
             _, _, recs, _, _ = bench.build(recipes)
             m = choose_micro_batch(recs, capacity, footprint)
@@ -578,7 +707,9 @@ def fit_model(
                 else:
                     micro = m
                     bench = workbench(current)
-                    recipes, unresolved = _escalate(bench, base, capacity, footprint, max_prune, progress)
+                    recipes, unresolved, found = _escalate(bench, base, capacity, footprint, max_prune, progress,
+                                                           max_prune_heads)
+        notes += found
     else:
         recipes = [base] * bench.n
         if micro_batch == "auto":
@@ -593,15 +724,14 @@ def fit_model(
     report = FitReport(mode=mode, capacity_bytes=int(capacity), footprint=footprint, batch=batch, micro_batch=micro,
                        quantize=quantize, group_size=group_size, prune=float(prune), max_prune=float(max_prune),
                        quantized=quantized, pruned=pruned, notes=notes, calibration=n_calib,
-                       int8_weights=list(int8_weights or []), prune_heads=float(prune_heads))
+                       int8_weights=list(int8_weights or []), prune_heads=float(prune_heads),
+                       max_prune_heads=max_prune_heads if mode == "auto" else 0.0)
     head_layers = {d["layer"]: d for d in pruned if "heads_before" in d}
     for i, (before, after) in enumerate(zip(original, records)):
         rec = recipes[i]
         changed = rec != Recipe() or micro != batch or i in head_layers
-        lf = _layer_fit(i, before, after, rec, capacity, footprint, micro if micro != batch else None)
-        if i in head_layers:
-            d = head_layers[i]
-            lf.applied.append(f"prune heads {d['heads_before']} -> {d['heads_after']}")
+        lf = _layer_fit(i, before, after, rec, capacity, footprint, micro if micro != batch else None,
+                        head_layers.get(i))
         if not changed:
             lf.applied = []
         if mode == "none" and not lf.fits:

@@ -341,7 +341,8 @@ def test_calibration_follows_pruning(analyzed):
     assert {q["method"] for q in rep.quantized} == {"gptq"}
     assert new.params["layers_0_mlp_fc2_weight_int4"].shape == (240, 160)
     assert new.params["layers_0_attn_o_proj_weight_int4"].shape == (40, 160)
-    assert "prune heads 4 -> 2" in rep.layers[0].applied
+    assert "prune heads 50% (4 -> 2)" in rep.layers[0].applied
+    assert (rep.layers[0].heads_before, rep.layers[0].heads_after) == (4, 2)
     with pytest.raises(CachefitError, match="calibrate 0"):
         fit_model(a, 10**9, quantize="int4", calibration=0)
     with pytest.raises(CachefitError, match="prune-heads 1.5"):
