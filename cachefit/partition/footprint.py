@@ -114,12 +114,50 @@ class GroupCost:
     y: Sequence
     monotone: bool
     superadditive: bool = False
+    # Gates (optional, stage times with transfers overlapped): with ``gx``/``gy`` set the cost is
+    # ``max(core(a, b) + x[a] + y[b - 1], gx[a], gy[b - 1])``, which is not of the form above.
+    # The searches never test a gated cost directly: :meth:`at_bound` gives, for one bound, an
+    # ungated cost of the form above that is within that bound exactly when this one is.
+    gx: Sequence | None = None
+    gy: Sequence | None = None
 
     def core(self, a: int, b: int):
         raise NotImplementedError
 
     def cost(self, a: int, b: int):
         return self.core(a, b) + self.x[a] + self.y[b - 1]
+
+    @property
+    def gated(self) -> bool:
+        return self.gx is not None or self.gy is not None
+
+    @property
+    def plain_monotone(self) -> bool:
+        """Whether ``core + x + y`` (the cost without its gates) is monotone under inclusion."""
+        return self.monotone
+
+    def at_bound(self, bound) -> "GroupCost":
+        """A cost of the plain form that is within ``bound`` exactly where this one is: this
+        cost itself when ungated, else :class:`GatedView`."""
+        return GatedView(self, bound) if self.gated else self
+
+    def next_gate(self, bound):
+        """The smallest gate value above ``bound`` (INF if none): for every bound from ``bound``
+        up to (not including) it, :meth:`at_bound` refuses the same group starts and ends."""
+        gates = self.__dict__.get("_sorted_gates")
+        if gates is None:
+            gates = self._sorted_gates = sorted({*(self.gx or ()), *(self.gy or ())})
+        i = bisect_right(gates, bound)
+        return gates[i] if i < len(gates) else float("inf")
+
+    def order_source(self) -> "GroupCost":
+        """The cost whose :meth:`dominance_arrays` order this cost's ``x`` (a view: its base)."""
+        return self
+
+    def dominance_arrays(self) -> list:
+        """Arrays that every bound's ``x`` respects: a cut ``a2`` at most ``a`` in each of them has
+        ``x[a2] <= x[a]`` (also in every :meth:`at_bound` view). Used for dominance in the searches."""
+        return [self.x] if self.gx is None else [self.x, self.gx]
 
     def mirrored(self) -> "GroupCost":
         """The same costs on the layers in reverse order: group ``[a, b)`` of the mirror is
@@ -187,8 +225,14 @@ class Mirrored(GroupCost):
         self.n = base.n
         self.x = list(reversed(base.y))
         self.y = list(reversed(base.x))
+        self.gx = list(reversed(base.gy)) if base.gy is not None else None
+        self.gy = list(reversed(base.gx)) if base.gx is not None else None
         self.monotone = base.monotone
         self.superadditive = base.superadditive
+
+    @property
+    def plain_monotone(self) -> bool:
+        return self.base.plain_monotone
 
     def core(self, a: int, b: int):
         return self.base.core(self.n - b, self.n - a)
@@ -205,6 +249,39 @@ class Mirrored(GroupCost):
     def spill_time(self, layer: int):
         """Forwarded for stage-time oracles (:class:`~.cost.StageTime`)."""
         return self.base.spill_time(self.n - 1 - layer)
+
+    def transfer(self, a: int):
+        """Forwarded for stage-time oracles: the input transfer of the stage starting at ``a``
+        (in the mirror, the one ending at ``a``: transfers are always into a stage's first layer)."""
+        return self.base.transfer(self.n - 1 - a)
+
+
+class GatedView(GroupCost):
+    """A gated cost (:attr:`GroupCost.gx`, ``gy``) at one bound ``B``, in the plain form.
+
+    ``max(core + x[a] + y[b-1], gx[a], gy[b-1]) <= B`` exactly when ``core + x'[a] + y'[b-1] <= B``
+    with ``x'[a] = x[a]`` where ``gx[a] <= B`` and INF where not (a group may not start there),
+    ``y'`` alike: a cost of the form the searches are exact for, the same ``core``, ``x' >= 0``,
+    ``y' >= 0``. Valid for ``B`` only; ``base.next_gate(B)`` says how far above ``B`` it stays valid.
+    """
+
+    def __init__(self, base: GroupCost, bound):
+        inf = float("inf")
+        self.base = base
+        self.bound = bound
+        self.n = base.n
+        self.x = base.x if base.gx is None else [v if g <= bound else inf for v, g in zip(base.x, base.gx)]
+        self.y = base.y if base.gy is None else [v if g <= bound else inf for v, g in zip(base.y, base.gy)]
+        # No gate refuses anything: the plain cost; else a refused start or end breaks monotonicity.
+        self.monotone = base.plain_monotone and base.next_gate(bound) == inf
+        self.superadditive = base.superadditive
+        prefix = getattr(base, "prefix", None)
+        if prefix is not None:
+            self.prefix = prefix  # reach guesses only
+        self.core = base.core
+
+    def order_source(self) -> GroupCost:
+        return self.base.order_source()
 
 
 class AdditiveCost(GroupCost):

@@ -360,7 +360,7 @@ def _build(layers, cap, strategy, footprint, groups, devices, minimum, objective
         t = tr = None
         if time is not None:
             t = time.cost(a, b) if resident else time.spill_time(a)
-            tr = time.x[a]
+            tr = time.transfer(a)
         stages.append(Stage(
             index=s, device=s, first_layer=a, last_layer=b - 1,
             layer_names=[l.name for l in layers[a:b]],

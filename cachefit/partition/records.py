@@ -95,7 +95,15 @@ class StageCostModel(Protocol):
 
     layer_time(layer, resident): seconds for one micro-batch through ``layer`` when its stage's
         working set is resident on chip (``resident=True``) or spills off chip.
-    transfer_time(nbytes): seconds to receive ``nbytes`` of boundary activations over the link.
+    transfer_time(nbytes): seconds to receive ``nbytes`` of boundary activations over the link
+        (nondecreasing in ``nbytes``; the partitioner's fast search relies on it and falls back
+        to its dynamic programme where it does not hold).
+    overlap_transfers (optional attribute, False when absent): a stage receives its next input
+        while it computes, so its time is ``max(sum of layer times, input transfer)`` instead of
+        their sum (:class:`cachefit.perf.costmodel.CostModel` has it).
+
+    Every stage pays the transfer of its input, the first one included (it receives the model
+    input from the host).
     """
 
     def layer_time(self, layer: LayerRecord, resident: bool) -> float: ...

@@ -98,12 +98,18 @@ def fewest_groups(
         return _greedy_fewest(bounds, segments, limit, varied)
     groups: list = []
     leap = INF
+    order = None
+    if len(bounds) > 1 and not force_dp:
+        order = _shared_order(bounds)
     for seg in segments:
         part = None
-        if len(bounds) == 1 and not force_dp:
+        if not force_dp and (len(bounds) == 1 or order is not None):
             try:
                 left = None if limit is None else limit - len(groups)
-                part, _, seg_leap = _frontier_fewest(bounds[0], seg.start, seg.end, left, varied)
+                if len(bounds) == 1:
+                    part, _, seg_leap = _frontier_fewest(bounds[0], seg.start, seg.end, left, varied)
+                else:
+                    part, _, seg_leap = _frontier_fewest_multi(bounds, seg.start, seg.end, left, varied, order)
             except _GiveUp:
                 part = None
             else:
@@ -510,6 +516,336 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
     return out, t, leap
 
 
+def _shared_order(bounds: Sequence[Bound]):
+    """``(key, smaller)``: one order of the cuts that every bound's ``x`` respects, or None.
+
+    ``key[a2] <= key[a]`` implies ``x[a2] <= x[a]`` for every bound (and every :meth:`at_bound`
+    view of it), so a later cut with a key no larger dominates for all bounds at once; ``smaller``
+    is the previous-smaller table of ``key`` (see :meth:`GroupCost.previous_smaller_x`). The key is
+    the rank of each cut in the lexicographic order of the bounds' :meth:`dominance_arrays`; it
+    exists when every array is nondecreasing along that order (``min-time``: the footprint's
+    ``in_bytes`` and the stage time's ``transfer_time(in_bytes)``, when that time grows with the
+    bytes). Computed once per set of bound sources and kept on the first.
+    """
+    sources = [c.order_source() for c, _ in bounds]
+    cache = sources[0].__dict__.setdefault("_shared_orders", {})
+    ident = tuple(id(s) for s in sources)
+    hit = cache.get(ident)
+    if hit is not None and all(a is b for a, b in zip(hit[0], sources)):
+        return hit[1]
+    n = sources[0].n
+    arrays = []
+    for src in sources:
+        for arr in src.dominance_arrays():
+            if arr is not None and any(v != arr[0] for v in arr):  # constant arrays order nothing
+                arrays.append(arr)
+    if not arrays:
+        key = [0] * n
+    elif len(arrays) == 1:
+        key = list(arrays[0])
+    else:
+        key = _lex_rank(arrays, n)
+    result = None
+    if key is not None:
+        smaller = [-1] * n
+        for i, v in enumerate(key):
+            j = i - 1
+            while j >= 0 and key[j] >= v:
+                j = smaller[j]
+            smaller[i] = j
+        result = (key, smaller)
+    cache[ident] = (sources, result)
+    return result
+
+
+def _lex_rank(arrays: list, n: int):
+    """Dense rank of each index in the lexicographic order of ``arrays``, or None if some array
+    is not nondecreasing along that order (then no single order serves them all)."""
+    import numpy as np
+
+    try:
+        cols = [np.asarray(arr) for arr in arrays]
+    except OverflowError:
+        cols = []
+    if any(c.dtype.kind not in "iuf" for c in cols) or not cols:  # huge integers: plain Python
+        order = sorted(range(n), key=lambda i: tuple(arr[i] for arr in arrays))
+        for arr in arrays:
+            if any(arr[i] > arr[j] for i, j in zip(order, order[1:])):
+                return None
+        key, rank, last = [0] * n, 0, None
+        for i in order:
+            t = tuple(arr[i] for arr in arrays)
+            if last is not None and t != last:
+                rank += 1
+            key[i], last = rank, t
+        return key
+    order = np.lexsort(cols[::-1])  # the last key given is the primary one
+    changed = np.zeros(n - 1, dtype=bool)
+    for c in cols:
+        s = c[order]
+        if (s[1:] < s[:-1]).any():
+            return None
+        changed |= s[1:] != s[:-1]
+    key = np.empty(n, dtype=np.int64)
+    key[order] = np.concatenate(([0], np.cumsum(changed)))
+    return key.tolist()
+
+
+def _frontier_fewest_multi(bounds: Sequence[Bound], start: int, end: int, limit: int | None,
+                           varied: GroupCost | None, order):
+    """:func:`_frontier_fewest` with several bounds (``min-time``: stage time and capacity).
+
+    A group is allowed when it is within every bound. The argument of the one-bound search
+    carries over bound by bound: each pruning test there (a core's reach from a cut, a core plus
+    ``x`` over the bound, the cheap test ``core + x + y[p-1]`` of a cut below the farthest end) is
+    a necessary (or sufficient) condition per bound, so it is applied to every bound; dominance
+    needs a later cut no larger in every bound's ``x``: ``order`` = ``(key, smaller)`` from
+    :func:`_shared_order` replaces ``x`` and its previous-smaller table in the scans.
+
+    Only comparisons with the ``varied`` bound feed the leap: a fixed bound refuses the same
+    groups whatever the varied bound is. Fixed bounds are tested first and a varied core's reach
+    is searched only up to the fixed bounds' reach, so that refusals which decided nothing do not
+    lower the leap. Raises :class:`_GiveUp` on the same work budget as the one-bound search.
+    """
+    key, smaller = order
+    fixed = [(c, lim) for c, lim in bounds if c is not varied]
+    moving = [(c, lim) for c, lim in bounds if c is varied]
+    ordered = moving + fixed  # the varied bound first: stage times are the cheap queries
+    nb = len(ordered)
+    vi = 0 if moving else -1  # index of the varied bound
+    cores = [c.core for c, _ in ordered]
+    costs = [c.cost for c, _ in ordered]
+    xs = [c.x for c, _ in ordered]
+    ys = [c.y for c, _ in ordered]
+    lims = [lim for _, lim in ordered]
+    pres = [getattr(c, "prefix", None) for c, _ in ordered]
+    idx = range(nb)
+    leap = INF
+    g = [start]
+    frontier = [[start]]
+    yes = {start: 0}
+    no: dict[int, int] = {}
+    parent: dict[int, int] = {}
+    budget = 16 * (end - start) + 4096
+
+    def allowed(a: int, p: int) -> bool:
+        """Whether group ``[a, p)`` is within every bound (the varied one first; its refusal
+        feeds the leap only where the fixed bounds allow the group)."""
+        nonlocal leap
+        for i in idx:
+            v = costs[i](a, p)
+            if v > lims[i]:
+                if i == vi and v < leap and all(costs[j](a, p) <= lims[j] for j in idx if j != vi):
+                    leap = v
+                return False
+        return True
+
+    def farthest(i: int, o: int, right: bool, add, length: int, guess: int) -> int:
+        """:func:`_frontier_fewest`'s ``farthest`` for bound ``i`` (no leap: the reaches below
+        record the one refusal that decides their result)."""
+        core, bnd = cores[i], lims[i]
+        if length <= 0:
+            return 0
+        k = min(max(guess, 1), length)
+        if (core(o, o + k) if right else core(o - k, o)) + add <= bnd:  # search outwards
+            ok, step = k, 1
+            while ok < length:
+                k = min(ok + step, length)
+                if (core(o, o + k) if right else core(o - k, o)) + add > bnd:
+                    break
+                ok, step = k, step * 2
+            else:
+                return ok
+            bad = k
+        else:  # search inwards
+            bad, ok, step = k, 0, 1
+            while bad > 1:
+                k = max(bad - step, 1)
+                if (core(o, o + k) if right else core(o - k, o)) + add <= bnd:
+                    ok = k
+                    break
+                bad, step = k, step * 2
+        while bad - ok > 1:  # ok allowed (or 0), bad refused
+            mid = (ok + bad) // 2
+            if (core(o, o + mid) if right else core(o - mid, o)) + add <= bnd:
+                ok = mid
+            else:
+                bad = mid
+        return ok
+
+    def right_reach(a: int, hint: int) -> int:
+        """Largest ``b <= end`` with ``core + x[a]`` within every bound (``a`` if none).
+
+        Each bound's reach is searched within the previous ones' (the varied bound first). The
+        result is the varied reach ``rv`` cut by the fixed ones; it changes with the varied bound
+        only when the varied core at ``rv + 1`` fits, and only if no fixed bound cut it shorter:
+        that one value is the leap candidate."""
+        nonlocal leap
+        r = end - a
+        for i in idx:
+            pre, add = pres[i], xs[i][a]
+            guess = hint
+            if add > lims[i]:
+                guess = 1
+            elif pre is not None:
+                guess = bisect_right(pre, pre[a] + lims[i] - add, a + 1, end + 1) - 1 - a
+            r2 = farthest(i, a, True, add, r, guess)
+            if i == vi:
+                rv, vlen = r2, r
+            r = r2
+            if r == 0:
+                break
+        if vi >= 0 and r == rv < vlen:
+            v = cores[vi](a, a + rv + 1) + xs[vi][a]
+            if v < leap:
+                leap = v
+        return a + r
+
+    def left_reach(p: int, hint: int) -> int:
+        """Smallest ``a >= start`` with ``core(a, p)`` within every bound (``p`` if none); the
+        leap candidate as in ``right_reach``."""
+        nonlocal leap
+        r = p - start
+        for i in idx:
+            pre = pres[i]
+            guess = hint if pre is None else p - bisect_left(pre, pre[p] - lims[i], start, p)
+            r2 = farthest(i, p, False, 0, r, guess)
+            if i == vi:
+                rv, vlen = r2, r
+            r = r2
+            if r == 0:
+                break
+        if vi >= 0 and r == rv < vlen:
+            v = cores[vi](p - rv - 1, p)
+            if v < leap:
+                leap = v
+        return p - r
+
+    def member(p: int, t: int, depth: int) -> bool:
+        """Whether ``f[p] <= t`` (``t`` at most the current level)."""
+        nonlocal budget, win
+        known = yes.get(p)
+        if known is not None and known <= t:
+            return True
+        refused = no.get(p, -1)
+        if refused >= t:
+            return False
+        s = bisect_left(g, p)
+        if s > t:
+            return False
+        if refused < s:
+            for a in frontier[s - 1]:
+                if allowed(a, p):
+                    yes[p], parent[p] = s, a
+                    return True
+            no[p] = refused = s
+        if s == t:
+            return False
+        if depth > 64 or budget <= 0:
+            raise _GiveUp
+        lam = left_reach(p, win)
+        a = min(p - 1, g[t - 1])
+        budget -= a - lam + 1
+        m = INF
+        while a >= lam:
+            ka = key[a]
+            if ka >= m:
+                a = smaller[a]
+                continue
+            if member(a, t - 1, depth + 1):
+                if allowed(a, p):
+                    yes[p], parent[p] = yes[a] + 1, a
+                    return True
+                m = ka
+            a -= 1
+        no[p] = t
+        return False
+
+    t = 0
+    hint = win = 1
+    while True:
+        if limit is not None and t >= limit:
+            return None, t + 1, leap
+        gp = g[t]
+        best, arg = gp, -1
+        for a in frontier[t]:
+            if best > gp and best < end:  # can a's group end after the best end so far?
+                refused = False
+                for i in idx:
+                    v = cores[i](a, best + 1) + xs[i][a]
+                    if v > lims[i]:
+                        if i == vi and v < leap and all(cores[j](a, best + 1) + xs[j][a] <= lims[j]
+                                                        for j in idx if j != vi):
+                            leap = v
+                        refused = True
+                        break
+                if refused:
+                    continue
+            p = right_reach(a, gp - a + hint)
+            while p > best:
+                if allowed(a, p):
+                    best, arg = p, a
+                    break
+                p -= 1
+                budget -= 1
+        if budget <= 0:
+            raise _GiveUp
+        t += 1
+        g.append(best)
+        bases = None
+        if best > gp:
+            prev = frontier[t - 1]
+            if prev[0] != arg:
+                prev.remove(arg)
+                prev.insert(0, arg)
+            hint = best - gp
+            yes[best], parent[best] = t, arg
+            if best == end:
+                break
+            # cost_i(arg, p) <= core_i(arg, best) + x_i[arg] + y_i[p-1] for p <= best
+            bases = [cores[i](arg, best) + xs[i][arg] for i in idx]
+        lam = left_reach(best + 1, win)
+        win = best + 1 - lam
+        budget -= win
+        level, m = [], INF
+        sources = frontier[t - 1]
+        p = best
+        while p >= lam:  # the undominated members (suffix minima of key), down to lam
+            kp = key[p]
+            if kp >= m:
+                p = smaller[p]
+                continue
+            if p > gp:  # f[p] >= t: member() for this level, inlined
+                if bases is not None and all(bases[i] + ys[i][p - 1] <= lims[i] for i in idx):
+                    yes[p], parent[p] = t, arg
+                    level.append(p)
+                    m = kp
+                    p -= 1
+                    continue
+                for a in sources:
+                    if allowed(a, p):
+                        yes[p], parent[p] = t, a
+                        level.append(p)
+                        m = kp
+                        break
+                else:
+                    no[p] = t
+            elif member(p, t, 0):
+                level.append(p)
+                m = kp
+            p -= 1
+        if not level:
+            return None, t, leap
+        frontier.append(level)
+    out, b = [], end
+    while b != start:
+        a = parent[b]
+        out.append((a, b))
+        b = a
+    out.reverse()
+    return out, t, leap
+
+
 def _backtrack(parent: list, start: int, end: int) -> list:
     out = []
     b = end
@@ -709,11 +1045,18 @@ def min_bottleneck(
     a value the bottleneck cannot go below whatever the groups (spilling stages' costs); the
     result's value is ``max(floor, largest varied cost of a group)``. Integer bounds are
     bisected as integers, float bounds over their bit patterns, so the result is the exact
-    optimum of the costs as computed.
+    optimum of the costs as computed. A gated ``varied`` cost (:attr:`GroupCost.gx`: stage times
+    with overlapped transfers) is tested at each bound through :meth:`GroupCost.at_bound`.
     """
 
     def test(bound):
-        return fewest_groups([(varied, bound), *fixed], segments, max_groups, varied, force_dp)
+        # A gated cost (overlapped transfers) is tested through its plain view at this bound;
+        # the view stays the same up to the next gate value, which caps the leap.
+        c = varied.at_bound(bound)
+        r = fewest_groups([(c, bound), *fixed], segments, max_groups, c, force_dp)
+        if c is not varied and r.groups is None and r.leap is not None:
+            r.leap = min(r.leap, varied.next_gate(bound))
+        return r
 
     def value_of(groups):
         return max([floor, *(varied.cost(a, b) for a, b in groups)])
