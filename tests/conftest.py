@@ -11,12 +11,18 @@ Test models are named by one string (see :func:`model_source`):
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 import onnx
 import pytest
 from onnx import TensorProto, helper
+
+# shared fixture modules of this folder (``relax_fixtures``) import by name from any test file; the
+# folder is no package, and pytest's default import mode puts it on sys.path only as a side effect
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 DATA_DIR = Path(__file__).parent / "data"
 EXPORTED = json.loads((DATA_DIR / "models.json").read_text())["models"]

@@ -9,6 +9,7 @@ import tvm
 import tvm.s_tir
 import tvm_ffi
 from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..errors import CachefitError
 from . import keeps_errors, layering
@@ -26,6 +27,8 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp3
 # operators whose result is a view of their input after lowering (no new allocation)
 _ALIAS_OPS = ("relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.flatten",
               "relax.memory.view", "relax.builtin.stop_lift_params")
+# pure re-layouts: applied to a weight read only by a matmul, the matmul reads the weight in place
+_RELAYOUT_OPS = ("relax.permute_dims", "relax.layout_transform")
 
 
 def normalize_dtype(name: str | None) -> str | None:
@@ -84,6 +87,14 @@ class AnnotateFootprint:
       * ``cachefit.activation_bytes`` - the peak of live tensors over the binding order of the
         *lowered* layer (after operator fusion, so tensors fused away inside a kernel are not
         counted here), the layer's inputs and outputs included; views (reshape) take no bytes;
+        a weight re-laid out for a matmul (the ``permute_dims`` the ONNX importer emits for
+        ``Gemm(transB=1)``, or an ONNX ``Transpose`` of a weight before ``MatMul``: a
+        ``permute_dims`` or ``layout_transform`` of one weight parameter, read by nothing but one
+        ``relax.matmul``)
+        takes none either, nor FLOPs, and the matmul's traffic counts the weight's bytes: the CPU
+        pipeline fuses the re-layout into the matmul (``cpu_legalize.FuseWeightPrologue``: the
+        kernel reads the weight in place) or runs it once at compile time (prepack), and a GPU
+        pipeline would do the same; the weight is counted once, in ``cachefit.weight_bytes``;
         the float weight that QuantizeWeights decodes for a convolution takes none either: the
         CPU pipeline fuses the decode into the convolution's GEMM, which reads the stored
         integers and scales (no copy, no workspace); TVM's CUDA pipeline would run it as its own
@@ -104,6 +115,7 @@ class AnnotateFootprint:
         self._call_tir = tvm.ir.Op.get("relax.call_tir")
         self._matmul = tvm.ir.Op.get("relax.matmul")
         self._conv2d = tvm.ir.Op.get("relax.nn.conv2d")
+        self._relayout = [tvm.ir.Op.get(n) for n in _RELAYOUT_OPS if layering.op_exists(n)]
         self._cache: dict = {}
         self._mod = None
 
@@ -203,11 +215,51 @@ class AnnotateFootprint:
         return LayerFootprint(sum(params.values()), act, buf, flops, moved, params)
 
     def _analyse(self, fn: relax.Function, is_weight: list[bool]):
+        fn, is_weight = self.read_weights_in_place(fn, is_weight)
         flops = self._flops(fn)
         lowered = self._lower(fn)
         act, moved = self._liveness(lowered, is_weight)
         buf = self._max_workspace(lowered)
         return act, buf, flops, moved
+
+    def read_weights_in_place(self, fn: relax.Function, is_weight: list[bool]) -> tuple[relax.Function, list[bool]]:
+        """``fn`` with each weight re-layout that only feeds a matmul replaced by a new weight
+        parameter of the re-laid-out type (appended after ``fn``'s parameters), and the matching
+        ``is_weight`` list. The re-layout is ``permute_dims`` / ``layout_transform`` of one weight
+        parameter whose result is read once, by ``relax.matmul``; the weight itself stays a
+        parameter (its bytes are counted from the call site, once)."""
+        weights = {p for p, w in zip(fn.params, is_weight) if w}
+        if not weights:
+            return fn, is_weight
+        uses: dict = {}
+        consumers: dict = {}
+
+        def visit(e):
+            if isinstance(e, relax.Call):
+                for a in e.args:
+                    if isinstance(a, relax.Var):
+                        consumers.setdefault(a, []).append(e)
+            elif isinstance(e, relax.Var):
+                uses[e] = uses.get(e, 0) + 1
+
+        relax.analysis.post_order_visit(fn.body, visit)
+        remap = {}
+        for block in fn.body.blocks:
+            for b in block.bindings:
+                v = b.value
+                if not (isinstance(b, relax.VarBinding) and isinstance(v, relax.Call)
+                        and any(v.op.same_as(op) for op in self._relayout)
+                        and isinstance(v.args[0], relax.Var) and v.args[0] in weights):
+                    continue
+                # a Var is visited once per occurrence, so ``uses`` == 1 means one reader
+                readers = consumers.get(b.var, [])
+                if uses.get(b.var, 0) == 1 and len(readers) == 1 and readers[0].op.same_as(self._matmul):
+                    remap[b.var] = relax.Var(f"{b.var.name}_in_place", b.var.ty)
+        if not remap:
+            return fn, is_weight
+        body = _DropBindings(remap).visit_expr(fn.body)
+        new = relax.Function(list(fn.params) + list(remap.values()), body, fn.ret_ty, fn.is_pure, fn.attrs)
+        return new, list(is_weight) + [True] * len(remap)
 
     def _lower(self, fn: relax.Function) -> tvm.IRModule:
         f = fn.without_attr("cachefit.layer").with_attr("global_symbol", "main")
@@ -366,6 +418,20 @@ class AnnotateFootprint:
         relax.analysis.post_order_visit(fn.body, visit)
         return total[0]
 
+
+@mutator
+class _DropBindings(PyExprMutator):
+    """Drops the bindings of the vars in ``remap`` and reads ``remap[var]`` in their place."""
+
+    def __init__(self, remap: dict):
+        super().__init__()
+        self._remap = remap
+
+    def visit_var_binding_(self, binding):  # pylint: disable=arguments-renamed
+        if binding.var in self._remap:
+            self.set_var_remap(binding.var, self._remap[binding.var])
+            return
+        super().visit_var_binding_(binding)
 
 
 def _lookup(mod, gv):

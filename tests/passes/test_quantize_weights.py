@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tvm
+from relax_fixtures import ConvLayer
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
@@ -253,26 +254,6 @@ def test_compiled_layers_compute_with_the_dequantized_weights(bits, group):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@I.ir_module
-class Conv:
-    @R.function(private=True)
-    def layer_0(x: R.Tensor((1, 3, 8, 8), "float32"), w: R.Tensor((4, 3, 3, 3), "float32")) -> R.Tensor((1, 4, 6, 6), "float32"):
-        R.func_attr({"cachefit.layer": 0, "cachefit.layer_name": "conv"})
-        with R.dataflow():
-            gv = R.nn.relu(R.nn.conv2d(x, w))
-            R.output(gv)
-        return gv
-
-    @R.function
-    def main(x: R.Tensor((1, 3, 8, 8), "float32"), w: R.Tensor((4, 3, 3, 3), "float32")) -> R.Tensor((1, 4, 6, 6), "float32"):
-        R.func_attr({"num_input": 1})
-        cls = Conv
-        with R.dataflow():
-            gv = cls.layer_0(x, w)
-            R.output(gv)
-        return gv
-
-
 @pytest.mark.parametrize("bits", [8, 4])
 def test_conv2d_weight_per_output_channel(bits):
     """An OIHW conv weight is quantized per output channel over I*H*W and decoded by a kernel the
@@ -280,7 +261,7 @@ def test_conv2d_weight_per_output_channel(bits):
     rng = np.random.default_rng(3)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
-    out, new, done = quantize_weights(Conv, {"w": w}, bits=bits)
+    out, new, done = quantize_weights(ConvLayer, {"w": w}, bits=bits)
     assert done[0].kind == "oihw" and done[0].scale_shape == (1, 4)
     got = _run(out, [x, new[f"w_int{bits}"], new["w_scale"]])
     wd = dequantize_array(new[f"w_int{bits}"], new["w_scale"], bits, 27).T.reshape(4, 3, 3, 3)
