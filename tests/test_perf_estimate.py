@@ -77,7 +77,7 @@ def test_time_balanced_fallback_is_optimal_on_a_small_case():
 def _brute_time_balanced(layers, model, k):
     """(bottleneck, fewest stages reaching it) over every split into at most k contiguous stages;
     a stage is resident when its exact footprint fits, spilling otherwise, and pays the transfer
-    of its input unless it is the first."""
+    of its input (the first stage too: it receives the model input from the host)."""
     import itertools
 
     from cachefit.partition import group_footprint
@@ -86,8 +86,7 @@ def _brute_time_balanced(layers, model, k):
 
     def stage(a, b):
         resident = group_footprint(layers[a:b]).total_bytes <= model.capacity_bytes
-        return sum(model.layer_time(x, resident) for x in layers[a:b]) + (
-            model.transfer_time(layers[a].in_bytes) if a > 0 else 0.0)
+        return sum(model.layer_time(x, resident) for x in layers[a:b]) + model.transfer_time(layers[a].in_bytes)
 
     best = None
     for t in range(1, k + 1):

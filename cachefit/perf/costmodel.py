@@ -37,8 +37,12 @@ The model, in full (every figure is for one micro-batch through one device):
     larger than an LRU cache hits almost never.
 
 * **Stage time** = sum of its layers' times + tensor-parallel all-reduces (baselines only) +
-  the incoming transfer ``link_latency + in_bytes / link_bw`` (stage 0 receives nothing). With
-  ``overlap_transfers=True`` the transfer hides behind compute: ``max(compute part, transfer)``.
+  the incoming transfer ``link_latency + in_bytes / link_bw`` of its first layer. Every stage
+  pays it, stage 0 included: a pipeline's first stage receives the model input from the host
+  every micro-batch (timed on the same link figures; the presets carry no separate host link).
+  With ``overlap_transfers=True`` the transfer hides behind compute: ``max(compute part, transfer)``.
+  The ``min-time`` partitioner times stages the same way (:class:`cachefit.partition.cost.StageTime`
+  reads ``overlap_transfers`` through the ``StageCostModel`` protocol).
 * **Pipeline**: with ``M`` micro-batches in flight (default: one per stage) a micro-batch comes back
   every ``round_trip = max(sum of stage times, M * bottleneck)``; throughput =
   ``M * tokens_per_microbatch / round_trip`` (= ``tokens_per_microbatch / bottleneck`` when
@@ -216,7 +220,9 @@ class CostModel:
                          as weight-only quantized kernels compute in 16 bits).
     compute_efficiency:  the fraction of peak FLOP/s the kernels reach (1.0 = datasheet peak).
     bandwidth_efficiency: the fraction of the nominal bandwidths reached.
-    overlap_transfers:   hide a stage's incoming transfer behind its compute.
+    overlap_transfers:   hide a stage's incoming transfer behind its compute: the stage takes
+                         ``max(layers, transfer)``; part of the ``StageCostModel`` protocol, so
+                         ``min-time`` plans optimise the same stage time.
     overlap_allreduce:   hide tensor-parallel all-reduces behind compute (baselines): a stage takes
                          ``max(layers, all-reduces)`` instead of their sum, the best case of
                          communication/computation overlap.
@@ -477,12 +483,16 @@ def estimate_stage(layers: Sequence[LayerRecord], model: CostModel, *, index: in
                    footprint: Footprint | None = None) -> StageEstimate:
     """One stage: residency from its footprint, each layer's roofline, the incoming transfer.
 
-    ``incoming`` defaults to ``index > 0`` (the first stage reads the model inputs locally).
+    ``incoming`` (default True) counts the transfer of the first layer's ``in_bytes`` into the
+    stage, for every stage including the first: a pipeline's first stage receives the model
+    input from the host every micro-batch, as the ``min-time`` partitioner also counts it
+    (:class:`cachefit.partition.cost.StageTime`), so a plan's estimate and the partitioner's
+    stage times agree. Pass ``incoming=False`` for a stage whose input is already on the device.
     """
     fp = footprint or stage_footprint(layers)
     resident = fp.total_bytes <= model.capacity_bytes
     costs = [model.layer_cost(layer, resident) for layer in layers]
-    receives = index > 0 if incoming is None else incoming
+    receives = True if incoming is None else incoming
     transfer = model.transfer_time(layers[0].in_bytes) if receives else 0.0
     return StageEstimate(
         index=index, first_layer=first_layer, last_layer=first_layer + len(layers) - 1, footprint=fp,

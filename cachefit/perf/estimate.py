@@ -157,7 +157,12 @@ def plan_groups(layers: Sequence[LayerRecord], model: CostModel, devices: int,
                 strategy: str = "min-time") -> tuple[list[tuple[int, int]], str, list[str]]:
     """cachefit's stages for ``devices`` devices: ``make_plan`` (``min-time`` with this cost model,
     spilling allowed). Where the partitioner refuses (more oversized layers than devices), a
-    time-balanced split by the same model stands in, and a note says so."""
+    time-balanced split by the same model stands in, and a note says so.
+
+    Both time a stage exactly as :func:`~cachefit.perf.costmodel.estimate_stage` does: its layers
+    at the stage's residency plus the transfer of its input, the first stage included (it receives
+    the model input from the host), or the larger of the two with ``overlap_transfers``; so the
+    optimum they reach is the bottleneck the estimate reports for their stages."""
     from ..partition.plan import make_plan
 
     notes: list[str] = []
@@ -177,11 +182,13 @@ class _ResidentOrSpillingStageTime(GroupCost):
 
     ``cost(a, b)`` = the layers' times at the stage's residency (resident when its exact
     footprint, :class:`~cachefit.partition.FootprintCost`, the same as :func:`stage_footprint`,
-    fits ``model.capacity_bytes``; spilling otherwise) + the transfer of layer ``a``'s input for
-    every stage but the first, as :func:`estimate_stage` counts it. ``core`` is the sum of layer
-    times, ``x`` the transfer. ``core`` is monotone under inclusion, as the partitioner's exact
-    searches require, when residency is (the footprint is monotone: a part of a resident stage
-    is resident) and no layer is faster spilling than resident: ``core_monotone``.
+    fits ``model.capacity_bytes``; spilling otherwise) + the transfer of layer ``a``'s input (every
+    stage, the first included), as :func:`estimate_stage` counts it; with ``overlap_transfers``
+    the larger of the two instead. ``core`` is the sum of layer times, ``x`` the transfer (with
+    overlap: ``x = 0`` and the transfer a gate ``gx``). ``core`` is monotone under inclusion, as
+    the partitioner's exact searches require, when residency is (the footprint is monotone: a
+    part of a resident stage is resident) and no layer is faster spilling than resident:
+    ``core_monotone``.
     """
 
     def __init__(self, layers: Sequence[LayerRecord], model: CostModel):
@@ -196,16 +203,36 @@ class _ResidentOrSpillingStageTime(GroupCost):
         off = [float(model.layer_time(x, False)) for x in layers]
         self.on = list(accumulate(on, initial=0.0))
         self.off = list(accumulate(off, initial=0.0))
-        self.x = [0.0] + [float(model.transfer_time(x.in_bytes)) for x in layers[1:]]
+        transfers = [float(model.transfer_time(x.in_bytes)) for x in layers]
         self.y = [0.0] * self.n
         self.core_monotone = self.footprint.monotone and all(f >= o for f, o in zip(off, on))
-        # Left extension adds a layer's time and that layer's transfer, and drops x[a].
-        self.monotone = self.core_monotone and all(
-            on[a - 1] + self.x[a - 1] >= self.x[a] for a in range(1, self.n))
+        self.overlap = bool(model.overlap_transfers)
+        if self.overlap:
+            self.x = [0.0] * self.n
+            self.gx = g = transfers
+            # Left extension: the core grows to at least two layers' on-chip times, the gate
+            # changes from g[a] to g[a-1] (see cachefit.partition.cost.StageTime).
+            self.monotone = self.core_monotone and all(
+                max(on[a] + on[a - 1], g[a - 1]) >= g[a] for a in range(1, self.n))
+        else:
+            self.x = transfers
+            # Left extension adds a layer's time and that layer's transfer, and drops x[a].
+            self.monotone = self.core_monotone and all(
+                on[a - 1] + self.x[a - 1] >= self.x[a] for a in range(1, self.n))
+
+    @property
+    def plain_monotone(self) -> bool:
+        return self.core_monotone if self.overlap else self.monotone
 
     def core(self, a: int, b: int) -> float:
         times = self.on if self.footprint.cost(a, b) <= self.capacity else self.off
         return times[b] - times[a]
+
+    def cost(self, a: int, b: int) -> float:
+        c = self.core(a, b)
+        if self.overlap:
+            return max(c, self.gx[a])
+        return c + self.x[a]
 
 
 def balanced_time_groups(layers: Sequence[LayerRecord], model: CostModel, k: int) -> list[tuple[int, int]]:
