@@ -397,3 +397,46 @@ def test_batchnorm_after_a_lone_conv_is_folded_on_the_nchw_path():
         ("cachefit_bn_fold_weight", 3), ("cachefit_bn_fold_bias", 4)]
     got, want = _run_both(model, prepack=True)
     assert _rel_err(got, want) < RTOL
+
+
+def _lone_conv_bn_net():
+    g = _Graph(16, 10, seed=12)
+    g.conv(32, 3, 1, 1, bias=False)
+    g.bn()
+    g.op("Relu")
+    return g.model()
+
+
+@pytest.mark.parametrize("net,channels,conv", [(_conv_bn_net, [32, 48, 40], "conv2d_nchwc"),
+                                               (_lone_conv_bn_net, [32], "conv2d_direct")])
+def test_batchnorm_without_prepack_stays_a_per_channel_epilogue(net, channels, conv):
+    """Without prepack a batch-norm fold into the weights would run on every call (a square root
+    per weight element), so FoldBatchNormScale keeps the batch norm as ``x * scale + shift``:
+    ``main`` calls no bn-fold kernel and the module holds none, the only square roots it runs are
+    over one channel vector ([C]) per batch norm, the multiply-add is fused into each
+    convolution's kernel, and the output agrees with onnxruntime. With prepack the fold is still
+    there, lifted out of ``main`` to compile time."""
+    from cachefit.codegen.cpu_legalize import BN_FOLD_ATTR  # pylint: disable=import-outside-toplevel
+    from cachefit.codegen.prepack import packed_params  # pylint: disable=import-outside-toplevel
+
+    model = net()
+    mod, _ = _import(model)
+    target = host_llvm_target(LLVM)
+    with target:
+        low = tvm.transform.Sequential(cpu_passes(target, CPUSpec.for_target(target, 1), prepack=False))(mod)
+    calls = []
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    relax.analysis.post_order_visit(low["main"].body, lambda e: calls.append((e.args[0].name_hint, e.ty))
+                                    if isinstance(e, relax.Call) and e.op.same_as(call_tir) else None)
+    names = [n for n, _ in calls]
+    assert not any("bn_fold" in n for n in names)
+    assert not any(isinstance(f, tirx.PrimFunc) and f.attrs is not None and BN_FOLD_ATTR in f.attrs
+                   for _, f in low.functions_items())
+    assert [[int(d) for d in ty.shape] for n, ty in calls if "sqrt" in n] == [[c] for c in channels]
+    assert sum(conv in n and "multiply" in n for n in names) == len(channels)
+    got, want = _run_both(model, prepack=False)
+    assert _rel_err(got, want) < RTOL
+
+    lifted = _front(model, prepack=True)
+    assert not any("bn_fold" in n or "sqrt" in n for n in _main_call_names(lifted))
+    assert sum("bn_fold" in (p.pack or "") for p in packed_params(lifted)) >= len(channels)

@@ -437,11 +437,21 @@ class FoldBatchNormScale:
     positions ``>= num_input``) is folded into the convolution: ``conv2d(x, w * scale) + shift'``,
     the folded weight and shift computed by marked weight packs (:func:`bn_fold_weight_func`,
     :func:`bn_fold_bias_func`) that a compile with ``prepack`` evaluates once, so no batch-norm
-    math runs per call (onnxruntime does the same at session creation).
+    math runs per call (onnxruntime does the same at session creation). Only with ``prepack``:
+    without it the packs would run on every call (a square root per weight element), so the batch
+    norm stays the per-channel ``x * scale + shift`` above, an epilogue the convolution's kernel
+    fuses (C square roots per call, in their own small kernel).
+
+    Options:
+        prepack: weight packs run once at compile time (``compile_relax(prepack=True)``); fold
+                 batch norms into the convolution weights.
     """
 
+    def __init__(self, prepack: bool = False):
+        self.prepack = bool(prepack)
+
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        mutator_ = _BatchNormMutator(mod.clone())
+        mutator_ = _BatchNormMutator(mod.clone(), self.prepack)
         for gv, func in mutator_.mod_.functions_items():
             if isinstance(func, relax.Function):
                 mutator_.start(func)
@@ -454,9 +464,10 @@ class FoldBatchNormScale:
 
 @mutator
 class _BatchNormMutator(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
+    def __init__(self, mod: tvm.IRModule, fold_into_conv: bool):
         super().__init__(mod)
         self.mod_ = mod
+        self._fold_into_conv_on = fold_into_conv
         self._bn = tvm.ir.Op.get("relax.nn.batch_norm")
         self._conv = tvm.ir.Op.get("relax.nn.conv2d")
         self._add = tvm.ir.Op.get("relax.add")
@@ -532,7 +543,7 @@ class _BatchNormMutator(PyExprMutator):
         call = super().visit_call_(call)
         if not call.op.same_as(self._bn) or bool(call.attrs.training):
             return call
-        folded = self._fold_into_conv(call)
+        folded = self._fold_into_conv(call) if self._fold_into_conv_on else None
         if folded is not None:
             return folded
         x, gamma, beta, mean, var = call.args

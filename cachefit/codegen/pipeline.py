@@ -105,7 +105,7 @@ def cpu_front_passes(target: tvm.target.Target, spec: CPUSpec, prepack: bool = F
         # library dispatch (sampling, sort/scan): TVM's own
         cpu.library_dispatch_passes(target)
         # inference-only decompositions: batch norm becomes one multiply-add that fuses into convs
-        + [FoldBatchNormScale(), relax.transform.DecomposeOpsForInference(), SumOfStackToAdd()]
+        + [FoldBatchNormScale(prepack), relax.transform.DecomposeOpsForInference(), SumOfStackToAdd()]
         # chains of convolutions in channel-blocked NCHWc, their weights packed (cpu_conv)
         + _conv_layout_passes(lanes)
         # matmul weights as column panels (packs that run at compile time), with prepack only
