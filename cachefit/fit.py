@@ -594,26 +594,29 @@ def check_fit_options(*, mode: str = "none", quantize: str | None = None, group_
                             "add --quantize int4 or --fit auto, or leave --int8-weights out")
 
 
-def _check_int8_patterns(analysis, int8_weights: Sequence[str]) -> None:
-    """Each --int8-weights pattern must name something: a weight of the IR (or a layer, for @LAYER)."""
+def int8_pattern_notes(analysis, int8_weights: Sequence[str]) -> list[str]:
+    """A note per --int8-weights pattern that names nothing in ``analysis`` (no IR weight; no layer for
+    ``@LAYER``), with the IR name when the pattern matches an ONNX name instead. Notes, not errors:
+    a list such as :data:`~cachefit.passes.quantize_weights.SENSITIVE_INT8` is meant for many models."""
     import fnmatch
 
     names = [str(k) for k in analysis.params]
     layer_names = [r.name for r in analysis.layers]
     originals = getattr(getattr(analysis, "imported", None), "original_names", None) or {}
-    for pat in int8_weights:
-        pat = str(pat)
+    notes = []
+    for pat in map(str, int8_weights):
         if pat.startswith("@"):
             if not any(fnmatch.fnmatchcase(n, pat[1:]) for n in layer_names):
-                raise CachefitError(f"--int8-weights {pat!r} matches no layer of {analysis.name}: its layers are "
-                                    f"{', '.join(layer_names[:6])}{', ...' if len(layer_names) > 6 else ''}")
+                notes.append(f"--int8-weights {pat!r} matches no layer of {analysis.name} (its layers: "
+                             f"{', '.join(layer_names[:6])}{', ...' if len(layer_names) > 6 else ''})")
         elif not any(fnmatch.fnmatchcase(n, pat) for n in names):
             hint = next((ir for ir, orig in originals.items() if fnmatch.fnmatchcase(str(orig), pat)), None)
-            raise CachefitError(
-                f"--int8-weights {pat!r} matches no weight of {analysis.name}"
-                + (f"; the patterns match the IR's names, where {originals[hint]!r} is {hint!r}" if hint else
-                   f": its weights are named like {', '.join(names[:3])}")
-            )
+            notes.append(f"--int8-weights {pat!r} matches no weight of {analysis.name}"
+                         + (f"; the patterns match the IR's names, where {originals[hint]!r} is {hint!r}" if hint
+                            else f" (its weights are named like {', '.join(names[:3])})"))
+    for n in notes:
+        log.warning("%s", n)
+    return notes
 
 
 def fit_model(
@@ -655,7 +658,7 @@ def fit_model(
     ``int8_weights``: weight-name patterns kept at INT8 where INT4 is applied, or ``@<layer>``
     for the weights a layer reads (``@head``) (mixed precision;
     :data:`cachefit.passes.quantize_weights.SENSITIVE_INT8` are the MoE routers); a pattern that
-    matches no weight (no layer) is refused.
+    matches no weight (no layer) gets a note in the report.
 
     Returns ``(analysis, report)``: a :class:`~cachefit.analysis.ModelAnalysis` of the rewritten model
     (module, params, records measured on it) and the :class:`FitReport`.
@@ -667,12 +670,10 @@ def fit_model(
     max_prune_heads = float(max_prune if max_prune_heads is None else max_prune_heads)
     if capacity <= 0:
         raise CachefitError(f"the capacity must be positive, got {capacity}")
-    if int8_weights:
-        _check_int8_patterns(analysis, int8_weights)
     batch = analysis.layers[0].batch if analysis.layers else 1
     base = Recipe({"none": None, "int8": 8, "int4": 4}[quantize], float(prune), float(prune_heads))
     original = list(analysis.layers)
-    notes: list[str] = []
+    notes: list[str] = int8_pattern_notes(analysis, int8_weights) if int8_weights else []
 
     def rebatch(m):
         return rebatch_analysis(analysis, m, layers=layers, layer_boundaries=layer_boundaries)

@@ -252,3 +252,105 @@ def test_plan_fit_none_only_reports(dense_file):
     res = CliRunner().invoke(cli_main, ["plan", str(dense_file), "--cache", "700KB", "--fit", "none"])
     assert res.exit_code == 2
     assert "do not fit" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# compile's fit options on plan: --prune-heads, --int8-weights, --max-prune-heads
+# ---------------------------------------------------------------------------------------------
+
+_BYTES = ("weight_bytes", "activation_bytes", "buffer_bytes", "total_bytes", "in_bytes", "out_bytes")
+
+
+@pytest.fixture(scope="module")
+def small_dense_file(tmp_path_factory) -> Path:
+    return export("dense", tmp_path_factory.mktemp("plan") / "small.onnx", layers=2, hidden=32, heads=4, ffn=64,
+                  seq=4, batch=1)
+
+
+def test_plan_prune_heads_reports_the_pruned_bytes(small_dense_file):
+    """``cachefit plan --prune-heads 0.25`` gives, per layer, the footprint analysis' bytes after a
+    real PruneWeights run, which are the ones compile's fit step (compiler.fit_analysis, what
+    compile_model runs before planning) gives; the report says the fraction applied (1 of 4 heads)."""
+    from cachefit.analysis import analyze_onnx, layer_records
+    from cachefit.compiler import fit_analysis
+    from cachefit.passes import run_pass
+    from cachefit.passes.annotate_footprint import AnnotateFootprint
+    from cachefit.passes.prune_weights import prune_weights
+
+    d = plan_json(small_dense_file, "--cache", "50MB", "--prune-heads", "0.25")
+    plain = plan_json(small_dense_file, "--cache", "50MB")
+    a = analyze_onnx(small_dense_file)
+    mod, _params, done = prune_weights(a.mod, a.params, 0.0, heads=0.25)
+    want = layer_records(run_pass(AnnotateFootprint(), mod))
+    assert [(x.heads_before, x.heads_after) for x in done] == [(4, 3), (4, 3)]
+    for got, w in zip(d["layers"], want):
+        assert {k: got[k] for k in _BYTES} == {k: getattr(w, k) for k in _BYTES}
+    compiled, rep = fit_analysis(a, cache="50MB", prune_heads=0.25)
+    assert [r.total_bytes for r in compiled.layers] == [x["total_bytes"] for x in d["layers"]]
+    assert all(p["weight_bytes"] < q["weight_bytes"] for p, q in zip(d["layers"], plain["layers"]))
+    assert d["fit"]["prune_heads"] == 0.25 and rep.prune_heads == 0.25
+    assert [x["applied"] for x in d["fit"]["layers"]] == [["prune heads 25% (4 -> 3)"]] * 2
+
+
+@pytest.mark.slow
+def test_plan_prune_heads_matches_the_compiled_manifest(small_dense_file, tmp_path):
+    """``cachefit compile --prune-heads 0.25`` records in its manifest the per-layer bytes that
+    ``cachefit plan --prune-heads 0.25`` reports."""
+    d = plan_json(small_dense_file, "--cache", "50MB", "--prune-heads", "0.25")
+    out = tmp_path / "art"
+    r = CliRunner().invoke(cli_main, ["compile", str(small_dense_file), "--cache", "50MB", "--prune-heads", "0.25",
+                                      "--threads", "1", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())["plan"]
+    assert [{k: x[k] for k in _BYTES} for x in d["layers"]] == [{k: x[k] for k in _BYTES} for x in manifest["layers"]]
+    assert manifest["fit"]["layers"] == d["fit"]["layers"]
+
+
+def test_plan_int8_weights_changes_the_bytes_as_recorded(small_dense_file):
+    """``plan --quantize int4 --int8-weights '*fc2*'``: fc2 stays INT8 and each layer holds exactly
+    the bytes that INT8 costs more than INT4 for it (from the quantization records)."""
+    int4 = plan_json(small_dense_file, "--cache", "50MB", "--quantize", "int4")
+    mixed = plan_json(small_dense_file, "--cache", "50MB", "--quantize", "int4", "--int8-weights", "*fc2*")
+    assert mixed["fit"]["int8_weights"] == ["*fc2*"]
+    q4 = {q["name"]: q for q in int4["fit"]["quantized"]}
+    q8 = {q["name"]: q for q in mixed["fit"]["quantized"] if q["bits"] == 8}
+    assert sorted(q8) == ["layers_0_mlp_fc2_weight", "layers_1_mlp_fc2_weight"]
+    for i in range(2):
+        name = f"layers_{i}_mlp_fc2_weight"
+        extra = q8[name]["bytes_after"] - q4[name]["bytes_after"]
+        assert extra > 0
+        assert mixed["layers"][i]["weight_bytes"] - int4["layers"][i]["weight_bytes"] == extra
+
+
+def test_plan_fit_auto_reaches_the_head_rungs(small_dense_file):
+    """``plan --fit auto --max-prune 0.1`` at a capacity INT4 + 10% MLP pruning misses: the blocks get a
+    head rung; with ``--max-prune-heads 0`` they do not (and the plan refuses them)."""
+    d0 = plan_json(small_dense_file, "--cache", "50MB", "--quantize", "int4", "--prune", "0.1")
+    cap = min(x["total_bytes"] for x in d0["layers"]) - 1
+    d = plan_json(small_dense_file, "--cache", f"{cap}B", "--fit", "auto", "--max-prune", "0.1",
+                  "--max-prune-heads", "0.5")
+    assert d["fit"]["fits"] and d["fit"]["max_prune_heads"] == 0.5
+    for entry in d["fit"]["layers"]:
+        assert entry["applied"][:2] == ["int4", "prune 10%"] and entry["applied"][2].startswith("prune heads ")
+        assert entry["heads_before"] == 4 and entry["heads_after"] in (2, 3)
+    # one layer per device: a device's bytes are its layer's footprint alone
+    assert [e["bytes_after"] for e in d["fit"]["layers"]] == [p["total_bytes"] for p in d["partitions"]]
+    assert all(e["bytes_after"] <= cap < e["bytes_before"] for e in d["fit"]["layers"])
+    res = CliRunner().invoke(cli_main, ["plan", str(small_dense_file), "--cache", f"{cap}B", "--fit", "auto",
+                                        "--max-prune", "0.1", "--max-prune-heads", "0", "--micro-batch", "1"])
+    assert res.exit_code == 2 and "do not fit" in res.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--prune-heads", "1.0"], "--prune-heads 1.0 is not a fraction in [0, 1)"),
+    (["--prune-heads", "-0.5"], "--prune-heads -0.5 is not a fraction"),
+    (["--max-prune-heads", "1.5"], "--max-prune-heads 1.5 is not a fraction"),
+    (["--int8-weights", "*fc2*"], "--int8-weights *fc2* keeps weights at INT8 where INT4 is applied"),
+    (["--quantize", "int4", "--int8-weights", ""], "--int8-weights '' is empty"),
+    (["--calibrate", "4"], "--calibrate 4: GPTQ calibration changes the rounded weight values, not a byte"),
+])
+def test_plan_bad_fit_values_name_the_flag(small_dense_file, args, msg):
+    """Refused before the model is read, with the flag and the value (exit 2, one line)."""
+    res = CliRunner().invoke(cli_main, ["plan", str(small_dense_file), *args])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit)
+    assert res.stderr.startswith("cachefit: error: ") and msg in res.stderr, res.stderr

@@ -21,6 +21,8 @@ from cachefit.fit import (
 )
 from cachefit.partition.records import LayerRecord
 from cachefit.passes.quantize_weights import dequantize_array
+from tvm.script import ir as I
+from tvm.script import relax as R
 
 # ---------------------------------------------------------------------------------------------
 # plain Python
@@ -39,6 +41,35 @@ def test_ladder_order():
                                                          Recipe(4, 0.25), Recipe(4, 0.3)]
     assert [r.rank() for r in ladder] == sorted(r.rank() for r in ladder)
     assert Recipe(4, 0.25).steps() == ["int4", "prune 25%"]
+
+
+def test_ladder_head_rungs():
+    """Head rungs come after the MLP rungs reached --max-prune (INT4 + that + one more whole unit of
+    heads per rung), only for layers with heads, exact fractions k/units within --max-prune-heads,
+    one unit always kept; without an MLP the head rungs follow INT4 directly; rungs at or below a
+    global --prune-heads (as PruneWeights rounds it) are skipped."""
+    from cachefit.fit import head_fraction, removed_units
+
+    mlp_only = candidates(Recipe(), 0.1)
+    assert candidates(Recipe(), 0.1, head_units=0, max_prune_heads=0.5) == mlp_only
+    assert candidates(Recipe(), 0.1, head_units=4, max_prune_heads=0.0) == mlp_only
+    ladder = candidates(Recipe(), 0.1, head_units=4, max_prune_heads=0.5)
+    assert ladder == mlp_only + [Recipe(4, 0.1, 0.25), Recipe(4, 0.1, 0.5)]
+    assert [r.rank() for r in ladder] == sorted(r.rank() for r in ladder)
+    assert candidates(Recipe(), 0.1, mlp=False, head_units=4, max_prune_heads=0.5) == [
+        Recipe(8), Recipe(4), Recipe(4, 0.0, 0.25), Recipe(4, 0.0, 0.5)]
+    # whole heads, rounded down under the max: 12 heads, at most 30% -> 1, 2, 3 heads
+    assert [r.heads for r in candidates(Recipe(4), 0.0, head_units=12, max_prune_heads=0.3)] == [
+        0.083333, 0.166667, 0.25]
+    assert candidates(Recipe(4), 0.0, head_units=4, max_prune_heads=0.2) == []   # a whole head is 25%
+    assert candidates(Recipe(4), 0.0, head_units=1, max_prune_heads=0.9) == []   # the last unit stays
+    assert candidates(Recipe(4), 0.0, head_units=2, max_prune_heads=0.9) == [Recipe(4, 0.0, 0.5)]  # GQA groups
+    # --prune-heads 0.25 of 6 heads removes round(1.5) = 2: the ladder goes on with 3 of 6
+    assert removed_units(0.25, 6) == 2
+    assert candidates(Recipe(4, 0.5, 0.25), 0.5, head_units=6, max_prune_heads=0.5) == [Recipe(4, 0.5, 0.5)]
+    for units in range(1, 65):
+        assert all(removed_units(head_fraction(k, units), units) == k for k in range(units))
+    assert Recipe(4, 0.5, 0.25).steps() == ["int4", "prune 50%", "prune heads 25%"]
 
 
 def _rec(w, act, batch=8, name="l"):
@@ -369,3 +400,160 @@ def test_cli_compile_prune_heads_calibrate_int8_weights(tmp_path):
     bits = {q["name"]: (q["bits"], q["method"]) for q in fit["quantized"]}
     assert bits.pop("layers_0_mlp_fc2_weight") == (8, "gptq") and set(bits.values()) == {(4, "gptq")}
     assert [(p["heads_before"], p["heads_after"]) for p in fit["pruned"]] == [(2, 1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# attention-head rungs
+# ---------------------------------------------------------------------------------------------
+
+
+def _measured(analysis, prune=0.0, heads=0.0, bits=4, layers=None):
+    """The per-layer records of ``analysis`` after a real PruneWeights (MLP ``prune``, then ``heads``)
+    and QuantizeWeights run, measured by the footprint analysis: independent of cachefit.fit."""
+    from cachefit.analysis import layer_records
+    from cachefit.passes import run_pass
+    from cachefit.passes.annotate_footprint import AnnotateFootprint
+    from cachefit.passes.prune_weights import prune_weights
+    from cachefit.passes.quantize_weights import quantize_weights
+
+    mod, params = analysis.mod, analysis.params
+    if prune:
+        mod, params, _ = prune_weights(mod, params, prune, layers=layers)
+    if heads:
+        mod, params, _ = prune_weights(mod, params, 0.0, layers=layers, heads=heads)
+    if bits:
+        mod, params, _ = quantize_weights(mod, params, bits=bits, layers=layers)
+    return layer_records(run_pass(AnnotateFootprint(dtype=analysis.dtype), mod)), params
+
+
+@pytest.fixture(scope="module")
+def small_dense():
+    """Two transformer blocks (attention with 4 heads + MLP each) whose weights dominate."""
+    from cachefit.analysis import analyze_onnx
+    from cachefit.models import build
+
+    return analyze_onnx(build("dense", layers=2, hidden=64, heads=4, ffn=128, seq=4, batch=1))
+
+
+def test_a_layer_that_only_fits_with_head_pruning_gets_it(small_dense):
+    """At a capacity that INT4 + the most MLP pruning allowed (10%) misses and one head fewer meets,
+    --fit auto applies INT4, prune 10%, prune heads 25% (4 -> 3) to each block: the bytes are the
+    footprint analysis' after a real PruneWeights / QuantizeWeights run, to the byte."""
+    from cachefit.fit import layer_structure
+
+    a = small_dense
+    assert [layer_structure(a.mod, i) for i in range(2)] == [(True, 4, None)] * 2
+    want, params = _measured(a, prune=0.1, heads=0.25)
+    no_heads, _ = _measured(a, prune=0.1)
+    cap = max(layer_bytes(r) for r in want)
+    assert all(layer_bytes(r) > cap for r in no_heads)      # only head pruning makes them fit
+    steps = []
+    new, rep = fit_model(a, cap, mode="auto", max_prune=0.1, max_prune_heads=0.5, progress=steps.append)
+    assert rep.fits and rep.micro_batch == 1 and rep.max_prune_heads == 0.5
+    for i, lf in enumerate(rep.layers):
+        assert lf.applied == ["int4", "prune 10%", "prune heads 25% (4 -> 3)"]
+        assert (lf.heads_before, lf.heads_after) == (4, 3)
+        assert lf.bytes_after == layer_bytes(want[i]) == layer_bytes(new.layers[i])
+        assert lf.weight_bytes_after == want[i].weight_bytes == new.layers[i].weight_bytes
+        assert lf.bytes_before == layer_bytes(a.layers[i]) > cap
+    # the rung below (INT4 + prune 10%, no head pruned) was measured first and did not fit
+    tried = [s for s in steps if "layer 0 " in s]
+    assert [s.split(" with ")[1].split(":")[0] for s in tried] == [
+        "int8", "int4", "int4, prune 5%", "int4, prune 10%", "int4, prune 10%, prune heads 25%"]
+    assert {n: np.shape(v) for n, v in new.params.items()} == {n: np.shape(v) for n, v in params.items()}
+    d = json.loads(json.dumps(rep.to_dict()))
+    assert d["layers"][0]["heads_after"] == 3 and d["max_prune_heads"] == 0.5
+    assert "int4, prune 10%, prune heads 25% (4 -> 3); fits" in rep.format_table()
+    # --max-prune-heads 0 (or less than a whole head) leaves every head: nothing fits then
+    _new, rep0 = fit_model(a, cap, mode="auto", max_prune=0.1, max_prune_heads=0.2, micro_batch=1)
+    assert not rep0.fits and all(lf.heads_after is None and lf.applied == ["int4", "prune 10%"] for lf in rep0.layers)
+
+
+def test_layers_without_heads_never_get_a_head_rung(three):
+    """An MLP-only model under a capacity nothing reaches: the ladder ends with MLP pruning, no
+    head rung is tried or reported."""
+    from cachefit.fit import layer_structure
+
+    model, a = three
+    assert [layer_structure(a.mod, i) for i in range(3)] == [(False, 0, None), (True, 0, None), (False, 0, None)]
+    steps = []
+    cap = layer_bytes(a.layers[1]) // 12
+    _new, rep = fit_model(a, cap, mode="auto", max_prune=0.1, max_prune_heads=0.9, progress=steps.append)
+    assert not rep.fits and steps and not any("heads" in s for s in steps)
+    assert rep.layers[1].applied == ["int4", "prune 10%"] and rep.layers[0].applied == []
+    assert all(lf.heads_before is None for lf in rep.layers)
+
+
+@I.ir_module
+class _HeadsLeaveTheLayer:
+    """Layer 0 splits heads and returns the [B, H, S, D] tensor: the head tracer cannot follow it."""
+
+    @R.function(private=True)
+    def layer_0(x: R.Tensor((1, 4, 8), "float32"), wq: R.Tensor((8, 8), "float32")) -> R.Tensor((1, 2, 4, 4), "float32"):
+        R.func_attr({"cachefit.layer": 0, "cachefit.layer_name": "layers.0"})
+        with R.dataflow():
+            q = R.matmul(x, wq)
+            h = R.reshape(q, R.shape([1, 4, 2, 4]))
+            gv = R.permute_dims(h, axes=[0, 2, 1, 3])
+            R.output(gv)
+        return gv
+
+    @R.function
+    def main(x: R.Tensor((1, 4, 8), "float32"), wq: R.Tensor((8, 8), "float32")) -> R.Tensor((1, 2, 4, 4), "float32"):
+        R.func_attr({"num_input": 1})
+        cls = _HeadsLeaveTheLayer
+        with R.dataflow():
+            gv = cls.layer_0(x, wq)
+            R.output(gv)
+        return gv
+
+
+def test_heads_that_cannot_be_followed_get_no_head_rung():
+    """A layer whose attention PruneWeights cannot follow has no head rung (0 units) and the reason,
+    which --fit auto puts in the report's notes, instead of failing."""
+    from cachefit.fit import layer_structure
+
+    mlp, units, why = layer_structure(_HeadsLeaveTheLayer, 0)
+    assert (mlp, units) == (False, 0) and "layer layers.0" in why and "leaves the layer" in why
+
+
+def test_bad_fit_values_name_the_flag(three):
+    """Each refused value names its flag and the value."""
+    model, a = three
+    cases = [(dict(max_prune_heads=1.0), "--max-prune-heads 1.0 is not a fraction"),
+             (dict(max_prune_heads=-0.25), "--max-prune-heads -0.25"),
+             (dict(prune_heads=-0.1), "--prune-heads -0.1 is not a fraction"),
+             (dict(max_prune=1.5), "--max-prune 1.5"),
+             (dict(quantize="int4", int8_weights=[""]), "--int8-weights '' is empty"),
+             (dict(quantize="int8", int8_weights=["*fc*"]), r"--int8-weights \*fc\* keeps weights at INT8")]
+    for kwargs, msg in cases:
+        with pytest.raises(CachefitError, match=msg):
+            fit_model(a, 10**6, mode=kwargs.pop("mode", "none"), **kwargs)
+    # patterns that name nothing are noted (a list like SENSITIVE_INT8 serves many models); an ONNX
+    # name instead of the IR's gets the IR name
+    _new, rep = fit_model(a, 10**6, quantize="int4", int8_weights=["*nothing*", "@nolayer", "layers.1.mlp.fc2.weight"])
+    assert rep.notes[0].startswith("--int8-weights '*nothing*' matches no weight of three")
+    assert rep.notes[1].startswith("--int8-weights '@nolayer' matches no layer of three")
+    assert "'layers.1.mlp.fc2.weight' is 'layers_1_mlp_fc2_weight'" in rep.notes[2]
+    assert {q["bits"] for q in rep.quantized} == {4}
+
+
+@pytest.mark.slow
+def test_exported_gpt2_head_rungs(analyzed):
+    """The real GPT-2 export (fused QKV split in three, 4 heads): at the capacity of its blocks with
+    INT4, MLP pruned 10% and one head of 4 removed, --fit auto gives each block exactly that (bytes
+    of a real PruneWeights / QuantizeWeights run); the embedding and the LM head, which have no
+    attention, fit without a head rung."""
+    a = analyzed("gpt2_legacy.onnx")
+    blocks = [i for i, r in enumerate(a.layers) if r.name.startswith("layers.")]
+    assert [a.layers[i].name for i in (0, len(a.layers) - 1)] == ["embed", "head"] and len(blocks) == 3
+    want, _ = _measured(a, prune=0.1, heads=0.25, layers=blocks)
+    cap = max(layer_bytes(want[i]) for i in blocks)
+    assert all(layer_bytes(r) <= cap for i, r in enumerate(a.layers) if i not in blocks)
+    new, rep = fit_model(a, cap, mode="auto", max_prune=0.1, max_prune_heads=0.5)
+    assert rep.fits
+    for i in blocks:
+        assert rep.layers[i].applied == ["int4", "prune 10%", "prune heads 25% (4 -> 3)"]
+        assert rep.layers[i].bytes_after == layer_bytes(want[i]) == layer_bytes(new.layers[i])
+    assert rep.layers[0].applied == [] and rep.layers[-1].applied == []
+    assert new.params["transformer_h_0_attn_c_attn_weight_int4"].shape[1] == 3 * 48
