@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+import tvm.sym
+import tvm_ffi
 from tvm import relax, s_tir, te, tirx
 
 from cachefit.codegen import cpu_refmodels as ref
@@ -193,11 +195,31 @@ def test_panel_width_and_the_packed_gemm_form():
     assert bool(pack.attrs["cachefit.weight_pack"])
 
 
+def _nodes(root, kind) -> list:
+    found: list = []
+    tvm_ffi.structural_walk(root, (kind, found.append), order="pre")
+    return found
+
+
+def _prefetch_loops(func: tirx.PrimFunc) -> list:
+    """The loops whose body starts with ``llvm.prefetch`` calls, outermost first."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, tirx.For) and isinstance(node.body, tirx.SeqStmt):
+            first = node.body[0]
+            if isinstance(first, tirx.Evaluate) and "llvm.prefetch" in str(first):
+                found.append(node)
+
+    tvm_ffi.structural_walk(func.body, visit, order="post")
+    return found
+
+
 @pytest.mark.parametrize("m, threads", [(8, 1), (32, 2)])
 def test_streamed_packed_weight_is_prefetched_and_correct(m, threads):
     """A packed weight larger than a quarter of L2 (here a 64 KiB L2) gets software prefetches of
-    the next panel in the k loop when the kernel runs on one thread (not a smaller weight; with
-    two threads only when a tuning record asks for it); results match numpy either way."""
+    the next panel (not a smaller weight, not when a tuning record says ``"prefetch": false``);
+    results match numpy either way."""
     from cachefit.codegen.cpu_schedule import CPUSpec, GemmRule, target_vector_bits, workload_key
     from cachefit.codegen.pipeline import host_llvm_target
 
@@ -210,8 +232,8 @@ def test_streamed_packed_weight_is_prefetched_and_correct(m, threads):
     panel = panel_width(n, lanes)
     func = packed_matmul_func([m, k], n, panel, "float32", "float32")
     packed = w.reshape(k, n // panel, panel).transpose(1, 0, 2).copy()
-    cases = [(64 * 1024, None, threads == 1), (64 * 1024 * 1024, None, False),
-             (64 * 1024, {workload_key(func): {"prefetch": True}}, True)]
+    cases = [(64 * 1024, None, True), (64 * 1024 * 1024, None, False),
+             (64 * 1024, {workload_key(func): {"prefetch": False}}, False)]
     for l2, records, prefetched in cases:
         spec = CPUSpec(vector_bits=target_vector_bits(target), l2_bytes=l2, threads=threads)
         sch = GemmRule(spec, records).apply(func, target, False)
@@ -221,6 +243,39 @@ def test_streamed_packed_weight_is_prefetched_and_correct(m, threads):
         out = tvm.runtime.tensor(np.zeros((m, n), "float32"))
         lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(packed), out)
         np.testing.assert_allclose(out.numpy(), a @ w, rtol=1e-5, atol=1e-4)
+
+
+def test_parallel_prefetch_stays_out_of_the_fma_loop_and_inside_the_thread_share():
+    """With two threads the panels are split in two contiguous shares (a parallel loop of 2
+    iterations); the prefetches sit in a loop over k-chunks whose body holds the FMA loop (in the
+    FMA loop itself they kept LLVM from holding the accumulators in registers: the weight pointers
+    of a parallel closure are not ``noalias``); the panel each iteration prefetches is the next one
+    of its own share (the last one of a share re-fetches itself, never the other thread's)."""
+    from cachefit.codegen.cpu_schedule import CPUSpec, GemmRule, target_vector_bits
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    m, k, n = 32, 256, 512  # 8 panels of 64 columns, 4 per thread
+    func = packed_matmul_func([m, k], n, 64, "float32", "float32")
+    spec = CPUSpec(vector_bits=target_vector_bits(target), l2_bytes=64 * 1024, threads=2)
+    sch = GemmRule(spec).apply(func, target, False)
+    body = sch.mod["main"]
+    par = [node for node in _nodes(body.body, tirx.For) if node.kind == tirx.ForKind.PARALLEL]
+    assert len(par) == 1 and int(par[0].extent) == 2
+    share = par[0].body
+    while not isinstance(share, tirx.For):
+        share = share.body if hasattr(share, "body") else share.block.body
+    assert int(share.extent) == 4  # column tiles (= panels) per thread
+    loops = _prefetch_loops(body)
+    assert len(loops) == 1
+    assert _nodes(loops[0].body, tirx.For) and int(loops[0].extent) < k  # k in chunks, the FMA loop inside
+    # the prefetched panel as a function of (thread, column tile of the share)
+    panel_expr = _nodes(loops[0].body[0], tvm.ir.TensorLoad)[0].indices[0]
+    for t in range(2):
+        for jo in range(4):
+            ana = tvm.sym.Analyzer()
+            ana.bind(par[0].loop_var, tirx.const(t, str(par[0].loop_var.ty)))
+            ana.bind(share.loop_var, tirx.const(jo, str(share.loop_var.ty)))
+            assert int(ana.simplify(panel_expr)) == t * 4 + min(jo + 1, 3)
 
 
 # ---------------------------------------------------------------------------------------------

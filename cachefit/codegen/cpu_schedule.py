@@ -454,7 +454,7 @@ class GemmRule(dlight.ScheduleRule):
         sch = self._apply(func, target)
         if sch is not None and self._prefetch is not None:
             try:
-                return s_tir.Schedule(_insert_prefetch(sch.mod["main"], *self._prefetch))
+                return s_tir.Schedule(_insert_prefetch(sch.mod["main"], self._prefetch))
             except Exception as err:  # pylint: disable=broad-except
                 log.debug("no panel prefetch: %s", err)
         return sch
@@ -594,7 +594,34 @@ class GemmRule(dlight.ScheduleRule):
             pack = False
             row_block = False
 
+        # a pre-packed weight that comes from L3 / DRAM: while the row tiles of one panel compute
+        # (the first from memory, the others from L2), prefetch the next panel, a slice per pass
+        # (see _insert_prefetch)
+        tile = nr * lanes
+        sub = max(1, form.packed // tile) if form.packed else 1
+        prefetch = bool(form.packed and len(form.packed_buffers) == 1 and len(lks) == 1 and li is not None
+                        and not row_block and not batch_loops and b_bytes >= spec.l2_bytes // 4
+                        and n_panels % sub == 0 and self.config.get("prefetch", True))
+        # with several threads each takes a contiguous share of whole panels (one loop of
+        # ``threads`` iterations, so that each thread prefetches its own next panel); an uneven
+        # split gets no prefetch
+        per_thread = n_panels // threads if threads > 1 else n_panels
+        if prefetch and threads > 1 and (n_panels % threads or per_thread % sub):
+            prefetch = False
+        # the prefetches go into a loop over chunks of ``kc`` k-steps, outside the FMA loop: in a
+        # parallel kernel the weight pointers are not ``noalias`` (they come from the closure), so
+        # a prefetch inside the FMA loop kept LLVM from holding the accumulators in registers
+        # (16 stores per k step: the kernel ran 2x slower, which made the prefetch look harmful)
+        kc = int(self.config.get("kc", 16 if threads > 1 else 1)) if prefetch else 1
+        if kc < 1 or kk % kc:
+            kc = 1
         jo, jn, jv = sch.split(loops[form.j], [None, nr, lanes])
+        par_t = None
+        if prefetch and threads > 1:
+            par_t, jo = sch.split(jo, [threads, None])
+        if kc > 1:
+            ko, ki = sch.split(lks[0], [None, kc])
+            lks = [ko, ki]
         if li is not None:
             if row_block:
                 io_o, io, ii = sch.split(li, [None, mc_tiles, mr])
@@ -606,7 +633,7 @@ class GemmRule(dlight.ScheduleRule):
         else:
             io_o = io = ii = None
             order = batch_loops + [jo, *lks, jn, jv]
-        sch.reorder(*order)
+        sch.reorder(*([par_t] if par_t is not None else []), *order)
         tile_loop = io if io is not None else jo
 
         # accumulator tile in registers
@@ -625,7 +652,9 @@ class GemmRule(dlight.ScheduleRule):
         sch.unroll(jn)
         sch.vectorize(jv)
         # parallel before decompose_reduction (TVM parallelises only complete / reduction blocks)
-        if threads > 1:
+        if par_t is not None:
+            sch.parallel(par_t)
+        elif threads > 1:
             if io_o is not None:
                 outer = batch_loops + [io_o] + ([jo] if batch_ext * (m_tiles // mc_tiles) < threads else [])
             elif batch_ext * n_panels >= threads or io is None:
@@ -634,18 +663,12 @@ class GemmRule(dlight.ScheduleRule):
                 outer = batch_loops + [jo, io]
             _parallel_prefix(sch, outer, threads, work)
         sch.decompose_reduction(main, lks[0])
-        # a pre-packed weight that comes from L3 / DRAM: while the row tiles of one panel compute
-        # (the first from memory, the others from L2), prefetch the next panel, a slice per pass.
-        # One thread only: with two threads both cores stream already and the prefetches made
-        # whole models 15-20 % slower here (mlp-tiny, dense-50mb), where they make one thread
-        # 10-30 % faster
-        if (form.packed and len(form.packed_buffers) == 1 and len(lks) == 1 and io is not None
-                and io_o is None and not batch_loops and b_bytes >= spec.l2_bytes // 4
-                and bool(self.config.get("prefetch", threads <= 1))):
-            loops = sch.get_loops(main)
-            if len(loops) == 6:
-                jo_v, io_v, k_v = (sch.get(lp).loop_var for lp in loops[:3])
-                self._prefetch = (form.packed_buffers[0], jo_v, io_v, k_v, nr * lanes, m_tiles, elem)
+        if prefetch:
+            var = lambda lp: sch.get(lp).loop_var  # noqa: E731
+            self._prefetch = _PanelPrefetch(
+                buf=form.packed_buffers[0], jo=var(jo), io=var(io), k=var(lks[0]), tile=tile, m_tiles=m_tiles,
+                elem=elem, kc=kc, thread=var(par_t) if par_t is not None else None,
+                tiles_per_thread=per_thread)
         return True
 
     def _configured_tile(self, mr: int, nr: int, m: int, nv: int) -> tuple[int, int]:
@@ -779,28 +802,60 @@ class GemmRule(dlight.ScheduleRule):
         return True
 
 
-def _insert_prefetch(func: tirx.PrimFunc, buf, jo, io, k, tile: int, m_tiles: int, elem: int) -> tirx.PrimFunc:
+@dataclass(frozen=True)
+class _PanelPrefetch:
+    """Where :func:`_insert_prefetch` puts the prefetches of a GEMM on pre-packed panels.
+
+    buf: the panels ``[N / P, K, P]``; jo, io, k: loop variables over the column tiles (of ``tile``
+    columns; relative to the thread's share when ``thread`` is set), the ``m_tiles`` row tiles and
+    the chunks of ``kc`` k-steps; elem: bytes per element; thread: the parallel loop over
+    contiguous shares of ``tiles_per_thread`` column tiles, or None.
+    """
+
+    buf: object
+    jo: object
+    io: object
+    k: object
+    tile: int
+    m_tiles: int
+    elem: int
+    kc: int = 1
+    thread: object = None
+    tiles_per_thread: int = 0
+
+
+def _insert_prefetch(func: tirx.PrimFunc, pf: _PanelPrefetch) -> tirx.PrimFunc:
     """``func`` with software prefetches of the next weight panel in the ``k`` loop of a GEMM on
-    pre-packed panels ``buf[N / P, K, P]`` (loops ``jo`` over column tiles of ``tile`` columns,
-    ``io`` over ``m_tiles`` row tiles, then ``k``).
+    pre-packed panels (see :class:`_PanelPrefetch`).
 
     Each pass over a panel (``P / tile`` column tiles times ``m_tiles`` row tiles) prefetches its
     share of the next panel into L2, spread evenly over its ``k`` iterations: the weight stream
     from L3 / DRAM then overlaps the passes that compute from L2, instead of stalling the first.
+    With a thread loop, "next" stays inside the thread's share (the last panel of a share fetches
+    nothing new), so no thread pulls in a panel another one reads.
     """
+    buf = pf.buf
     panels, kk, p = (int(d) for d in buf.shape)
-    sub = max(1, p // tile)
-    passes = sub * m_tiles
-    per_k = -(-p // passes)  # elements of the next panel to fetch per k iteration
-    line = max(1, 64 // elem)
+    sub = max(1, p // pf.tile)
+    passes = sub * pf.m_tiles
+    per_k = -(-(p * pf.kc) // passes)  # elements of the next panel to fetch per k-loop iteration
+    line = max(1, 64 // pf.elem)
     i64 = str(buf.shape[0].ty)
 
     def c(v):
         return tirx.const(v, i64)
 
-    nxt = tirx.min(tirx.floordiv(jo, c(sub)) + c(1), c(panels - 1))
-    pass_ = tirx.floormod(jo, c(sub)) * c(m_tiles) + io
-    base = tirx.floordiv((pass_ * c(kk) + k) * c(p), c(passes))
+    def cast(v):
+        return v if str(v.ty) == i64 else tirx.Cast(i64, v)
+
+    jo, io, k = cast(pf.jo), cast(pf.io), cast(pf.k)
+    if pf.thread is not None:
+        share = max(1, pf.tiles_per_thread // sub)  # panels per thread
+        nxt = cast(pf.thread) * c(share) + tirx.min(tirx.floordiv(jo, c(sub)) + c(1), c(share - 1))
+    else:
+        nxt = tirx.min(tirx.floordiv(jo, c(sub)) + c(1), c(panels - 1))
+    pass_ = tirx.floormod(jo, c(sub)) * c(pf.m_tiles) + io
+    base = tirx.floordiv((pass_ * c(kk) + k * c(pf.kc)) * c(p), c(passes))
     calls = []
     for t in range(0, per_k, line):
         r = tirx.min(base + c(t), c(kk * p - 1))
@@ -810,7 +865,7 @@ def _insert_prefetch(func: tirx.PrimFunc, buf, jo, io, k, tile: int, m_tiles: in
                                                          tirx.const(2, "int32"), tirx.const(1, "int32"))))
 
     def visit(node, mutator):
-        if isinstance(node, tirx.For) and node.loop_var.same_as(k):
+        if isinstance(node, tirx.For) and node.loop_var.same_as(pf.k):
             return tirx.For(node.loop_var, node.min, node.extent, node.kind, tirx.SeqStmt(calls + [node.body]),
                             node.thread_binding, node.annotations)
         return mutator.default_mutate(node)
