@@ -2,7 +2,7 @@
 
 Rule checked: each strategy is optimal for its own objective (greedy: fewest groups;
 balanced / balanced-reference: smallest largest footprint with at most k groups; min-time:
-smallest largest stage time with at most k groups), its groups are contiguous, in order,
+smallest largest stage time with at most k groups, transfers added to or overlapped with compute), its groups are contiguous, in order,
 cover every layer exactly once and are within capacity; infeasible requests raise the
 documented errors. The brute force computes footprints and times on its own.
 """
@@ -51,7 +51,11 @@ def brute_footprint(group, mode):
 
 
 def brute_time(layers, a, b, model, resident=True):
-    return math.fsum(model.layer_time(l, resident) for l in layers[a:b]) + model.transfer_time(layers[a].in_bytes)
+    """A stage's time: its layers plus its input transfer (the first stage's too), or the larger
+    of the two when the model overlaps transfers with compute."""
+    work = math.fsum(model.layer_time(l, resident) for l in layers[a:b])
+    transfer = model.transfer_time(layers[a].in_bytes)
+    return max(work, transfer) if getattr(model, "overlap_transfers", False) else work + transfer
 
 
 class Brute:
@@ -198,6 +202,10 @@ def record_instances(draw, max_n=8, boundary=(0, 40)):
 
 
 MODEL = RooflineCostModel(onchip_bw=40.0, offchip_bw=10.0, peak_flops=100.0, link_bw=8.0, link_latency=0.5)
+# Transfers hidden behind compute: a stage takes max(layers, transfer). A slower link, so that the
+# transfers often exceed the layers' times and the overlap decides the optimum.
+OVERLAP = RooflineCostModel(onchip_bw=40.0, offchip_bw=10.0, peak_flops=100.0, link_bw=2.0, link_latency=0.5,
+                            overlap_transfers=True)
 
 
 def expect_errors(brute, devices, fn):
@@ -268,12 +276,14 @@ def test_records_balanced_and_reference_optimal(inst):
 
 
 @SETTINGS
-@given(record_instances(), st.sampled_from(["early", "late"]))
-def test_records_min_time_optimal(inst, tie_break):
+@given(record_instances(), st.sampled_from(["early", "late"]), st.sampled_from([MODEL, OVERLAP]))
+def test_records_min_time_optimal(inst, tie_break, model):
+    """min-time reaches the brute-force optimum, with transfers added (MODEL) or overlapped with
+    compute (OVERLAP: the cost model's overlap_transfers), and reports each stage's time."""
     layers, capacity, devices, mode, allow_spill = inst
-    brute = Brute(layers, capacity, mode, allow_spill, MODEL)
+    brute = Brute(layers, capacity, mode, allow_spill, model)
     run = lambda: make_plan(  # noqa: E731
-        layers, capacity, "min-time", devices, mode, allow_spill=allow_spill, cost_model=MODEL,
+        layers, capacity, "min-time", devices, mode, allow_spill=allow_spill, cost_model=model,
         tie_break=tie_break,
     )
     if expect_errors(brute, devices, run):
@@ -285,21 +295,26 @@ def test_records_min_time_optimal(inst, tie_break):
     assert math.isclose(plan.bottleneck_value, brute.min_time(k), rel_tol=1e-9, abs_tol=1e-12)
     for s in plan.stages:
         a, b = s.first_layer, s.last_layer + 1
-        assert math.isclose(s.predicted_time, brute_time(layers, a, b, MODEL, s.resident), rel_tol=1e-9)
+        assert math.isclose(s.predicted_time, brute_time(layers, a, b, model, s.resident), rel_tol=1e-9)
+        assert s.transfer_time == model.transfer_time(layers[a].in_bytes)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-@given(record_instances(max_n=10), st.sampled_from(["greedy", "balanced", "min-time"]))
-def test_exact_dp_matches_brute_force_when_forced(inst, strategy):
-    """The dynamic programme (used when the footprint is not monotone) is exact on every
-    instance, monotone ones included: forced here on all of them."""
+@given(record_instances(max_n=10), st.sampled_from(["greedy", "balanced", "min-time", "min-time-overlap"]),
+       st.booleans())
+def test_exact_dp_matches_brute_force_when_forced(inst, strategy, force_dp):
+    """The dynamic programme (the reference when the footprint is not monotone) is exact on every
+    instance, monotone ones included: forced here on all of them; and so are the searches chosen
+    without forcing (the frontier searches, one bound or two)."""
     layers, capacity, devices, _, _ = inst
-    brute = Brute(layers, capacity, "exact", False, MODEL)
+    model = OVERLAP if strategy == "min-time-overlap" else MODEL
+    strategy = strategy.replace("-overlap", "")
+    brute = Brute(layers, capacity, "exact", False, model)
     assume(not brute.unplaceable and brute.min_groups is not None)
     assume(devices is None or devices >= brute.min_groups)
     cost = FootprintCost(layers)
-    time = StageTime(layers, MODEL)
-    sol = solve(cost, capacity, strategy, devices, time=time, force_dp=True)
+    time = StageTime(layers, model)
+    sol = solve(cost, capacity, strategy, devices, time=time, force_dp=force_dp)
     groups = [(a, b - 1) for a, b in sol.groups]
     check_groups(groups, len(layers))
     assert all(brute.fp[a, b] <= capacity for a, b in sol.groups)
@@ -443,3 +458,102 @@ def test_frontier_search_on_a_long_non_monotone_model():
                          (61_000_000, 30), (3_900_000, None)):
         answered += _check_fewest_against_dp(cost, bound, limit)
     assert answered == 6
+
+
+# ---------------------------------------------------------------- the two-bound frontier search (min-time)
+def _check_two_bounds_against_dp(layers, model, capacity, bound, limit):
+    """The two-bound frontier search (stage time <= bound, footprint <= capacity) against the
+    dynamic programme; False if it gave up. Checks the count, the groups and the leap."""
+    from cachefit.partition.search import _dp_fewest, _frontier_fewest_multi, _GiveUp, _shared_order
+
+    fp, time = FootprintCost(layers), StageTime(layers, model)
+    n = len(layers)
+
+    def dp(b):
+        view = time.at_bound(b)
+        return _dp_fewest([(view, b), (fp, capacity)], 0, n, view)[0]
+
+    view = time.at_bound(bound)
+    bounds = [(view, bound), (fp, capacity)]
+    order = _shared_order(bounds)
+    assert order is not None  # transfer_time grows with the bytes: one order serves both bounds
+    try:
+        got, count, leap = _frontier_fewest_multi(bounds, 0, n, limit, view, order)
+    except _GiveUp:
+        return False
+    ref = dp(bound)
+    if ref is not None and (limit is None or len(ref) <= limit):
+        assert got is not None and len(got) == len(ref) == count
+        assert got[0][0] == 0 and got[-1][1] == n
+        assert all(b == c for (_, b), (c, _) in zip(got, got[1:]))
+        assert all(time.cost(a, b) <= bound and fp.cost(a, b) <= capacity for a, b in got)
+        return True
+    assert got is None
+    # The leap (capped by the next gate, as min_bottleneck does): no bound below it does better.
+    leap = min(leap, time.next_gate(bound))
+    assert leap > bound
+    for frac in (1e-9, 0.5, 1 - 1e-9):
+        b2 = bound + (leap - bound) * frac if leap < float("inf") else bound * (1 + frac) + frac
+        if bound < b2 < leap:
+            r2 = dp(b2)
+            assert r2 is None or (limit is not None and len(r2) > limit), (bound, b2, leap)
+    return True
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(record_instances(max_n=40, boundary=(0, 60)), st.integers(10, 300), st.floats(0.0, 60.0),
+       st.one_of(st.none(), st.integers(1, 40)), st.sampled_from([MODEL, OVERLAP]))
+def test_two_bound_frontier_matches_the_dynamic_programme(inst, capacity, bound, limit, model):
+    """min-time's feasibility test on a non-monotone footprint (two bounds: stage time and
+    capacity) finds the programme's fewest-groups count, valid groups and a sound leap whenever it
+    does not hand the case back, with transfers added or overlapped (gated)."""
+    _check_two_bounds_against_dp(inst[0], model, capacity, bound, limit)
+
+
+def test_two_bound_frontier_seeded_instances_mostly_answered_itself():
+    """600 seeded random models of 1..50 layers: the same checks; the search answers most of
+    them without the programme (522 of 600 when written)."""
+    import random
+
+    rng = random.Random(23)
+    answered = 0
+    for i in range(600):
+        n = rng.randint(1, 50)
+        io = rng.choice([5, 40, 100])
+        layers = [LayerRecord(f"l{j}", rng.randint(0, 30), rng.randint(0, 30), rng.randint(0, 10),
+                              rng.randint(0, io), rng.randint(0, io), flops=rng.randint(0, 1000),
+                              bytes_moved=rng.randint(0, 200)) for j in range(n)]
+        answered += _check_two_bounds_against_dp(layers, OVERLAP if i % 2 else MODEL, rng.randint(20, 400),
+                                                 rng.uniform(0.0, 60.0), rng.choice([None, rng.randint(1, n + 1)]))
+    assert answered > 450
+
+
+def test_min_time_on_a_long_non_monotone_model_without_the_programme(monkeypatch):
+    """2,000 layers with boundary tensors up to 400 KB and a capacity that binds (the benchmark's
+    kind): min-time's bottleneck with the programme disabled (every feasibility test answered by
+    the two-bound frontier search) equals the programme's, with and without overlapped transfers."""
+    import random
+
+    from cachefit.partition import search
+
+    rng = random.Random(9)
+    layers = [LayerRecord(f"l{i}", rng.randint(200_000, 1_000_000), rng.randint(8_000, 64_000),
+                          in_bytes=rng.randint(0, 400_000), out_bytes=rng.randint(0, 400_000),
+                          params={"tied": 3_000_000} if i in (0, 1999) else {})
+              for i in range(2000)]
+    cost = FootprintCost(layers)
+    assert not cost.monotone
+    capacity = 12_000_000
+    for model in (RooflineCostModel(7e12, 3.35e12, 989e12, 900e9, 2e-6),
+                  RooflineCostModel(7e12, 3.35e12, 989e12, 50e9, 2e-6, overlap_transfers=True)):
+        ref = solve(cost, capacity, "min-time", 300, time=StageTime(layers, model), force_dp=True)
+        with monkeypatch.context() as m:
+            def refuse(*args, **kwargs):
+                raise AssertionError("the dynamic programme ran")
+
+            m.setattr(search, "_dp_fewest", refuse)
+            got = solve(cost, capacity, "min-time", 300, time=StageTime(layers, model))
+        assert got.value == ref.value and got.minimum == ref.minimum
+        assert all(cost.cost(a, b) <= capacity for a, b in got.groups)
+        time = StageTime(layers, model)
+        assert max(time.cost(a, b) for a, b in got.groups) == got.value
