@@ -308,7 +308,7 @@ def plan(model, input_shapes, batch, dtype, num_layers, layer_boundaries, cache,
     not a byte of any footprint."""
     import json
 
-    from .compiler import fit_and_plan
+    from .fit import fit_and_plan
 
     report = fit_and_plan(model, input_shapes=input_shapes, batch=batch, dtype=dtype, cache=cache, hardware=hardware,
                           strategy=strategy, devices=devices, footprint=footprint, layout=layout,

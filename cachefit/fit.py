@@ -742,6 +742,103 @@ def fit_model(
     return new, report
 
 
+# ---------------------------------------------------------------------------------------------
+# The fit options of `cachefit plan` and `cachefit compile` (one set, applied the same way)
+# ---------------------------------------------------------------------------------------------
+
+#: the keyword arguments of the fit options, as compile_model / fit_and_plan / fit_analysis name them
+FIT_KWARGS = ("fit", "quantize", "group_size", "prune", "max_prune", "max_prune_heads", "micro_batch", "prune_heads",
+              "quantize_int8_weights", "quantize_calibration")
+
+
+def wants_fit(*, fit: str | None = None, quantize: str | None = None, prune: float = 0.0, prune_heads: float = 0.0,
+              micro_batch: int | str | None = None, **_other) -> bool:
+    """Whether the fit options change the model at all (else :func:`cachefit.fit.fit_model` is not run)."""
+    return bool(fit is not None or (quantize or "none") != "none" or prune or prune_heads or micro_batch is not None)
+
+
+def check_fit_kwargs(*, fit=None, quantize=None, group_size=None, prune=0.0, max_prune=0.5, max_prune_heads=None,
+                     prune_heads=0.0, quantize_int8_weights=None, **_other) -> None:
+    """Refuse bad fit option values before any model is read (:func:`cachefit.fit.check_fit_options`)."""
+    check_fit_options(mode=fit or "none", quantize=quantize, group_size=group_size, prune=prune, max_prune=max_prune,
+                      max_prune_heads=max_prune_heads, prune_heads=prune_heads, int8_weights=quantize_int8_weights)
+
+
+def fit_analysis(analysis, *, cache=None, hardware=None, fit=None, quantize=None, group_size=None, prune=0.0,
+                 max_prune=0.5, max_prune_heads=None, micro_batch=None, prune_heads=0.0,
+                 quantize_int8_weights=None, quantize_calibration=None, footprint="exact", layers=None,
+                 layer_boundaries=None, allow_spill=False, progress=None, refuse_unfit=False):
+    """The fit options shared by ``cachefit plan`` and ``cachefit compile`` (:func:`cachefit.fit.fit_model`)
+    on an analysed model: ``(rewritten analysis, FitReport)``, or ``(analysis, None)`` when no option
+    changes the model. ``refuse_unfit`` (compile): a PlanError when ``fit="auto"`` leaves a layer over
+    the capacity and spilling is not allowed."""
+    from .errors import PlanError
+    from .planning import resolve_capacity
+
+    check_fit_kwargs(fit=fit, quantize=quantize, group_size=group_size, prune=prune, max_prune=max_prune,
+                     max_prune_heads=max_prune_heads, prune_heads=prune_heads,
+                     quantize_int8_weights=quantize_int8_weights)
+    if not wants_fit(fit=fit, quantize=quantize, prune=prune, prune_heads=prune_heads, micro_batch=micro_batch):
+        return analysis, None
+    cap, _hw = resolve_capacity(cache, hardware)
+    new, fit_report = fit_model(analysis, cap, mode=fit or "none", quantize=quantize, group_size=group_size,
+                                prune=prune, max_prune=max_prune, max_prune_heads=max_prune_heads,
+                                micro_batch=micro_batch, footprint=footprint, layers=layers,
+                                layer_boundaries=layer_boundaries, progress=progress,
+                                calibration=quantize_calibration, int8_weights=quantize_int8_weights,
+                                prune_heads=prune_heads)
+    if progress:
+        progress(fit_report.format_table())
+    if refuse_unfit and fit == "auto" and not fit_report.fits and not allow_spill:
+        raise PlanError("--fit auto could not make every layer fit:\n" + fit_report.format_table()
+                        + "\nAn intra-layer split is not implemented: use more capacity (--cache/--hardware), "
+                        "a larger --max-prune or --max-prune-heads, or --allow-spill")
+    return new, fit_report
+
+
+def fit_and_plan(model, *, input_shapes=None, batch: int | None = None, dtype: str | None = None,
+                 cache: str | int | None = None, hardware=None, strategy: str = "greedy", devices: int | None = None,
+                 footprint: str = "exact", layout: str | None = None, allow_spill: bool = False,
+                 layers: int | None = None, layer_boundaries: Sequence[str] | None = None,
+                 analysis=None, progress: Callable[[str], None] | None = None, **fit_kwargs):
+    """``cachefit plan``: :func:`cachefit.planning.plan_model` (a :class:`~cachefit.planning.PlanReport`)
+    after the fit options of ``cachefit compile`` that change a footprint (:data:`FIT_KWARGS`: ``fit``,
+    ``quantize``, ``group_size``, ``prune``, ``max_prune``, ``max_prune_heads``, ``micro_batch``,
+    ``prune_heads``, ``quantize_int8_weights``), applied as compile applies them (:func:`fit_analysis`), so that the
+    plan's per-layer bytes are the ones compile plans with. A layer that ``fit="auto"`` leaves over
+    the capacity is reported (the planner then refuses it unless ``allow_spill``).
+
+    ``quantize_calibration`` is refused: GPTQ calibration changes the rounded weight values, never a
+    byte of a footprint, so the plan would be the plan without it (after running the float model on
+    the calibration batches for nothing)."""
+    unknown = sorted(set(fit_kwargs) - set(FIT_KWARGS))
+    if unknown:
+        raise TypeError(f"fit_and_plan() got unexpected keyword arguments {unknown}")
+    if fit_kwargs.get("quantize_calibration") is not None:
+        raise CachefitError(f"--calibrate {fit_kwargs['quantize_calibration']}: GPTQ calibration changes the "
+                            "rounded weight values, not a byte of any footprint, so the plan is the same without it: "
+                            "leave --calibrate out of cachefit plan (cachefit compile takes it)")
+    from .planning import plan_model, resolve_capacity
+
+    check_fit_kwargs(**fit_kwargs)
+    resolve_capacity(cache, hardware)   # a bad --cache / --hardware fails before the model is read
+    fit_report = None
+    if wants_fit(**fit_kwargs):
+        if analysis is None:
+            from .analysis import analyze_onnx
+
+            analysis = analyze_onnx(model, input_shapes=input_shapes, batch=batch, dtype=dtype, layers=layers,
+                                    layer_boundaries=layer_boundaries)
+        analysis, fit_report = fit_analysis(analysis, cache=cache, hardware=hardware, footprint=footprint,
+                                            layers=layers, layer_boundaries=layer_boundaries,
+                                            allow_spill=allow_spill, progress=progress, **fit_kwargs)
+    report = plan_model(model, input_shapes=input_shapes, batch=batch, dtype=dtype, cache=cache, hardware=hardware,
+                        strategy=strategy, devices=devices, footprint=footprint, layout=layout,
+                        allow_spill=allow_spill, layers=layers, layer_boundaries=layer_boundaries, analysis=analysis)
+    report.fit = fit_report
+    return report
+
+
 def _calibrate(analysis, calibration, progress) -> tuple[dict, int]:
     """(weight name -> input Hessian, number of batches) from a calibration run of the float model."""
     from .passes.calibrate_weights import collect_hessians, random_inputs

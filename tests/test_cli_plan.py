@@ -272,7 +272,7 @@ def test_plan_prune_heads_reports_the_pruned_bytes(small_dense_file):
     real PruneWeights run, which are the ones compile's fit step (compiler.fit_analysis, what
     compile_model runs before planning) gives; the report says the fraction applied (1 of 4 heads)."""
     from cachefit.analysis import analyze_onnx, layer_records
-    from cachefit.compiler import fit_analysis
+    from cachefit.fit import fit_analysis
     from cachefit.passes import run_pass
     from cachefit.passes.annotate_footprint import AnnotateFootprint
     from cachefit.passes.prune_weights import prune_weights
