@@ -201,6 +201,7 @@ def test_nothing_fits_says_split_needed(three):
     assert not rep.fits and not l1.fits and l1.split_devices and l1.split_devices >= 2
     assert l1.applied == ["int4", "prune 10%"]
     assert new.layers[1].weight_bytes > cap and rep.micro_batch == 8
+    assert rep.max_prune_heads == 0.1   # --max-prune-heads defaults to --max-prune
     assert f"split over {l1.split_devices} devices" in rep.format_table()
 
 
