@@ -1,4 +1,4 @@
-"""Benchmark: the fast exact ``balanced`` partitioner against the O(n^2 k) reference DP.
+"""Benchmark: the fast exact partitioners (``balanced``, ``min-time``) against the dynamic programmes.
 
     python bench/partition.py            # the issue's instances (the reference at n=2,000 takes a while)
     python bench/partition.py --quick    # smaller instances, for a smoke run
@@ -15,6 +15,14 @@ Instances (seeded, reproducible):
   answers the feasibility tests (``cachefit.partition.search._frontier_fewest``). These rows also
   time the same search with the per-layer dynamic programme as the test (``force_dp=True``, the
   algorithm before the frontier search) and assert the same bottleneck.
+- ``min-time-nonmono`` / ``min-time-overlap-nonmono``: ``solve(..., "min-time", k)`` on the
+  ``exact-nonmono`` records with the h100 roofline (``default_cost_model``; the overlap rows with
+  ``overlap_transfers=True``) and a capacity that binds (0.7 x the average footprint per device:
+  the fewest devices within it are about 0.84 k), so every feasibility test has two bounds (stage
+  time and capacity) and the two-bound frontier search answers it. Timed from the records (the
+  footprint and stage-time oracles are built inside). The last column is the same search
+  with the per-layer dynamic programme as the test (``force_dp=True``: what min-time ran on a
+  non-monotone footprint before; last column), identical bottleneck asserted.
 
 Each row asserts that the fast algorithm and the reference DP find the identical bottleneck.
 Times are CPU seconds of this process (single-threaded pure Python).
@@ -29,11 +37,20 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cachefit.partition import LayerRecord, make_footprint_cost, partition, solve  # noqa: E402
+from cachefit.partition import (  # noqa: E402
+    LayerRecord,
+    RooflineCostModel,
+    StageTime,
+    make_footprint_cost,
+    partition,
+    solve,
+)
+from cachefit.perf.hardware import PRESETS  # noqa: E402
 
 
 def sizes_instance(n: int, seed: int) -> list[int]:
@@ -112,6 +129,31 @@ def bench_records(n: int, k: int, with_reference: bool, repeat: int, nonmono: bo
     return row
 
 
+def bench_min_time(n: int, k: int, with_dp: bool, repeat: int, overlap: bool) -> dict:
+    layers = records_instance(n, seed=n + 7, nonmono=True)
+    total = sum(l.total_bytes + l.in_bytes + l.out_bytes for l in layers)
+    capacity = int(total / k * 0.7)  # binds: the fewest devices within it are about 0.84 k
+    model = replace(RooflineCostModel.from_hardware(PRESETS["h100"]), overlap_transfers=overlap)
+
+    def run(force_dp: bool):
+        return solve(make_footprint_cost(layers, "exact"), capacity, "min-time", k,
+                     time=StageTime(layers, model), force_dp=force_dp)
+
+    fast, fast_min, fast_med = timed(lambda: run(False), repeat)
+    time = StageTime(layers, model)
+    cost = make_footprint_cost(layers, "exact")
+    assert max(time.cost(a, b) for a, b in fast.groups) == fast.value
+    assert all(cost.cost(a, b) <= capacity for a, b in fast.groups)
+    row = {"instance": "min-time-overlap-nonmono" if overlap else "min-time-nonmono", "n": n, "k": k,
+           "monotone": cost.monotone, "minimum": fast.minimum, "fast_s": fast_min, "fast_median_s": fast_med,
+           "bottleneck": fast.value, "groups": len(fast.groups), "notes": fast.notes}
+    if with_dp:
+        dp, dp_s, _ = timed(lambda: run(True), 1)
+        assert dp.value == fast.value, (n, k, dp.value, fast.value)
+        row.update(dp_s=dp_s, identical=True, dp_notes=dp.notes)
+    return row
+
+
 def fmt(row: dict) -> str:
     ref = f"{row['reference_s']:.3f}" if "reference_s" in row else "-"
     speed = f"{row['speedup']:.0f}x" if "speedup" in row else "-"
@@ -133,12 +175,16 @@ def main(argv=None) -> int:
     plan = []
     if args.quick:
         plan += [("sizes", 300, 16, True), ("exact", 300, 16, True), ("exact-nonmono", 200, 16, True),
-                 ("sizes", 20_000, 200, False), ("exact", 20_000, 200, False)]
+                 ("sizes", 20_000, 200, False), ("exact", 20_000, 200, False),
+                 ("min-time-nonmono", 2_000, 16, True), ("min-time-overlap-nonmono", 2_000, 16, True)]
     else:
         plan += [("sizes", 500, 16, True), ("sizes", 2_000, 16, True), ("sizes", 100_000, 1_000, False),
                  ("exact", 500, 16, True), ("exact", 2_000, 16, True), ("exact", 100_000, 1_000, False),
                  ("exact-nonmono", 500, 16, True), ("exact-nonmono", 2_000, 16, True),
-                 ("exact-nonmono", 100_000, 1_000, False)]
+                 ("exact-nonmono", 100_000, 1_000, False),
+                 ("min-time-nonmono", 2_000, 16, True), ("min-time-nonmono", 20_000, 200, True),
+                 ("min-time-nonmono", 100_000, 1_000, True),
+                 ("min-time-overlap-nonmono", 20_000, 200, True)]
     if args.only:
         wanted = [o.split(":") for o in args.only]
         plan = [p for p in plan if any(w[0] == p[0] and (len(w) == 1 or int(w[1]) == p[1]) for w in wanted)]
@@ -150,6 +196,8 @@ def main(argv=None) -> int:
     for kind, n, k, ref in plan:
         if kind == "sizes":
             row = bench_sizes(n, k, ref, args.repeat)
+        elif kind.startswith("min-time"):
+            row = bench_min_time(n, k, ref, args.repeat, overlap="overlap" in kind)
         else:
             row = bench_records(n, k, ref, args.repeat, nonmono=kind == "exact-nonmono")
         rows.append(row)

@@ -287,12 +287,13 @@ def make_plan(
         notes.append(
             "the exact footprint of this model is not monotone in a group's extent (cutting at a large "
             "boundary tensor costs more than keeping its producer and consumer together), so the exact "
-            "dynamic programme replaced the greedy feasibility test"
+            "frontier search (the dynamic programme where it gives up) replaced the greedy feasibility test"
         )
     elif strategy == "min-time" and not time.monotone:
         notes.append(
             "stage times are not monotone in a stage's extent (an input transfer longer than the layer "
-            "before it), so the exact dynamic programme replaced the greedy feasibility test"
+            "before it), so the exact frontier search (the dynamic programme where it gives up) replaced "
+            "the greedy feasibility test"
         )
     sol = solve(cost, cap, strategy, int(devices) if devices is not None else None, stuck, time, names,
                 tie_break=tie_break)

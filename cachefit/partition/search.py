@@ -13,8 +13,15 @@ with ``core`` monotone under inclusion and ``x, y >= 0`` (see docs/partitioning.
 - otherwise, with one bound, the level-by-level frontier search (``_frontier_fewest``):
   O(groups * (frontier size * log(group length))) cost queries in the usual case; it hands
   a case to the dynamic programme only when a work budget is spent;
-- with several bounds (or ``force_dp``), an exact dynamic programme over cut positions with
+- with several bounds (``min-time`` on a non-monotone footprint: stage time and capacity), the
+  same search over every bound at once (``_frontier_fewest_multi``), when one order of the cuts
+  serves every bound's ``x`` for dominance (``_shared_order``);
+- otherwise (or with ``force_dp``), an exact dynamic programme over cut positions with
   dominance pruning (``_dp_fewest``): O(n * window) in the worst case, about O(n) in practice.
+
+A *gated* cost (stage times with transfers overlapped, ``max(core, transfer)``) is outside that
+form; :func:`min_bottleneck` tests it at each bound through a plain view
+(:class:`~.footprint.GatedView`) that refuses the groups starting where the gate exceeds the bound.
 
 The bottleneck search (``min_bottleneck``) bisects over the bound of one cost with the
 fewest-groups test, after a count-guided first bracket, tightening the upper end to the
