@@ -282,6 +282,43 @@ def test_min_time_counts_spilling_and_transfer():
     assert plan.cuts[0].transfer_time == pytest.approx(1.0 + 2.0)
 
 
+def test_min_time_overlapped_transfers_change_the_optimum():
+    """Four layers of 1 s (1 FLOP at 1 FLOP/s); the inputs of layers 1 and 2 take 2 s to arrive
+    (2 bytes at 1 B/s), layer 3's nothing, layer 0's nothing. Two devices.
+    Added transfers: [0][1 2 3] 5 s, [0 1][2 3] 4 s, [0 1 2][3] 3 s: the last is optimal.
+    Overlapped (a stage takes max(layers, transfer)): 3 s, 2 s, 3 s: the middle one."""
+    layers = [LayerRecord(f"l{i}", 1, 1, in_bytes=b, flops=1, bytes_moved=1) for i, b in enumerate([0, 2, 2, 0])]
+    added = RooflineCostModel(onchip_bw=1e9, offchip_bw=1e9, peak_flops=1.0, link_bw=1.0)
+    hidden = RooflineCostModel(onchip_bw=1e9, offchip_bw=1e9, peak_flops=1.0, link_bw=1.0, overlap_transfers=True)
+    plan = make_plan(layers, 10_000, "min-time", devices=2, cost_model=added)
+    assert plan.groups == [(0, 2), (3, 3)] and plan.bottleneck_value == pytest.approx(3.0)
+    plan = make_plan(layers, 10_000, "min-time", devices=2, cost_model=hidden)
+    assert plan.groups == [(0, 1), (2, 3)] and plan.bottleneck_value == pytest.approx(2.0)
+    assert [s.predicted_time for s in plan.stages] == pytest.approx([2.0, 2.0])
+    assert [s.transfer_time for s in plan.stages] == pytest.approx([0.0, 2.0])
+    # tie_break late: the same optimum from the mirrored search (the transfer gates the stage ends there)
+    late = make_plan(layers, 10_000, "min-time", devices=2, cost_model=hidden, tie_break="late")
+    assert late.bottleneck_value == pytest.approx(2.0)
+
+
+def test_stage_time_with_overlap_is_a_gated_cost():
+    """StageTime with overlap_transfers: cost = max(layers, transfer), the transfer a gate; its view at
+    a bound refuses exactly the stage starts whose transfer exceeds the bound."""
+    from cachefit.partition import StageTime
+
+    layers = [LayerRecord(f"l{i}", 1, 1, in_bytes=b, flops=1, bytes_moved=1) for i, b in enumerate([0, 5, 2, 0])]
+    model = RooflineCostModel(onchip_bw=1e9, offchip_bw=1e9, peak_flops=1.0, link_bw=1.0, overlap_transfers=True)
+    t = StageTime(layers, model)
+    assert t.gated and t.cost(1, 2) == pytest.approx(5.0) and t.cost(1, 4) == pytest.approx(5.0)
+    assert t.cost(0, 4) == pytest.approx(4.0) and t.spill_time(1) == pytest.approx(5.0)
+    assert not t.monotone  # [1, 2) costs 5 s, [0, 2) only 2 s
+    view = t.at_bound(3.0)
+    for a in range(4):
+        for b in range(a + 1, 5):
+            assert (view.cost(a, b) <= 3.0) == (t.cost(a, b) <= 3.0), (a, b)
+    assert t.next_gate(3.0) == pytest.approx(5.0) and t.next_gate(5.0) == float("inf")
+
+
 def test_roofline_from_hardware():
     m = RooflineCostModel.from_hardware(PRESETS["h100"], "bfloat16")
     assert m.peak_flops == 989e12 and m.onchip_bw == 7.0e12
