@@ -217,9 +217,10 @@ def _prefetch_loops(func: tirx.PrimFunc) -> list:
 
 @pytest.mark.parametrize("m, threads", [(8, 1), (32, 2)])
 def test_streamed_packed_weight_is_prefetched_and_correct(m, threads):
-    """A packed weight larger than a quarter of L2 (here a 64 KiB L2) gets software prefetches of
-    the next panel (not a smaller weight, not when a tuning record says ``"prefetch": false``);
-    results match numpy either way."""
+    """A packed weight larger than a quarter of L2 (256 KiB here, a 256 KiB L2) gets software
+    prefetches (not a smaller weight, not when a tuning record says ``"prefetch": false``); a panel
+    (64 KiB) over a quarter of L2 gets them only in the k-chunk order of several threads, which
+    fetches one chunk ahead instead of a whole panel; results match numpy either way."""
     from cachefit.codegen.cpu_schedule import CPUSpec, GemmRule, target_vector_bits, workload_key
     from cachefit.codegen.pipeline import host_llvm_target
 
@@ -232,8 +233,8 @@ def test_streamed_packed_weight_is_prefetched_and_correct(m, threads):
     panel = panel_width(n, lanes)
     func = packed_matmul_func([m, k], n, panel, "float32", "float32")
     packed = w.reshape(k, n // panel, panel).transpose(1, 0, 2).copy()
-    cases = [(64 * 1024, None, True), (64 * 1024 * 1024, None, False),
-             (64 * 1024, {workload_key(func): {"prefetch": False}}, False)]
+    cases = [(256 * 1024, None, True), (64 * 1024 * 1024, None, False),
+             (256 * 1024, {workload_key(func): {"prefetch": False}}, False), (128 * 1024, None, threads > 1)]
     for l2, records, prefetched in cases:
         spec = CPUSpec(vector_bits=target_vector_bits(target), l2_bytes=l2, threads=threads)
         sch = GemmRule(spec, records).apply(func, target, False)
@@ -245,37 +246,98 @@ def test_streamed_packed_weight_is_prefetched_and_correct(m, threads):
         np.testing.assert_allclose(out.numpy(), a @ w, rtol=1e-5, atol=1e-4)
 
 
-def test_parallel_prefetch_stays_out_of_the_fma_loop_and_inside_the_thread_share():
+def _loop_path(root, target) -> list:
+    """The ``For`` loops from ``root`` down to ``target`` (included), outermost first."""
+    path: list = []
+
+    def down(node, trail):
+        if node.same_as(target):
+            path.extend(trail + [node])
+            return True
+        if isinstance(node, tirx.For):
+            trail = trail + [node]
+        children = []
+        if isinstance(node, tirx.SeqStmt):
+            children = list(node)
+        elif hasattr(node, "body"):
+            children = [node.body]
+        elif hasattr(node, "block"):
+            children = [node.block]
+        return any(down(child, trail) for child in children if isinstance(child, tirx.Stmt))
+
+    down(root, [])
+    return path
+
+
+def _flat_prefetch_index(body, shape) -> tirx.PrimExpr:
+    """The element (in memory order of the panels ``shape``) the first prefetch reads."""
+    load = _nodes(body, tvm.ir.TensorLoad)[0]
+    _, kk, p = shape
+    panel, k, col = load.indices
+    return (panel * kk + k) * p + col
+
+
+@pytest.mark.parametrize("korder", [True, False])
+def test_parallel_prefetch_stays_out_of_the_fma_loop_and_inside_the_thread_share(korder):
     """With two threads the panels are split in two contiguous shares (a parallel loop of 2
-    iterations); the prefetches sit in a loop over k-chunks whose body holds the FMA loop (in the
-    FMA loop itself they kept LLVM from holding the accumulators in registers: the weight pointers
-    of a parallel closure are not ``noalias``); the panel each iteration prefetches is the next one
-    of its own share (the last one of a share re-fetches itself, never the other thread's)."""
-    from cachefit.codegen.cpu_schedule import CPUSpec, GemmRule, target_vector_bits
+    iterations) and the prefetches sit in a loop that holds the FMA loop, never in it (in the FMA
+    loop they kept LLVM from holding the accumulators in registers: the weight pointers of a
+    parallel closure are not ``noalias``). Default (k-chunks outside the row tiles): every
+    (chunk, row tile) iteration fetches its slice of the chunk one ahead along the thread's share,
+    clamped to its end. With ``"korder": false`` every pass over a panel fetches its slice of the
+    next panel of its own share (the last one of a share re-fetches itself, never the other
+    thread's). Results match numpy either way."""
+    from cachefit.codegen.cpu_schedule import CPUSpec, GemmRule, target_vector_bits, workload_key
+    from cachefit.codegen.pipeline import host_llvm_target
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
-    m, k, n = 32, 256, 512  # 8 panels of 64 columns, 4 per thread
+    m, k, n = 32, 256, 512  # 8 panels of 64 columns, 4 per thread; 8 row tiles of 4 rows
     func = packed_matmul_func([m, k], n, 64, "float32", "float32")
-    spec = CPUSpec(vector_bits=target_vector_bits(target), l2_bytes=64 * 1024, threads=2)
-    sch = GemmRule(spec).apply(func, target, False)
-    body = sch.mod["main"]
+    spec = CPUSpec(vector_bits=target_vector_bits(target), l2_bytes=256 * 1024, threads=2)
+    records = None if korder else {workload_key(func): {"korder": False}}
+    body = GemmRule(spec, records).apply(func, target, False).mod["main"]
     par = [node for node in _nodes(body.body, tirx.For) if node.kind == tirx.ForKind.PARALLEL]
     assert len(par) == 1 and int(par[0].extent) == 2
-    share = par[0].body
-    while not isinstance(share, tirx.For):
-        share = share.body if hasattr(share, "body") else share.block.body
-    assert int(share.extent) == 4  # column tiles (= panels) per thread
     loops = _prefetch_loops(body)
     assert len(loops) == 1
-    assert _nodes(loops[0].body, tirx.For) and int(loops[0].extent) < k  # k in chunks, the FMA loop inside
-    # the prefetched panel as a function of (thread, column tile of the share)
-    panel_expr = _nodes(loops[0].body[0], tvm.ir.TensorLoad)[0].indices[0]
-    for t in range(2):
-        for jo in range(4):
-            ana = tvm.sym.Analyzer()
-            ana.bind(par[0].loop_var, tirx.const(t, str(par[0].loop_var.ty)))
-            ana.bind(share.loop_var, tirx.const(jo, str(share.loop_var.ty)))
-            assert int(ana.simplify(panel_expr)) == t * 4 + min(jo + 1, 3)
+    path = _loop_path(body.body, loops[0])
+    assert path[0].same_as(par[0])
+    share = path[1]
+    assert int(share.extent) == 4  # column tiles (= panels) per thread
+    fma_loops = [lp for lp in _nodes(loops[0].body, tirx.For) if "matmul_packed_update" in str(lp.body)]
+    assert fma_loops and not any("llvm.prefetch" in str(lp.body) for lp in fma_loops)
+    flat = _flat_prefetch_index(loops[0].body[0], (8, k, 64))
+    panel_elems = k * 64
+    if korder:
+        chunk_loop, row_loop = path[2], path[3]
+        kc = k // int(chunk_loop.extent)
+        assert row_loop.same_as(loops[0]) and int(row_loop.extent) == 8 and 1 < kc < k
+        for t in range(2):
+            for jo in range(4):
+                for ko in range(k // kc):
+                    for io in range(8):
+                        ana = tvm.sym.Analyzer()
+                        for var, val in ((par[0], t), (share, jo), (chunk_loop, ko), (row_loop, io)):
+                            ana.bind(var.loop_var, tirx.const(val, str(var.loop_var.ty)))
+                        want = min((jo * k + (ko + 1) * kc) * 64 + io * kc * 64 // 8, 4 * panel_elems - 1)
+                        assert int(ana.simplify(flat)) == t * 4 * panel_elems + want
+    else:
+        panel_expr = _nodes(loops[0].body[0], tvm.ir.TensorLoad)[0].indices[0]
+        for t in range(2):
+            for jo in range(4):
+                ana = tvm.sym.Analyzer()
+                ana.bind(par[0].loop_var, tirx.const(t, str(par[0].loop_var.ty)))
+                ana.bind(share.loop_var, tirx.const(jo, str(share.loop_var.ty)))
+                assert int(ana.simplify(panel_expr)) == t * 4 + min(jo + 1, 3)
+    if target_vector_bits(host_llvm_target(LLVM)) < 512:
+        return  # the schedule above is for AVX-512; this host cannot run it
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((m, k)).astype("float32")
+    w = rng.standard_normal((k, n)).astype("float32")
+    lib = tvm.compile(tvm.IRModule({"main": body.with_attr("global_symbol", "main")}), target)
+    out = tvm.runtime.tensor(np.zeros((m, n), "float32"))
+    lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(w.reshape(k, 8, 64).transpose(1, 0, 2).copy()), out)
+    np.testing.assert_allclose(out.numpy(), a @ w, rtol=1e-5, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -608,13 +608,31 @@ class GemmRule(dlight.ScheduleRule):
         per_thread = n_panels // threads if threads > 1 else n_panels
         if prefetch and threads > 1 and (n_panels % threads or per_thread % sub):
             prefetch = False
-        # the prefetches go into a loop over chunks of ``kc`` k-steps, outside the FMA loop: in a
-        # parallel kernel the weight pointers are not ``noalias`` (they come from the closure), so
-        # a prefetch inside the FMA loop kept LLVM from holding the accumulators in registers
-        # (16 stores per k step: the kernel ran 2x slower, which made the prefetch look harmful)
-        kc = int(self.config.get("kc", 16 if threads > 1 else 1)) if prefetch else 1
+        # With several threads the prefetches go into a loop over chunks of ``kc`` k-steps,
+        # outside the FMA loop: in a parallel kernel the weight pointers are not ``noalias`` (they
+        # come from the closure), so a prefetch inside the FMA loop kept LLVM from holding the
+        # accumulators in registers (16 stores per k step: the kernel ran 2x slower, which made
+        # the prefetch look harmful at two threads).
+        # Several threads: k-chunks outside the row tiles (``korder``): each chunk of a panel
+        # (``kc`` k-steps, 8 KiB) is read from memory once and reused by every row tile from L1,
+        # the accumulators of all row tiles loaded and stored once per chunk, and the prefetch
+        # runs ``dist`` chunks ahead along the thread's share: the weight stream spreads evenly
+        # over the whole kernel (the first panel of a share included) instead of arriving in the
+        # first pass over each panel (dense-50mb, two threads: 7.2-7.9 -> 6.4-6.9 ms; one thread
+        # the same within noise, so it keeps the pass-wise prefetch)
+        korder = bool(prefetch and sub == 1 and self.config.get("korder", threads > 1 and m_tiles > 1))
+        if not korder and kk * form.packed * elem > spec.l2_bytes // 4 and "prefetch" not in self.config:
+            # a whole panel ahead would not stay in L2 until it is read (vgg19's fc6 / fc7, one
+            # row, 6.4 / 1 MiB panels: 42 -> 61 ms, 6.7 -> 8.7 ms at one thread with it)
+            prefetch = korder = False
+        pass_kc = 16 if threads > 1 else 1
+        kc = int(self.config.get("kc", 32 if korder else pass_kc)) if prefetch else 1
+        if korder and (kc < 1 or kk % kc or kk // kc < 2):
+            korder, kc = False, pass_kc
         if kc < 1 or kk % kc:
             kc = 1
+        if threads > 1 and kc == 1:
+            prefetch = False  # the prefetch would sit in the FMA loop (see above)
         jo, jn, jv = sch.split(loops[form.j], [None, nr, lanes])
         par_t = None
         if prefetch and threads > 1:
@@ -629,12 +647,13 @@ class GemmRule(dlight.ScheduleRule):
             else:
                 io_o = None
                 io, ii = sch.split(li, [None, mr])
-                order = batch_loops + [jo, io, *lks, ii, jn, jv]
+                order = batch_loops + ([jo, lks[0], io, lks[1], ii, jn, jv] if korder
+                                       else [jo, io, *lks, ii, jn, jv])
         else:
             io_o = io = ii = None
             order = batch_loops + [jo, *lks, jn, jv]
         sch.reorder(*([par_t] if par_t is not None else []), *order)
-        tile_loop = io if io is not None else jo
+        tile_loop = jo if korder or io is None else io
 
         # accumulator tile in registers
         if epilogue is not None:
@@ -668,7 +687,7 @@ class GemmRule(dlight.ScheduleRule):
             self._prefetch = _PanelPrefetch(
                 buf=form.packed_buffers[0], jo=var(jo), io=var(io), k=var(lks[0]), tile=tile, m_tiles=m_tiles,
                 elem=elem, kc=kc, thread=var(par_t) if par_t is not None else None,
-                tiles_per_thread=per_thread)
+                tiles_per_thread=per_thread, korder=korder, dist=int(self.config.get("dist", 1)))
         return True
 
     def _configured_tile(self, mr: int, nr: int, m: int, nv: int) -> tuple[int, int]:
@@ -822,6 +841,8 @@ class _PanelPrefetch:
     kc: int = 1
     thread: object = None
     tiles_per_thread: int = 0
+    korder: bool = False
+    dist: int = 1
 
 
 def _insert_prefetch(func: tirx.PrimFunc, pf: _PanelPrefetch) -> tirx.PrimFunc:
@@ -834,6 +855,8 @@ def _insert_prefetch(func: tirx.PrimFunc, pf: _PanelPrefetch) -> tirx.PrimFunc:
     With a thread loop, "next" stays inside the thread's share (the last panel of a share fetches
     nothing new), so no thread pulls in a panel another one reads.
     """
+    if pf.korder:
+        return _insert_stream_prefetch(func, pf)
     buf = pf.buf
     panels, kk, p = (int(d) for d in buf.shape)
     sub = max(1, p // pf.tile)
@@ -1127,3 +1150,49 @@ def schedule_func(func: tirx.PrimFunc, target: Target, rules: list):
         if sch is not None:
             return sch
     return None
+
+
+def _prefetch_call(buf, flat, i64: str):
+    """``llvm.prefetch`` (read, into L2 and out) of element ``flat`` of the panels ``buf`` counted
+    in memory order."""
+    _, kk, p = (int(d) for d in buf.shape)
+    idx = [tirx.floordiv(flat, tirx.const(kk * p, i64)),
+           tirx.floormod(tirx.floordiv(flat, tirx.const(p, i64)), tirx.const(kk, i64)),
+           tirx.floormod(flat, tirx.const(p, i64))]
+    addr = tirx.address_of(tirx.BufferLoad(buf, idx))
+    return tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", addr, tirx.const(0, "int32"),
+                                               tirx.const(2, "int32"), tirx.const(1, "int32")))
+
+
+def _insert_stream_prefetch(func: tirx.PrimFunc, pf: _PanelPrefetch) -> tirx.PrimFunc:
+    """Prefetches for the k-chunk-outer order (``jo, ko, io, ki, ...``, a column tile = a panel):
+    a thread's share of panels is one contiguous stream in memory; each (``ko``, ``io``)
+    iteration fetches its slice (1 / ``m_tiles``) of the chunk ``dist`` chunks ahead (into the
+    next panel at the end of one, never past the share)."""
+    buf = pf.buf
+    _, kk, p = (int(d) for d in buf.shape)
+    i64 = str(buf.shape[0].ty)
+
+    def c(v):
+        return tirx.const(v, i64)
+
+    def cast(v):
+        return v if str(v.ty) == i64 else tirx.Cast(i64, v)
+
+    jo, io, ko = cast(pf.jo), cast(pf.io), cast(pf.k)
+    share = pf.tiles_per_thread if pf.thread is not None else int(buf.shape[0])
+    start = cast(pf.thread) * c(share * kk * p) if pf.thread is not None else c(0)
+    chunk = pf.kc * p
+    slice_ = -(-chunk // pf.m_tiles)
+    line = max(1, 64 // pf.elem)
+    off = (jo * c(kk) + (ko + c(pf.dist)) * c(pf.kc)) * c(p) + io * c(slice_)
+    calls = [_prefetch_call(buf, start + tirx.min(off + c(t), c(share * kk * p - 1)), i64)
+             for t in range(0, slice_, line)]
+
+    def visit(node, mutator):
+        if isinstance(node, tirx.For) and node.loop_var.same_as(pf.io):
+            return tirx.For(node.loop_var, node.min, node.extent, node.kind, tirx.SeqStmt(calls + [node.body]),
+                            node.thread_binding, node.annotations)
+        return mutator.default_mutate(node)
+
+    return tvm_ffi.structural_mutate(func, ((tirx.For, visit),))
