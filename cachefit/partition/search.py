@@ -816,6 +816,10 @@ def _frontier_fewest_multi(bounds: Sequence[Bound], start: int, end: int, limit:
         budget -= win
         level, m = [], INF
         sources = frontier[t - 1]
+        if bases is not None and nb == 2:  # the common case (time and capacity), written out
+            b0, b1 = bases
+            y0, y1 = ys
+            l0, l1 = lims
         p = best
         while p >= lam:  # the undominated members (suffix minima of key), down to lam
             kp = key[p]
@@ -823,7 +827,10 @@ def _frontier_fewest_multi(bounds: Sequence[Bound], start: int, end: int, limit:
                 p = smaller[p]
                 continue
             if p > gp:  # f[p] >= t: member() for this level, inlined
-                if bases is not None and all(bases[i] + ys[i][p - 1] <= lims[i] for i in idx):
+                if bases is not None and (
+                    (b0 + y0[p - 1] <= l0 and b1 + y1[p - 1] <= l1) if nb == 2
+                    else all(bases[i] + ys[i][p - 1] <= lims[i] for i in idx)
+                ):
                     yes[p], parent[p] = t, arg
                     level.append(p)
                     m = kp
