@@ -284,8 +284,8 @@ def test_parallel_prefetch_stays_out_of_the_fma_loop_and_inside_the_thread_share
     loop they kept LLVM from holding the accumulators in registers: the weight pointers of a
     parallel closure are not ``noalias``). Default (k-chunks outside the row tiles): every
     (chunk, row tile) iteration fetches its slice of the chunk one ahead along the thread's share,
-    clamped to its end. With ``"korder": false`` every pass over a panel fetches its slice of the
-    next panel of its own share (the last one of a share re-fetches itself, never the other
+    clamped to its end. With a record ``"korder": false, "prefetch": true`` every pass over a panel
+    fetches its slice of the next panel of its own share (the last one of a share re-fetches itself, never the other
     thread's). Results match numpy either way."""
     from cachefit.codegen.cpu_schedule import CPUSpec, GemmRule, target_vector_bits, workload_key
     from cachefit.codegen.pipeline import host_llvm_target
@@ -294,7 +294,7 @@ def test_parallel_prefetch_stays_out_of_the_fma_loop_and_inside_the_thread_share
     m, k, n = 32, 256, 512  # 8 panels of 64 columns, 4 per thread; 8 row tiles of 4 rows
     func = packed_matmul_func([m, k], n, 64, "float32", "float32")
     spec = CPUSpec(vector_bits=target_vector_bits(target), l2_bytes=256 * 1024, threads=2)
-    records = None if korder else {workload_key(func): {"korder": False}}
+    records = None if korder else {workload_key(func): {"korder": False, "prefetch": True}}
     body = GemmRule(spec, records).apply(func, target, False).mod["main"]
     par = [node for node in _nodes(body.body, tirx.For) if node.kind == tirx.ForKind.PARALLEL]
     assert len(par) == 1 and int(par[0].extent) == 2

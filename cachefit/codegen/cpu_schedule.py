@@ -621,10 +621,12 @@ class GemmRule(dlight.ScheduleRule):
         # first pass over each panel (dense-50mb, two threads: 7.2-7.9 -> 6.4-6.9 ms; one thread
         # the same within noise, so it keeps the pass-wise prefetch)
         korder = bool(prefetch and sub == 1 and self.config.get("korder", threads > 1 and m_tiles > 1))
-        if not korder and kk * form.packed * elem > spec.l2_bytes // 4 and "prefetch" not in self.config:
-            # a whole panel ahead would not stay in L2 until it is read (vgg19's fc6 / fc7, one
-            # row, 6.4 / 1 MiB panels: 42 -> 61 ms, 6.7 -> 8.7 ms at one thread with it)
-            prefetch = korder = False
+        if (not korder and "prefetch" not in self.config
+                and (threads > 1 or kk * form.packed * elem > spec.l2_bytes // 4)):
+            # the next whole panel: not when it would not stay in L2 until it is read (vgg19's
+            # fc6 / fc7, one row, 6.4 / 1 MiB panels: 42 -> 61 ms, 6.7 -> 8.7 ms at one thread
+            # with it), nor with several threads and one row tile (mlp-tiny: 2-6 % slower)
+            prefetch = False
         pass_kc = 16 if threads > 1 else 1
         kc = int(self.config.get("kc", 32 if korder else pass_kc)) if prefetch else 1
         if korder and (kc < 1 or kk % kc or kk // kc < 2):
