@@ -250,11 +250,6 @@ class Mirrored(GroupCost):
         """Forwarded for stage-time oracles (:class:`~.cost.StageTime`)."""
         return self.base.spill_time(self.n - 1 - layer)
 
-    def transfer(self, a: int):
-        """Forwarded for stage-time oracles: the input transfer of the stage starting at ``a``
-        (in the mirror, the one ending at ``a``: transfers are always into a stage's first layer)."""
-        return self.base.transfer(self.n - 1 - a)
-
 
 class GatedView(GroupCost):
     """A gated cost (:attr:`GroupCost.gx`, ``gy``) at one bound ``B``, in the plain form.
