@@ -62,7 +62,9 @@ def main(verbose: int) -> None:
 @click.option("--bandwidth-efficiency", type=float, default=1.0, show_default=True,
               help="Fraction of the nominal bandwidths reached (memory and link).")
 @click.option("--link-bw", default=None, help="Override the link bandwidth, e.g. 450GB (per second).")
-@click.option("--overlap-transfers", is_flag=True, help="Hide stage-to-stage transfers behind compute.")
+@click.option("--overlap-transfers", is_flag=True,
+              help="Hide each stage's input transfer behind its compute, the first stage's input from the host "
+                   "included: a stage takes max(layers, transfer).")
 @click.option("--overlap-allreduce", is_flag=True,
               help="Hide the baselines' tensor-parallel all-reduces behind compute (best case).")
 @click.option("--records", type=click.Choice(["ir", "analytic"]), default="ir", show_default=True,
