@@ -440,3 +440,97 @@ def test_batchnorm_without_prepack_stays_a_per_channel_epilogue(net, channels, c
     lifted = _front(model, prepack=True)
     assert not any("bn_fold" in n or "sqrt" in n for n in _main_call_names(lifted))
     assert sum("bn_fold" in (p.pack or "") for p in packed_params(lifted)) >= len(channels)
+
+
+# --- Winograd F(2x2, 3x3) (3x3 stride-1 convolutions, with prepack) -------------------------------
+
+
+def _calls_after_front(model, prepack: bool, threads: int = 1):
+    mod, _ = _import(model)
+    target = host_llvm_target(LLVM)
+    with target:
+        low = tvm.transform.Sequential(cpu_passes(target, CPUSpec.for_target(target, threads), prepack=prepack))(mod)
+    names = []
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.op.same_as(call_tir):
+            names.append(e.args[0].name_hint)
+
+    relax.analysis.post_order_visit(low["main"].body, visit)
+    return names
+
+
+@pytest.mark.parametrize(
+    "cin,cout,size,pad,threads",
+    [
+        (32, 32, 14, 1, 1),    # even output: 7x7 tiles of 2x2
+        (48, 64, 13, 1, 1),    # odd output: one extra row / column computed and dropped
+        (40, 24, 12, 0, 1),    # channels not a multiple of 16 (zero-padded), no padding (10x10 out)
+        (32, 48, 16, 1, 2),    # two threads
+    ],
+)
+def test_winograd_conv_matches_onnxruntime(cin, cout, size, pad, threads):
+    """With prepack, a 3x3 stride-1 convolution in a blocked chain runs as Winograd F(2x2, 3x3)
+    (its weight transformed at compile time) and agrees with onnxruntime; without prepack (the
+    transform would run on every call) it keeps the direct kernel."""
+    model = _conv_chain(cin, cout, size, 3, 1, pad, mid=cin)
+    names = _calls_after_front(model, prepack=True, threads=threads)
+    assert sum("conv2d_winograd" in n for n in names) == 2, names
+    assert not any("pack_wino_weight" in n for n in names)  # lifted to compile time
+    assert not any("conv2d_winograd" in n for n in _calls_after_front(model, prepack=False))
+    got, want = _run_both(model, threads=threads, prepack=True)
+    assert got.shape == want.shape
+    assert _rel_err(got, want) < RTOL
+
+
+def test_winograd_with_batchnorm_residual_and_relu_epilogue():
+    """conv + BN (folded into the transformed weight) + residual add + relu on the Winograd
+    kernel's output transform agrees with onnxruntime at one and two threads."""
+    g = _Graph(32, 14, seed=5)
+    g.conv(32, 3, 1, 1, bias=False)
+    g.bn()
+    a = g.op("Relu")
+    g.conv(32, 3, 1, 1, bias=False, src=a)
+    b = g.bn()
+    g.op("Add", b, a)
+    g.op("Relu")
+    model = g.model()
+    names = _calls_after_front(model, prepack=True)
+    assert sum("conv2d_winograd" in n for n in names) == 2, names
+    for threads in (1, 2):
+        got, want = _run_both(model, threads=threads, prepack=True)
+        assert _rel_err(got, want) < RTOL
+
+
+def test_winograd_only_for_3x3_stride_1_with_two_channel_blocks():
+    """Stride 2, dilation, 1x1, a 7x7 output, or a single 16-channel input block keep the direct kernel."""
+    from cachefit.codegen.cpu_conv import winograd_eligible  # pylint: disable=import-outside-toplevel
+
+    assert winograd_eligible(3, 3, (1, 1), (1, 1), 2, 16, 16, 14, 14)
+    assert winograd_eligible(3, 3, (1, 1), (1, 1), 2, 16, 16, 13, 27)
+    assert not winograd_eligible(3, 3, (2, 2), (1, 1), 2, 16, 16, 14, 14)
+    assert not winograd_eligible(3, 3, (1, 1), (2, 2), 2, 16, 16, 14, 14)
+    assert not winograd_eligible(1, 1, (1, 1), (1, 1), 2, 16, 16, 14, 14)
+    assert not winograd_eligible(3, 3, (1, 1), (1, 1), 2, 16, 16, 7, 7)
+    assert not winograd_eligible(3, 3, (1, 1), (1, 1), 1, 16, 16, 55, 55)
+    assert not winograd_eligible(3, 3, (1, 1), (1, 1), 3, 1, 16, 56, 56)  # an RGB stem read as 1-channel blocks
+    # and in a compiled chain: the stride-2 convolution stays direct, the stride-1 one goes Winograd
+    model = _conv_chain(32, 32, 14, 3, 2, 1, mid=32)
+    names = _calls_after_front(model, prepack=True)
+    assert sum("conv2d_winograd" in n for n in names) == 1, names
+    assert sum("conv2d_nchwc" in n for n in names) == 1, names
+
+
+def test_winograd_kernel_is_register_tiled():
+    """The rule schedules the Winograd kernel: its 16 GEMMs accumulate in a local tile with the
+    tile loops unrolled and the channel vector vectorised; the transforms' 16 elements unrolled."""
+    from cachefit.codegen.cpu_conv import NCHWcConvRule, conv2d_winograd_func  # pylint: disable=import-outside-toplevel
+
+    target = host_llvm_target(LLVM)
+    func = conv2d_winograd_func(1, 4, 16, 14, 14, 4, 16, (1, 1, 1, 1))
+    sch = NCHWcConvRule(CPUSpec.for_target(target, 1)).apply(func, target, False)
+    assert sch is not None
+    text = sch.mod.script()
+    assert '"local"' in text
+    assert "T.unroll" in text and "T.vectorized" in text

@@ -180,6 +180,162 @@ def pack_weight_func(co, ci, kh, kw, cb, ob, dtype="float32", fold_eps=None, fol
     return func.with_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, WEIGHT_PACK_ATTR: True})
 
 
+# ---------------------------------------------------------------------------------------------
+# Winograd F(2x2, 3x3) (3x3 stride-1 convolutions): 16 / 36 of the multiplications
+# ---------------------------------------------------------------------------------------------
+
+WINO_V_BLOCK = "cachefit_wino_v"
+WINO_M_BLOCK = "cachefit_wino_m"
+WINO_Y_BLOCK = "cachefit_wino_y"
+#: F(2x2, 3x3) (Lavin & Gray 2016): Y = A^T [(G g G^T) * (B^T d B)] A on 4x4 input tiles
+_WINO_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_WINO_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def winograd_eligible(kh: int, kw: int, strides, dilation, cib: int, cb_in: int, lanes: int, oh: int, ow: int,
+                      min_size: int = 8) -> bool:
+    """Whether a convolution runs as Winograd F(2x2, 3x3): 3x3, stride 1, no dilation, a blocked
+    input of two channel blocks or more (with one, the 16 GEMMs are too short to pay for the
+    transforms: squeezenet's 16 -> 64 at 55x55 ran 0.85x of the direct kernel), an output of at
+    least ``min_size`` x ``min_size`` (7x7 computes 8x8: 1.04x, not worth the scratch memory; an
+    odd size computes one extra row / column of outputs and drops it)."""
+    return (kh == 3 and kw == 3 and tuple(strides) == (1, 1) and tuple(dilation) == (1, 1) and cb_in == lanes
+            and cib >= 2 and min(oh, ow) >= min_size)
+
+
+def _sparse_sum(terms):
+    """``sum(c * x)`` over ``(c, x)`` with c in {1, -1} (a chain of adds / subtracts)."""
+    out = None
+    for c, x in terms:
+        if out is None:
+            out = x if c > 0 else -x
+        else:
+            out = out + x if c > 0 else out - x
+    return out
+
+
+def _select(index, exprs, lazy: bool = False):
+    """``exprs[index]``: selects that fold to one expression where the schedule unrolls ``index``;
+    ``lazy``: ``if_then_else`` (only the chosen expression is evaluated: loops not unrolled)."""
+    out = exprs[-1]
+    for k in range(len(exprs) - 2, -1, -1):
+        cond = index == tirx.const(k, str(index.ty))
+        out = tirx.if_then_else(cond, exprs[k], out) if lazy else tirx.Select(cond, exprs[k], out)
+    return out
+
+
+def winograd_weight_func(co, ci, cb, ob, dtype="float32", fold_eps=None, fold_scaled=True):
+    """``OIHW`` 3x3 -> ``U = G g G^T`` as ``[16, CO / ob, CI / cb, cb, ob]`` (a weight pack: one
+    GEMM's weights per element of the 4x4 transformed tile, output-channel blocks outermost);
+    ``fold_eps`` folds a batch norm's scale as :func:`pack_weight_func` does."""
+    w = te.placeholder(_i64(co, ci, 3, 3), dtype, name="w")
+    extra = []
+    if fold_eps is not None:
+        gamma = te.placeholder(_i64(co), dtype, name="gamma") if fold_scaled else None
+        var = te.placeholder(_i64(co), dtype, name="var")
+        extra = ([gamma] if fold_scaled else []) + [var]
+
+    def value(oc, ic, y, x):
+        v = w[oc, ic, y, x]
+        if fold_eps is not None:
+            s = 1.0 / te.sqrt(var[oc] + tirx.const(fold_eps, dtype))
+            v = v * (gamma[oc] * s if fold_scaled else s)
+        return v
+
+    def transformed(oc, ic):
+        # the 16 elements of G g G^T for one (oc, ic), as expressions
+        out = []
+        for r in range(4):
+            for s_ in range(4):
+                acc = None
+                for a in range(3):
+                    for b in range(3):
+                        coef = _WINO_G[r][a] * _WINO_G[s_][b]
+                        if coef == 0.0:
+                            continue
+                        term = value(oc, ic, a, b) * tirx.const(coef, dtype)
+                        acc = term if acc is None else acc + term
+                out.append(acc)
+        return out
+
+    def body(e, o, c, i, v):
+        oc, ic = o * ob + v, c * cb + i
+        if co % ob == 0 and ci % cb == 0:
+            return _select(e, transformed(oc, ic), lazy=True)
+        inside = tvm.tirx.all(oc < co, ic < ci)
+        return tirx.if_then_else(inside, _select(e, transformed(tvm.te.min(oc, co - 1), tvm.te.min(ic, ci - 1)),
+                                                 lazy=True),
+                                 tirx.const(0, dtype))
+
+    packed = te.compute(_i64(16, _blocks(co, ob), _blocks(ci, cb), cb, ob), body, name="cachefit_pack_wino_weight")
+    func = te.create_prim_func([w, *extra, packed])
+    return func.with_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, WEIGHT_PACK_ATTR: True})
+
+
+def conv2d_winograd_func(n, cib, cb, h, w, cob, ob, padding, dtype="float32"):
+    """A 3x3 stride-1 convolution on NCHWc activations as Winograd F(2x2, 3x3):
+
+    - ``V[b, e, c, ty, tx, i]``: ``B^T d B`` of every 4x4 input tile (stride 2; adds only),
+    - ``M[b, e, o, ty, tx, v] = sum_{c, i} V[b, e, c, ty, tx, i] * U[e, o, c, i, v]``: 16 GEMMs,
+    - ``out[b, o, y, x, v]``: ``A^T M A`` (adds only), 2x2 outputs per tile.
+
+    ``U`` is :func:`winograd_weight_func`'s pack. An odd output size computes one more row /
+    column (into a scratch buffer) and drops it."""
+    pt, pl, pb, pr = padding
+    oh, ow = h + pt + pb - 2, w + pl + pr - 2
+    th, tw = -(-oh // 2), -(-ow // 2)
+    data = te.placeholder(_i64(n, cib, h, w, cb), dtype, name="data")
+    weight = te.placeholder(_i64(16, cob, cib, cb, ob), dtype, name="weight")
+    hp, wp = 2 * th + 2, 2 * tw + 2
+    if pt or pl or pb or pr:
+        def pad_fn(b, c, y, x, i):
+            inside = tvm.tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w)
+            return tirx.if_then_else(
+                inside,
+                data[b, c, tvm.te.max(tvm.te.min(y - pt, h - 1), 0), tvm.te.max(tvm.te.min(x - pl, w - 1), 0), i],
+                tirx.const(0, dtype))
+        src = te.compute(_i64(n, cib, hp, wp, cb), pad_fn, name=PAD_BLOCK)
+    else:
+        src = data
+
+    def v_fn(b, e, c, ty, tx, i):
+        def d(a, bb):
+            return src[b, c, ty * 2 + a, tx * 2 + bb, i]
+        exprs = []
+        for r in range(4):
+            for s_ in range(4):
+                exprs.append(_sparse_sum([(_WINO_BT[r][a] * _WINO_BT[s_][bb], d(a, bb))
+                                          for a in range(4) for bb in range(4)
+                                          if _WINO_BT[r][a] * _WINO_BT[s_][bb] != 0]))
+        return _select(e, exprs)
+
+    vt = te.compute(_i64(n, 16, cib, th, tw, cb), v_fn, name=WINO_V_BLOCK)
+    rc = te.reduce_axis(_i64(0, cib), name="rc")
+    ri = te.reduce_axis(_i64(0, cb), name="ri")
+    m = te.compute(
+        _i64(n, 16, cob, th, tw, ob),
+        lambda b, e, o, ty, tx, v: te.sum(vt[b, e, rc, ty, tx, ri] * weight[e, o, rc, ri, v], axis=[rc, ri]),
+        name=WINO_M_BLOCK)
+
+    def y_fn(b, o, y, x, v):
+        ty, tx = y // 2, x // 2
+        exprs = []
+        for u in range(2):
+            for q in range(2):
+                exprs.append(_sparse_sum([(_WINO_AT[u][r] * _WINO_AT[q][s_], m[b, r * 4 + s_, o, ty, tx, v])
+                                          for r in range(4) for s_ in range(4)
+                                          if _WINO_AT[u][r] * _WINO_AT[q][s_] != 0]))
+        return _select((y % 2) * 2 + x % 2, exprs)
+
+    out = te.compute(_i64(n, cob, 2 * th, 2 * tw, ob), y_fn, name=WINO_Y_BLOCK)
+    if (2 * th, 2 * tw) != (oh, ow):
+        full = out
+        out = te.compute(_i64(n, cob, oh, ow, ob), lambda b, o, y, x, v: full[b, o, y, x, v], name="cachefit_nchwc_crop")
+    func = te.create_prim_func([data, weight, out])
+    return func.with_attr({"op_pattern": _OUT_EWISE_FUSABLE, "tirx.noalias": True})
+
+
 def to_blocked_func(n, c, h, w, cb, dtype="float32"):
     """NCHW -> ``[N, C / cb, H, W, cb]`` (the last block zero-padded)."""
     x = te.placeholder(_i64(n, c, h, w), dtype, name="x")
@@ -248,9 +404,11 @@ class BlockConvLayout:
     NCHW input as ``cb = 1`` blocks (a reshape, no copy); other shapes keep the NCHW path.
     """
 
-    def __init__(self, lanes: int = 16, min_chain: int = 2):
+    def __init__(self, lanes: int = 16, min_chain: int = 2, winograd: bool = False, winograd_min: int = 8):
         self.lanes = int(lanes)
         self.min_chain = int(min_chain)
+        self.winograd = bool(winograd)
+        self.winograd_min = int(winograd_min)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if self.lanes < 4:
@@ -258,7 +416,8 @@ class BlockConvLayout:
         # ``y = x`` aliases (TVM's import of ONNX Sum leaves them) and inference dropouts would
         # hide a chain's links
         clean = relax.transform.CanonicalizeBindings()(_DropoutToIdentity(mod.clone()).run())
-        m = _LayoutMutator(clean, self.lanes, self.min_chain)
+        m = _LayoutMutator(clean, self.lanes, self.min_chain,
+                           winograd_min=self.winograd_min if self.winograd else None)
         changed = False
         for gv, func in m.mod_.functions_items():
             if not isinstance(func, relax.Function) or (func.attrs and "Primitive" in func.attrs):
@@ -299,11 +458,12 @@ class _DropoutToIdentity(PyExprMutator):
 
 @mutator
 class _LayoutMutator(PyExprMutator):  # pylint: disable=too-many-instance-attributes
-    def __init__(self, mod: tvm.IRModule, lanes: int, min_chain: int):
+    def __init__(self, mod: tvm.IRModule, lanes: int, min_chain: int, winograd_min: int | None = None):
         super().__init__(mod)
         self.mod_ = mod
         self.lanes = lanes
         self.min_chain = min_chain
+        self.winograd_min = winograd_min  # None: no Winograd convolutions
         self._ops = {name: tvm.ir.Op.get(name) for name in
                      ("relax.nn.conv2d", "relax.concat", "relax.mean", *_ELEMWISE, *_UNARY, *_POOL)}
         self.blocked: dict = {}     # original var -> _Blocked
@@ -543,20 +703,39 @@ class _LayoutMutator(PyExprMutator):  # pylint: disable=too-many-instance-attrib
             if isinstance(func, tirx.PrimFunc) and func.attrs is not None and BN_FOLD_ATTR in func.attrs:
                 eps, wargs = float(func.attrs[BN_FOLD_ATTR]), list(fold.args[1].fields)
         scaled = len(wargs) == 3
+        strides = [int(s) for s in a.strides]
+        padding = [int(p) for p in a.padding]
+        dilation = [int(d) for d in a.dilation]
+        if self.winograd_min is not None and winograd_eligible(kh, kw, strides, dilation, cib, cb_in, self.lanes,
+                                                               oshape[2], oshape[3], self.winograd_min):
+            return self._winograd_conv(x, wargs, eps, scaled, (n, ci, cib, cb_in, h, w, co, cob, ob), padding, oshape)
         pack = self._add_func(("pack", co, ci, kh, kw, cb_in, ob, eps, scaled),
                               lambda: pack_weight_func(co, ci, kh, kw, cb_in, ob, fold_eps=eps, fold_scaled=scaled),
                               "cachefit_pack_conv_weight")
         wp = self.builder_.emit(relax.call_tir(
             pack, wargs, relax.TensorType([cob, cib, kh, kw, cb_in, ob], "float32")))
-        strides = [int(s) for s in a.strides]
-        padding = [int(p) for p in a.padding]
-        dilation = [int(d) for d in a.dilation]
         ow = oshape[3]
         _, _, owp = choose_tile(ow, cob)
         key = ("conv", n, cib, cb_in, h, w, cob, ob, kh, kw, *strides, *padding, *dilation, owp)
         gv = self._add_func(key, lambda: conv2d_nchwc_func(n, cib, cb_in, h, w, cob, ob, kh, kw,
                                                            strides, padding, dilation, owp),
                             "cachefit_conv2d_nchwc")
+        return self.builder_.emit(relax.call_tir(
+            gv, [x.var, wp], relax.TensorType([n, cob, oshape[2], oshape[3], ob], "float32")))
+
+
+    def _winograd_conv(self, x, wargs, eps, scaled, dims, padding, oshape):
+        """A 3x3 stride-1 convolution as Winograd F(2x2, 3x3) (:func:`conv2d_winograd_func`), its
+        weight transformed (and a batch norm folded) by one weight pack."""
+        n, ci, cib, cb_in, h, w, co, cob, ob = dims
+        pack = self._add_func(("wino_pack", co, ci, cb_in, ob, eps, scaled),
+                              lambda: winograd_weight_func(co, ci, cb_in, ob, fold_eps=eps, fold_scaled=scaled),
+                              "cachefit_pack_wino_weight")
+        wp = self.builder_.emit(relax.call_tir(
+            pack, wargs, relax.TensorType([16, cob, cib, cb_in, ob], "float32")))
+        key = ("wino", n, cib, cb_in, h, w, cob, ob, *padding)
+        gv = self._add_func(key, lambda: conv2d_winograd_func(n, cib, cb_in, h, w, cob, ob, padding),
+                            "cachefit_conv2d_winograd")
         return self.builder_.emit(relax.call_tir(
             gv, [x.var, wp], relax.TensorType([n, cob, oshape[2], oshape[3], ob], "float32")))
 
@@ -606,7 +785,11 @@ class NCHWcConvRule(dlight.ScheduleRule):
         try:
             conv = sch.get_sblock(CONV_BLOCK)
         except Exception:  # pylint: disable=broad-except
-            return None
+            try:
+                sch.get_sblock(WINO_M_BLOCK)
+            except Exception:  # pylint: disable=broad-except
+                return None
+            return self._winograd(sch)
         blocks = _root_blocks(sch)
         names = [sch.get(b).name_hint for b in blocks]
         at = names.index(CONV_BLOCK)
@@ -725,6 +908,96 @@ class NCHWcConvRule(dlight.ScheduleRule):
                 pad_size *= int(sch.get(lp).extent)
             if threads > 1 and pad_size >= (1 << 16):
                 # rows too: a squeeze layer has one channel block
+                sch.parallel(sch.fuse(pl[0], pl[1], pl[2]))
+        except Exception:  # pylint: disable=broad-except
+            pass
+        return sch
+
+
+    def _winograd(self, sch):  # pylint: disable=too-many-locals
+        """Schedule :func:`conv2d_winograd_func` (+ its fused epilogue): the input transform
+        vectorised over the channel block with the 16 tile elements unrolled (their selects fold,
+        the 16 loads are shared); the 16 GEMMs register-tiled as the direct kernel is (tiles along
+        x as pixels, output-channel vectors); the output transform with the epilogue inlined."""
+        lanes = self.spec.lanes("float32")
+        threads = self.spec.threads
+        blocks = _root_blocks(sch)
+        names = [sch.get(b).name_hint for b in blocks]
+        first = names.index(PAD_BLOCK) if PAD_BLOCK in names else names.index(WINO_V_BLOCK)
+        for blk in reversed(blocks[:first]):
+            try:
+                sch.compute_inline(blk)
+            except Exception:  # pylint: disable=broad-except
+                pass
+        after = _root_blocks(sch)
+        after = after[[sch.get(b).name_hint for b in after].index(WINO_Y_BLOCK) + 1:]
+        for blk in after[:-1]:
+            try:
+                sch.compute_inline(blk)
+            except Exception:  # pylint: disable=broad-except
+                pass
+        after = _root_blocks(sch)
+        after = after[[sch.get(b).name_hint for b in after].index(WINO_Y_BLOCK) + 1:]
+        if len(after) > 1 or any(_is_reduction(sch, b) for b in after):
+            return None
+        epi = None
+        if after:
+            try:
+                sch.reverse_compute_inline(after[0])
+            except Exception:  # pylint: disable=broad-except
+                epi = after[0]  # an odd size's crop (+ epilogue): its own vectorised pass
+        # output transform (+ epilogue): 2x2 outputs of a tile unrolled
+        yb = sch.get_sblock(WINO_Y_BLOCK)
+        b, o, yy, xx, v = sch.get_loops(yb)
+        yo, yi = sch.split(yy, [None, 2])
+        xo, xi = sch.split(xx, [None, 2])
+        sch.reorder(b, o, yo, xo, yi, xi, v)
+        sch.unroll(yi)
+        sch.unroll(xi)
+        _vec_inner(sch, v, lanes)
+        # the 16 GEMMs
+        mb = sch.get_sblock(WINO_M_BLOCK)
+        b, e, o, ty, tx, v, rc, ri = sch.get_loops(mb)
+        ext = [int(sch.get(lp).extent) for lp in (b, e, o, ty, tx, v, rc, ri)]
+        cob, tw, ob, cb = ext[2], ext[4], ext[5], ext[7]
+        owt, ocr, _ = choose_tile(tw, cob, min(self.spec.max_acc, MAX_TILE_BYTES // (4 * ob)))
+        if tw % owt:
+            owt = max(d for d in range(1, owt + 1) if tw % d == 0)
+        oo, oi = sch.split(o, [None, ocr])
+        xo, xi = sch.split(tx, [None, owt])
+        sch.reorder(b, e, oo, ty, xo, rc, ri, oi, xi, v)
+        cw = sch.cache_write(mb, 0, "local")
+        sch.reverse_compute_at(cw, xo, preserve_unit_loops=True)
+        _vec_inner(sch, sch.get_loops(cw)[-1], lanes)
+        sch.unroll(oi)
+        sch.unroll(xi)
+        sch.vectorize(v)
+        if cb <= 16:
+            sch.unroll(ri)
+        work = 16 * ext[0] * cob * ext[3] * tw * ob * ext[6] * cb
+        self._parallel(sch, [b, e, oo, ty], threads, work)
+        sch.decompose_reduction(mb, rc)
+        # input transform: the 16 elements of a tile unrolled over shared loads
+        vb = sch.get_sblock(WINO_V_BLOCK)
+        b, e, c, ty, tx, i = sch.get_loops(vb)
+        sch.reorder(b, c, ty, tx, e, i)
+        sch.unroll(e)
+        _vec_inner(sch, i, lanes)
+        if threads > 1:
+            sch.parallel(sch.fuse(b, c, ty))
+        if threads > 1:
+            b, o, yo = sch.get_loops(sch.get_sblock(WINO_Y_BLOCK))[:3]
+            sch.parallel(sch.fuse(b, o, yo))
+        if epi is not None:
+            el = sch.get_loops(epi)
+            _vec_inner(sch, el[-1], lanes)
+            if threads > 1:
+                sch.parallel(sch.fuse(*el[:3]))
+        try:
+            pad = sch.get_sblock(PAD_BLOCK)
+            pl = sch.get_loops(pad)
+            _vec_inner(sch, pl[-1], lanes)
+            if threads > 1:
                 sch.parallel(sch.fuse(pl[0], pl[1], pl[2]))
         except Exception:  # pylint: disable=broad-except
             pass

@@ -87,13 +87,15 @@ def _records(tuning_records: str | None) -> tuple[dict, list]:
     return load_records(path), []
 
 
-def _conv_layout_passes(lanes: int) -> list:
-    """``BlockConvLayout`` (cachefit.codegen.cpu_conv) when present and the target has 8+ lanes."""
+def _conv_layout_passes(lanes: int, winograd: bool = False) -> list:
+    """``BlockConvLayout`` (cachefit.codegen.cpu_conv) when present and the target has 8+ lanes
+    (``winograd``: 3x3 stride-1 convolutions as Winograd F(2x2, 3x3), whose weight transform
+    must run at compile time: with prepack only)."""
     try:
         from .cpu_conv import BlockConvLayout  # pylint: disable=import-outside-toplevel
     except ImportError:  # pragma: no cover - the conv module is optional
         return []
-    return [BlockConvLayout(lanes)] if lanes >= 8 else []
+    return [BlockConvLayout(lanes, winograd=winograd)] if lanes >= 8 else []
 
 
 def cpu_front_passes(target: tvm.target.Target, spec: CPUSpec, prepack: bool = False) -> list:
@@ -107,7 +109,7 @@ def cpu_front_passes(target: tvm.target.Target, spec: CPUSpec, prepack: bool = F
         # inference-only decompositions: batch norm becomes one multiply-add that fuses into convs
         + [FoldBatchNormScale(prepack), relax.transform.DecomposeOpsForInference(), SumOfStackToAdd()]
         # chains of convolutions in channel-blocked NCHWc, their weights packed (cpu_conv)
-        + _conv_layout_passes(lanes)
+        + _conv_layout_passes(lanes, winograd=prepack)
         # matmul weights as column panels (packs that run at compile time), with prepack only
         + ([PackMatmulWeights(lanes)] if prepack else [])
         # legalize, conv2d as im2col + GEMM
