@@ -439,7 +439,8 @@ class GemmRule(dlight.ScheduleRule):
     """Register-tiled, cache-blocked matmul with fused prologue and epilogue (see module doc).
 
     records: workload key (:func:`workload_key`) -> tile configuration found by
-    :func:`cachefit.codegen.cpu_tuning.tune_relax` (``mr``, ``nr``, ``pack``, ``stream``); a
+    :func:`cachefit.codegen.cpu_tuning.tune_relax` (``mr``, ``nr``, ``pack``, ``stream``; for
+    pre-packed weights also ``prefetch``, ``korder``, ``kc`` and ``dist``, see ``_nn``); a
     function without a record, or with one that does not fit it, gets the default heuristics.
     """
 
@@ -594,9 +595,10 @@ class GemmRule(dlight.ScheduleRule):
             pack = False
             row_block = False
 
-        # a pre-packed weight that comes from L3 / DRAM: while the row tiles of one panel compute
-        # (the first from memory, the others from L2), prefetch the next panel, a slice per pass
-        # (see _insert_prefetch)
+        # A pre-packed weight that comes from L3 / DRAM gets software prefetches. One thread
+        # (pass order ``jo, io, k``): while the row tiles of one panel compute (the first from
+        # memory, the others from L2), each pass prefetches its slice of the next panel
+        # (_insert_prefetch).
         tile = nr * lanes
         sub = max(1, form.packed // tile) if form.packed else 1
         prefetch = bool(form.packed and len(form.packed_buffers) == 1 and len(lks) == 1 and li is not None
@@ -608,18 +610,19 @@ class GemmRule(dlight.ScheduleRule):
         per_thread = n_panels // threads if threads > 1 else n_panels
         if prefetch and threads > 1 and (n_panels % threads or per_thread % sub):
             prefetch = False
-        # With several threads the prefetches go into a loop over chunks of ``kc`` k-steps,
-        # outside the FMA loop: in a parallel kernel the weight pointers are not ``noalias`` (they
-        # come from the closure), so a prefetch inside the FMA loop kept LLVM from holding the
-        # accumulators in registers (16 stores per k step: the kernel ran 2x slower, which made
-        # the prefetch look harmful at two threads).
-        # Several threads: k-chunks outside the row tiles (``korder``): each chunk of a panel
-        # (``kc`` k-steps, 8 KiB) is read from memory once and reused by every row tile from L1,
-        # the accumulators of all row tiles loaded and stored once per chunk, and the prefetch
-        # runs ``dist`` chunks ahead along the thread's share: the weight stream spreads evenly
-        # over the whole kernel (the first panel of a share included) instead of arriving in the
-        # first pass over each panel (dense-50mb, two threads: 7.2-7.9 -> 6.4-6.9 ms; one thread
-        # the same within noise, so it keeps the pass-wise prefetch)
+        # Several threads (k-chunk order ``thread, jo, ko, io, ki``, ``korder``): each chunk of a
+        # panel (``kc`` k-steps, 8 KiB) is read from memory once and reused by every row tile
+        # from L1, the accumulators of all row tiles loaded and stored once per chunk, and each
+        # (chunk, row tile) prefetches its slice of the chunk ``dist`` ahead along the thread's
+        # share (_insert_stream_prefetch): the weight stream spreads evenly over the whole kernel
+        # (the first panel of a share included) instead of arriving in the first pass over each
+        # panel (dense-50mb, two threads: 7.2-7.9 -> 6.4-6.9 ms; one thread: the same within
+        # noise, so it keeps the pass order).
+        # In a parallel kernel a prefetch must stay out of the FMA loop (here it is in the chunk
+        # or row-tile loop): the weight pointers of TVM's parallel closure are not ``noalias``,
+        # and with a prefetch in the FMA loop LLVM kept the accumulators in memory (16 stores
+        # per k step: the kernels ran 2x slower, which made the prefetch look harmful at two
+        # threads).
         korder = bool(prefetch and sub == 1 and self.config.get("korder", threads > 1 and m_tiles > 1))
         if (not korder and "prefetch" not in self.config
                 and (threads > 1 or kk * form.packed * elem > spec.l2_bytes // 4)):
@@ -898,6 +901,52 @@ def _insert_prefetch(func: tirx.PrimFunc, pf: _PanelPrefetch) -> tirx.PrimFunc:
     return tvm_ffi.structural_mutate(func, ((tirx.For, visit),))
 
 
+def _prefetch_call(buf, flat, i64: str):
+    """``llvm.prefetch`` (read, into L2 and out) of element ``flat`` of the panels ``buf`` counted
+    in memory order."""
+    _, kk, p = (int(d) for d in buf.shape)
+    idx = [tirx.floordiv(flat, tirx.const(kk * p, i64)),
+           tirx.floormod(tirx.floordiv(flat, tirx.const(p, i64)), tirx.const(kk, i64)),
+           tirx.floormod(flat, tirx.const(p, i64))]
+    addr = tirx.address_of(tirx.BufferLoad(buf, idx))
+    return tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", addr, tirx.const(0, "int32"),
+                                               tirx.const(2, "int32"), tirx.const(1, "int32")))
+
+
+def _insert_stream_prefetch(func: tirx.PrimFunc, pf: _PanelPrefetch) -> tirx.PrimFunc:
+    """Prefetches for the k-chunk-outer order (``jo, ko, io, ki, ...``, a column tile = a panel):
+    a thread's share of panels is one contiguous stream in memory; each (``ko``, ``io``)
+    iteration fetches its slice (1 / ``m_tiles``) of the chunk ``dist`` chunks ahead (into the
+    next panel at the end of one, never past the share)."""
+    buf = pf.buf
+    _, kk, p = (int(d) for d in buf.shape)
+    i64 = str(buf.shape[0].ty)
+
+    def c(v):
+        return tirx.const(v, i64)
+
+    def cast(v):
+        return v if str(v.ty) == i64 else tirx.Cast(i64, v)
+
+    jo, io, ko = cast(pf.jo), cast(pf.io), cast(pf.k)
+    share = pf.tiles_per_thread if pf.thread is not None else int(buf.shape[0])
+    start = cast(pf.thread) * c(share * kk * p) if pf.thread is not None else c(0)
+    chunk = pf.kc * p
+    slice_ = -(-chunk // pf.m_tiles)
+    line = max(1, 64 // pf.elem)
+    off = (jo * c(kk) + (ko + c(pf.dist)) * c(pf.kc)) * c(p) + io * c(slice_)
+    calls = [_prefetch_call(buf, start + tirx.min(off + c(t), c(share * kk * p - 1)), i64)
+             for t in range(0, slice_, line)]
+
+    def visit(node, mutator):
+        if isinstance(node, tirx.For) and node.loop_var.same_as(pf.io):
+            return tirx.For(node.loop_var, node.min, node.extent, node.kind, tirx.SeqStmt(calls + [node.body]),
+                            node.thread_binding, node.annotations)
+        return mutator.default_mutate(node)
+
+    return tvm_ffi.structural_mutate(func, ((tirx.For, visit),))
+
+
 def _vectorize_tile(sch: s_tir.Schedule, block, lanes: int) -> None:
     """Vectorise the innermost loop of a tile-level block (write-back or epilogue)."""
     loops = sch.get_loops(block)
@@ -1153,48 +1202,3 @@ def schedule_func(func: tirx.PrimFunc, target: Target, rules: list):
             return sch
     return None
 
-
-def _prefetch_call(buf, flat, i64: str):
-    """``llvm.prefetch`` (read, into L2 and out) of element ``flat`` of the panels ``buf`` counted
-    in memory order."""
-    _, kk, p = (int(d) for d in buf.shape)
-    idx = [tirx.floordiv(flat, tirx.const(kk * p, i64)),
-           tirx.floormod(tirx.floordiv(flat, tirx.const(p, i64)), tirx.const(kk, i64)),
-           tirx.floormod(flat, tirx.const(p, i64))]
-    addr = tirx.address_of(tirx.BufferLoad(buf, idx))
-    return tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", addr, tirx.const(0, "int32"),
-                                               tirx.const(2, "int32"), tirx.const(1, "int32")))
-
-
-def _insert_stream_prefetch(func: tirx.PrimFunc, pf: _PanelPrefetch) -> tirx.PrimFunc:
-    """Prefetches for the k-chunk-outer order (``jo, ko, io, ki, ...``, a column tile = a panel):
-    a thread's share of panels is one contiguous stream in memory; each (``ko``, ``io``)
-    iteration fetches its slice (1 / ``m_tiles``) of the chunk ``dist`` chunks ahead (into the
-    next panel at the end of one, never past the share)."""
-    buf = pf.buf
-    _, kk, p = (int(d) for d in buf.shape)
-    i64 = str(buf.shape[0].ty)
-
-    def c(v):
-        return tirx.const(v, i64)
-
-    def cast(v):
-        return v if str(v.ty) == i64 else tirx.Cast(i64, v)
-
-    jo, io, ko = cast(pf.jo), cast(pf.io), cast(pf.k)
-    share = pf.tiles_per_thread if pf.thread is not None else int(buf.shape[0])
-    start = cast(pf.thread) * c(share * kk * p) if pf.thread is not None else c(0)
-    chunk = pf.kc * p
-    slice_ = -(-chunk // pf.m_tiles)
-    line = max(1, 64 // pf.elem)
-    off = (jo * c(kk) + (ko + c(pf.dist)) * c(pf.kc)) * c(p) + io * c(slice_)
-    calls = [_prefetch_call(buf, start + tirx.min(off + c(t), c(share * kk * p - 1)), i64)
-             for t in range(0, slice_, line)]
-
-    def visit(node, mutator):
-        if isinstance(node, tirx.For) and node.loop_var.same_as(pf.io):
-            return tirx.For(node.loop_var, node.min, node.extent, node.kind, tirx.SeqStmt(calls + [node.body]),
-                            node.thread_binding, node.annotations)
-        return mutator.default_mutate(node)
-
-    return tvm_ffi.structural_mutate(func, ((tirx.For, visit),))
