@@ -225,10 +225,12 @@ def _select(index, exprs, lazy: bool = False):
     return out
 
 
-def winograd_weight_func(co, ci, cb, ob, dtype="float32", fold_eps=None, fold_scaled=True):
-    """``OIHW`` 3x3 -> ``U = G g G^T`` as ``[16, CO / ob, CI / cb, cb, ob]`` (a weight pack: one
-    GEMM's weights per element of the 4x4 transformed tile, output-channel blocks outermost);
-    ``fold_eps`` folds a batch norm's scale as :func:`pack_weight_func` does."""
+def winograd_weight_func(co, ci, cb, ob, ocr=1, dtype="float32", fold_eps=None, fold_scaled=True):
+    """``OIHW`` 3x3 -> ``U = G g G^T`` as ``[16, CO / (ocr * ob), CI / cb, cb, ocr * ob]`` (a
+    weight pack: one GEMM's weights per element of the 4x4 transformed tile, in panels of the
+    ``ocr`` output-channel vectors one register tile reads, so that the GEMMs read their weights
+    as one sequential stream); ``fold_eps`` folds a batch norm's scale as :func:`pack_weight_func`
+    does."""
     w = te.placeholder(_i64(co, ci, 3, 3), dtype, name="w")
     extra = []
     if fold_eps is not None:
@@ -259,8 +261,8 @@ def winograd_weight_func(co, ci, cb, ob, dtype="float32", fold_eps=None, fold_sc
                 out.append(acc)
         return out
 
-    def body(e, o, c, i, v):
-        oc, ic = o * ob + v, c * cb + i
+    def body(e, p, c, i, w_):
+        oc, ic = (p * ocr + w_ // ob) * ob + w_ % ob, c * cb + i
         if co % ob == 0 and ci % cb == 0:
             return _select(e, transformed(oc, ic), lazy=True)
         inside = tvm.tirx.all(oc < co, ic < ci)
@@ -268,25 +270,27 @@ def winograd_weight_func(co, ci, cb, ob, dtype="float32", fold_eps=None, fold_sc
                                                  lazy=True),
                                  tirx.const(0, dtype))
 
-    packed = te.compute(_i64(16, _blocks(co, ob), _blocks(ci, cb), cb, ob), body, name="cachefit_pack_wino_weight")
+    packed = te.compute(_i64(16, _blocks(co, ob) // ocr, _blocks(ci, cb), cb, ocr * ob), body,
+                        name="cachefit_pack_wino_weight")
     func = te.create_prim_func([w, *extra, packed])
     return func.with_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, WEIGHT_PACK_ATTR: True})
 
 
-def conv2d_winograd_func(n, cib, cb, h, w, cob, ob, padding, dtype="float32"):
+def conv2d_winograd_func(n, cib, cb, h, w, cob, ob, padding, ocr=1, dtype="float32"):
     """A 3x3 stride-1 convolution on NCHWc activations as Winograd F(2x2, 3x3):
 
     - ``V[b, e, c, ty, tx, i]``: ``B^T d B`` of every 4x4 input tile (stride 2; adds only),
     - ``M[b, e, o, ty, tx, v] = sum_{c, i} V[b, e, c, ty, tx, i] * U[e, o, c, i, v]``: 16 GEMMs,
     - ``out[b, o, y, x, v]``: ``A^T M A`` (adds only), 2x2 outputs per tile.
 
-    ``U`` is :func:`winograd_weight_func`'s pack. An odd output size computes one more row /
+    ``U`` is :func:`winograd_weight_func`'s pack (panels of ``ocr`` output-channel blocks, the
+    register tile of the schedule). An odd output size computes one more row /
     column (into a scratch buffer) and drops it."""
     pt, pl, pb, pr = padding
     oh, ow = h + pt + pb - 2, w + pl + pr - 2
     th, tw = -(-oh // 2), -(-ow // 2)
     data = te.placeholder(_i64(n, cib, h, w, cb), dtype, name="data")
-    weight = te.placeholder(_i64(16, cob, cib, cb, ob), dtype, name="weight")
+    weight = te.placeholder(_i64(16, cob // ocr, cib, cb, ocr * ob), dtype, name="weight")
     hp, wp = 2 * th + 2, 2 * tw + 2
     if pt or pl or pb or pr:
         def pad_fn(b, c, y, x, i):
@@ -315,7 +319,8 @@ def conv2d_winograd_func(n, cib, cb, h, w, cob, ob, padding, dtype="float32"):
     ri = te.reduce_axis(_i64(0, cb), name="ri")
     m = te.compute(
         _i64(n, 16, cob, th, tw, ob),
-        lambda b, e, o, ty, tx, v: te.sum(vt[b, e, rc, ty, tx, ri] * weight[e, o, rc, ri, v], axis=[rc, ri]),
+        lambda b, e, o, ty, tx, v: te.sum(vt[b, e, rc, ty, tx, ri] * weight[e, o // ocr, rc, ri, (o % ocr) * ob + v],
+                                          axis=[rc, ri]),
         name=WINO_M_BLOCK)
 
     def y_fn(b, o, y, x, v):
@@ -728,13 +733,14 @@ class _LayoutMutator(PyExprMutator):  # pylint: disable=too-many-instance-attrib
         """A 3x3 stride-1 convolution as Winograd F(2x2, 3x3) (:func:`conv2d_winograd_func`), its
         weight transformed (and a batch norm folded) by one weight pack."""
         n, ci, cib, cb_in, h, w, co, cob, ob = dims
-        pack = self._add_func(("wino_pack", co, ci, cb_in, ob, eps, scaled),
-                              lambda: winograd_weight_func(co, ci, cb_in, ob, fold_eps=eps, fold_scaled=scaled),
+        _, ocr, _ = choose_tile(-(-oshape[3] // 2), cob)  # the GEMMs' register tile (NCHWcConvRule)
+        pack = self._add_func(("wino_pack", co, ci, cb_in, ob, ocr, eps, scaled),
+                              lambda: winograd_weight_func(co, ci, cb_in, ob, ocr, fold_eps=eps, fold_scaled=scaled),
                               "cachefit_pack_wino_weight")
         wp = self.builder_.emit(relax.call_tir(
-            pack, wargs, relax.TensorType([16, cob, cib, cb_in, ob], "float32")))
-        key = ("wino", n, cib, cb_in, h, w, cob, ob, *padding)
-        gv = self._add_func(key, lambda: conv2d_winograd_func(n, cib, cb_in, h, w, cob, ob, padding),
+            pack, wargs, relax.TensorType([16, cob // ocr, cib, cb_in, ocr * ob], "float32")))
+        key = ("wino", n, cib, cb_in, h, w, cob, ob, ocr, *padding)
+        gv = self._add_func(key, lambda: conv2d_winograd_func(n, cib, cb_in, h, w, cob, ob, padding, ocr),
                             "cachefit_conv2d_winograd")
         return self.builder_.emit(relax.call_tir(
             gv, [x.var, wp], relax.TensorType([n, cob, oshape[2], oshape[3], ob], "float32")))
@@ -960,7 +966,13 @@ class NCHWcConvRule(dlight.ScheduleRule):
         b, e, o, ty, tx, v, rc, ri = sch.get_loops(mb)
         ext = [int(sch.get(lp).extent) for lp in (b, e, o, ty, tx, v, rc, ri)]
         cob, tw, ob, cb = ext[2], ext[4], ext[5], ext[7]
-        owt, ocr, _ = choose_tile(tw, cob, min(self.spec.max_acc, MAX_TILE_BYTES // (4 * ob)))
+        # the output-channel vectors of a tile: the weight's panels (winograd_weight_func)
+        wbuf = [r.source for r in sch.get(mb).reads if len(r.region) == 5][0]
+        ocr = int(wbuf.shape[4]) // ob
+        max_acc = min(self.spec.max_acc, MAX_TILE_BYTES // (4 * ob))
+        owt, ocr_default, _ = choose_tile(tw, cob, max_acc)
+        if ocr_default != ocr:
+            owt = min(max(1, max_acc // ocr), tw)
         if tw % owt:
             owt = max(d for d in range(1, owt + 1) if tw % d == 0)
         oo, oi = sch.split(o, [None, ocr])
