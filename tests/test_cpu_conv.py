@@ -367,7 +367,9 @@ def test_batchnorm_after_conv_is_folded_into_the_packed_weights():
     model = _conv_bn_net()
     low = _front(model, prepack=True)
     names = _main_call_names(low)
-    assert sum("conv2d_nchwc" in n for n in names) == 3
+    # the 3x3 32 -> 48 convolution (two input blocks) runs as Winograd, its weight transformed
+    # with the batch norm folded in by the same pack
+    assert sum("conv2d_nchwc" in n for n in names) == 2 and sum("conv2d_winograd" in n for n in names) == 1
     assert not any("rsqrt" in n or "sqrt" in n or "multiply" in n or "bn_fold" in n or "pack" in n for n in names)
     from cachefit.codegen.prepack import packed_params  # pylint: disable=import-outside-toplevel
 
@@ -375,6 +377,7 @@ def test_batchnorm_after_conv_is_folded_into_the_packed_weights():
     assert [len(p.sources) for p in params] == [3, 5, 3, 4, 3, 4]
     assert all(p.pack is not None for p in params)   # the BN parameters are no parameters of main
     assert "cachefit_pack_conv_weight" in params[0].pack and "bn_fold_bias" in params[1].pack
+    assert "cachefit_pack_wino_weight" in params[2].pack
     for prepack in (False, True):
         got, want = _run_both(model, prepack=prepack)
         assert _rel_err(got, want) < RTOL
