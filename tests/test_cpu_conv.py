@@ -470,7 +470,8 @@ def _calls_after_front(model, prepack: bool, threads: int = 1):
         (32, 32, 14, 1, 1),    # even output: 7x7 tiles of 2x2
         (48, 64, 13, 1, 1),    # odd output: one extra row / column computed and dropped
         (40, 24, 12, 0, 1),    # channels not a multiple of 16 (zero-padded), no padding (10x10 out)
-        (32, 48, 16, 1, 2),    # two threads
+        (32, 48, 16, 1, 2),    # F(4x4, 3x3) (a 16x16 output), two threads
+        (32, 32, 20, 1, 1),    # F(4x4, 3x3), 5x5 tiles
     ],
 )
 def test_winograd_conv_matches_onnxruntime(cin, cout, size, pad, threads):
@@ -508,7 +509,7 @@ def test_winograd_with_batchnorm_residual_and_relu_epilogue():
 
 def test_winograd_only_for_3x3_stride_1_with_two_channel_blocks():
     """Stride 2, dilation, 1x1, a 7x7 output, or a single 16-channel input block keep the direct kernel."""
-    from cachefit.codegen.cpu_conv import winograd_eligible  # pylint: disable=import-outside-toplevel
+    from cachefit.codegen.cpu_conv import winograd_eligible, winograd_tile  # pylint: disable=import-outside-toplevel
 
     assert winograd_eligible(3, 3, (1, 1), (1, 1), 2, 16, 16, 14, 14)
     assert winograd_eligible(3, 3, (1, 1), (1, 1), 2, 16, 16, 13, 27)
@@ -518,6 +519,9 @@ def test_winograd_only_for_3x3_stride_1_with_two_channel_blocks():
     assert not winograd_eligible(3, 3, (1, 1), (1, 1), 2, 16, 16, 7, 7)
     assert not winograd_eligible(3, 3, (1, 1), (1, 1), 1, 16, 16, 55, 55)
     assert not winograd_eligible(3, 3, (1, 1), (1, 1), 3, 1, 16, 56, 56)  # an RGB stem read as 1-channel blocks
+    # F(4x4, 3x3) for sides that are multiples of 4 (16 and more), F(2x2, 3x3) otherwise
+    assert [winograd_tile(s, s) for s in (56, 28, 16, 14, 13, 12, 8)] == [4, 4, 4, 2, 2, 2, 2]
+    assert winograd_tile(28, 14) == 2
     # and in a compiled chain: the stride-2 convolution stays direct, the stride-1 one goes Winograd
     model = _conv_chain(32, 32, 14, 3, 2, 1, mid=32)
     names = _calls_after_front(model, prepack=True)
@@ -531,9 +535,11 @@ def test_winograd_kernel_is_register_tiled():
     from cachefit.codegen.cpu_conv import NCHWcConvRule, conv2d_winograd_func  # pylint: disable=import-outside-toplevel
 
     target = host_llvm_target(LLVM)
-    func = conv2d_winograd_func(1, 4, 16, 14, 14, 4, 16, (1, 1, 1, 1))
-    sch = NCHWcConvRule(CPUSpec.for_target(target, 1)).apply(func, target, False)
-    assert sch is not None
-    text = sch.mod.script()
-    assert '"local"' in text
-    assert "T.unroll" in text and "T.vectorized" in text
+    for m, size in ((2, 14), (4, 16)):
+        func = conv2d_winograd_func(1, 4, 16, size, size, 4, 16, (1, 1, 1, 1), ocr=2, m=m)
+        sch = NCHWcConvRule(CPUSpec.for_target(target, 1)).apply(func, target, False)
+        assert sch is not None
+        text = sch.mod.script()
+        assert '"local"' in text
+        assert "T.unroll" in text and "T.vectorized" in text
+        assert f"T.unroll(T.int64({(m + 2) ** 2}))" in text  # the transform's tile elements

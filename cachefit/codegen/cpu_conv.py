@@ -181,37 +181,57 @@ def pack_weight_func(co, ci, kh, kw, cb, ob, dtype="float32", fold_eps=None, fol
 
 
 # ---------------------------------------------------------------------------------------------
-# Winograd F(2x2, 3x3) (3x3 stride-1 convolutions): 16 / 36 of the multiplications
+# Winograd F(m x m, 3x3) (3x3 stride-1 convolutions): m = 2 (16 / 36 of the multiplications) or
+# m = 4 (36 / 144)
 # ---------------------------------------------------------------------------------------------
 
 WINO_V_BLOCK = "cachefit_wino_v"
 WINO_M_BLOCK = "cachefit_wino_m"
 WINO_Y_BLOCK = "cachefit_wino_y"
-#: F(2x2, 3x3) (Lavin & Gray 2016): Y = A^T [(G g G^T) * (B^T d B)] A on 4x4 input tiles
-_WINO_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
-_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-_WINO_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+#: (B^T, G, A^T) of F(m x m, 3x3) (Lavin & Gray 2016): Y = A^T [(G g G^T) * (B^T d B)] A on
+#: (m + 2) x (m + 2) input tiles; m = 4 with the points 0, +-1, +-2 (and infinity)
+_WINO = {
+    2: (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+        ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
+        ((1, 1, 1, 0), (0, 1, -1, -1))),
+    4: (((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+         (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+        ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+         (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0)),
+        ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))),
+}
 
 
 def winograd_eligible(kh: int, kw: int, strides, dilation, cib: int, cb_in: int, lanes: int, oh: int, ow: int,
                       min_size: int = 8) -> bool:
-    """Whether a convolution runs as Winograd F(2x2, 3x3): 3x3, stride 1, no dilation, a blocked
-    input of two channel blocks or more (with one, the 16 GEMMs are too short to pay for the
-    transforms: squeezenet's 16 -> 64 at 55x55 ran 0.85x of the direct kernel), an output of at
-    least ``min_size`` x ``min_size`` (7x7 computes 8x8: 1.04x, not worth the scratch memory; an
-    odd size computes one extra row / column of outputs and drops it)."""
+    """Whether a convolution runs as Winograd: 3x3, stride 1, no dilation, a blocked input of two
+    channel blocks or more (with one, the GEMMs are too short to pay for the transforms:
+    squeezenet's 16 -> 64 at 55x55 ran 0.85x of the direct kernel), an output of at least
+    ``min_size`` x ``min_size`` (7x7 computes 8x8: 1.04x, not worth the scratch memory; an odd
+    size computes one extra row / column of outputs and drops it)."""
     return (kh == 3 and kw == 3 and tuple(strides) == (1, 1) and tuple(dilation) == (1, 1) and cb_in == lanes
             and cib >= 2 and min(oh, ow) >= min_size)
 
 
-def _sparse_sum(terms):
-    """``sum(c * x)`` over ``(c, x)`` with c in {1, -1} (a chain of adds / subtracts)."""
+def winograd_tile(oh: int, ow: int) -> int:
+    """``m`` of F(m x m, 3x3) for an output: 4 (2.25x fewer multiplications than m = 2, larger
+    transforms) when both sides are multiples of 4 and at least 16, else 2."""
+    return 4 if oh % 4 == 0 and ow % 4 == 0 and min(oh, ow) >= 16 else 2
+
+
+def _lin(terms):
+    """``sum(c * x)`` over ``(c, x)``, c != 0: adds / subtracts for c = +-1, a multiply otherwise."""
     out = None
     for c, x in terms:
+        if c == 0:
+            continue
+        neg = c < 0
+        mag = -c if neg else c
+        t = x if mag == 1 else x * tirx.const(float(mag), "float32")
         if out is None:
-            out = x if c > 0 else -x
+            out = -t if neg else t
         else:
-            out = out + x if c > 0 else out - x
+            out = out - t if neg else out + t
     return out
 
 
@@ -225,12 +245,22 @@ def _select(index, exprs, lazy: bool = False):
     return out
 
 
-def winograd_weight_func(co, ci, cb, ob, ocr=1, dtype="float32", fold_eps=None, fold_scaled=True):
-    """``OIHW`` 3x3 -> ``U = G g G^T`` as ``[16, CO / (ocr * ob), CI / cb, cb, ocr * ob]`` (a
-    weight pack: one GEMM's weights per element of the 4x4 transformed tile, in panels of the
-    ``ocr`` output-channel vectors one register tile reads, so that the GEMMs read their weights
-    as one sequential stream); ``fold_eps`` folds a batch norm's scale as :func:`pack_weight_func`
-    does."""
+def _sandwich(left, get, cols: int):
+    """``left @ X @ left^T`` for ``X[a][b] = get(a, b)`` (``cols`` columns), as a list of rows of
+    expressions; the row products are shared by every element of a row (CSE keeps them once)."""
+    rows = len(left)
+    half = [[_lin([(left[r][a], get(a, b)) for a in range(len(left[r]))]) for b in range(cols)] for r in range(rows)]
+    return [[_lin([(left[s][b], half[r][b]) for b in range(cols)]) for s in range(rows)] for r in range(rows)]
+
+
+def winograd_weight_func(co, ci, cb, ob, ocr=1, m=2, dtype="float32", fold_eps=None, fold_scaled=True):
+    """``OIHW`` 3x3 -> ``U = G g G^T`` as ``[a * a, CO / (ocr * ob), CI / cb, cb, ocr * ob]``
+    (``a = m + 2``; a weight pack: one GEMM's weights per element of the transformed tile, in
+    panels of the ``ocr`` output-channel vectors one register tile reads, so that the GEMMs read
+    their weights as one sequential stream); ``fold_eps`` folds a batch norm's scale as
+    :func:`pack_weight_func` does."""
+    g_mat = _WINO[m][1]
+    alpha = m + 2
     w = te.placeholder(_i64(co, ci, 3, 3), dtype, name="w")
     extra = []
     if fold_eps is not None:
@@ -246,14 +276,14 @@ def winograd_weight_func(co, ci, cb, ob, ocr=1, dtype="float32", fold_eps=None, 
         return v
 
     def transformed(oc, ic):
-        # the 16 elements of G g G^T for one (oc, ic), as expressions
+        # the alpha x alpha elements of G g G^T for one (oc, ic), as expressions
         out = []
-        for r in range(4):
-            for s_ in range(4):
+        for r in range(alpha):
+            for s_ in range(alpha):
                 acc = None
                 for a in range(3):
                     for b in range(3):
-                        coef = _WINO_G[r][a] * _WINO_G[s_][b]
+                        coef = g_mat[r][a] * g_mat[s_][b]
                         if coef == 0.0:
                             continue
                         term = value(oc, ic, a, b) * tirx.const(coef, dtype)
@@ -270,29 +300,31 @@ def winograd_weight_func(co, ci, cb, ob, ocr=1, dtype="float32", fold_eps=None, 
                                                  lazy=True),
                                  tirx.const(0, dtype))
 
-    packed = te.compute(_i64(16, _blocks(co, ob) // ocr, _blocks(ci, cb), cb, ocr * ob), body,
+    packed = te.compute(_i64(alpha * alpha, _blocks(co, ob) // ocr, _blocks(ci, cb), cb, ocr * ob), body,
                         name="cachefit_pack_wino_weight")
     func = te.create_prim_func([w, *extra, packed])
     return func.with_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, WEIGHT_PACK_ATTR: True})
 
 
-def conv2d_winograd_func(n, cib, cb, h, w, cob, ob, padding, ocr=1, dtype="float32"):
-    """A 3x3 stride-1 convolution on NCHWc activations as Winograd F(2x2, 3x3):
+def conv2d_winograd_func(n, cib, cb, h, w, cob, ob, padding, ocr=1, m=2, dtype="float32"):
+    """A 3x3 stride-1 convolution on NCHWc activations as Winograd F(m x m, 3x3) (``a = m + 2``):
 
-    - ``V[b, e, c, ty, tx, i]``: ``B^T d B`` of every 4x4 input tile (stride 2; adds only),
-    - ``M[b, e, o, ty, tx, v] = sum_{c, i} V[b, e, c, ty, tx, i] * U[e, o, c, i, v]``: 16 GEMMs,
-    - ``out[b, o, y, x, v]``: ``A^T M A`` (adds only), 2x2 outputs per tile.
+    - ``V[b, e, c, ty, tx, i]``: ``B^T d B`` of every a x a input tile (stride m),
+    - ``M[b, e, o, ty, tx, v] = sum_{c, i} V[b, e, c, ty, tx, i] * U[e, o, c, i, v]``: a * a GEMMs,
+    - ``out[b, o, y, x, v]``: ``A^T M A``, m x m outputs per tile.
 
     ``U`` is :func:`winograd_weight_func`'s pack (panels of ``ocr`` output-channel blocks, the
-    register tile of the schedule). An odd output size computes one more row /
-    column (into a scratch buffer) and drops it."""
+    register tile of the schedule). An output size that is not a multiple of ``m`` computes the
+    rest of its last tiles (into a scratch buffer) and drops it."""
+    bt, _, at = _WINO[m]
+    alpha = m + 2
     pt, pl, pb, pr = padding
     oh, ow = h + pt + pb - 2, w + pl + pr - 2
-    th, tw = -(-oh // 2), -(-ow // 2)
+    th, tw = -(-oh // m), -(-ow // m)
     data = te.placeholder(_i64(n, cib, h, w, cb), dtype, name="data")
-    weight = te.placeholder(_i64(16, cob // ocr, cib, cb, ocr * ob), dtype, name="weight")
-    hp, wp = 2 * th + 2, 2 * tw + 2
-    if pt or pl or pb or pr:
+    weight = te.placeholder(_i64(alpha * alpha, cob // ocr, cib, cb, ocr * ob), dtype, name="weight")
+    hp, wp = m * th + 2, m * tw + 2
+    if pt or pl or pb or pr or hp != h or wp != w:
         def pad_fn(b, c, y, x, i):
             inside = tvm.tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w)
             return tirx.if_then_else(
@@ -304,37 +336,25 @@ def conv2d_winograd_func(n, cib, cb, h, w, cob, ob, padding, ocr=1, dtype="float
         src = data
 
     def v_fn(b, e, c, ty, tx, i):
-        def d(a, bb):
-            return src[b, c, ty * 2 + a, tx * 2 + bb, i]
-        exprs = []
-        for r in range(4):
-            for s_ in range(4):
-                exprs.append(_sparse_sum([(_WINO_BT[r][a] * _WINO_BT[s_][bb], d(a, bb))
-                                          for a in range(4) for bb in range(4)
-                                          if _WINO_BT[r][a] * _WINO_BT[s_][bb] != 0]))
-        return _select(e, exprs)
+        vv = _sandwich(bt, lambda a, bb: src[b, c, ty * m + a, tx * m + bb, i], alpha)
+        return _select(e, [vv[r][s_] for r in range(alpha) for s_ in range(alpha)])
 
-    vt = te.compute(_i64(n, 16, cib, th, tw, cb), v_fn, name=WINO_V_BLOCK)
+    vt = te.compute(_i64(n, alpha * alpha, cib, th, tw, cb), v_fn, name=WINO_V_BLOCK)
     rc = te.reduce_axis(_i64(0, cib), name="rc")
     ri = te.reduce_axis(_i64(0, cb), name="ri")
-    m = te.compute(
-        _i64(n, 16, cob, th, tw, ob),
+    mt = te.compute(
+        _i64(n, alpha * alpha, cob, th, tw, ob),
         lambda b, e, o, ty, tx, v: te.sum(vt[b, e, rc, ty, tx, ri] * weight[e, o // ocr, rc, ri, (o % ocr) * ob + v],
                                           axis=[rc, ri]),
         name=WINO_M_BLOCK)
 
     def y_fn(b, o, y, x, v):
-        ty, tx = y // 2, x // 2
-        exprs = []
-        for u in range(2):
-            for q in range(2):
-                exprs.append(_sparse_sum([(_WINO_AT[u][r] * _WINO_AT[q][s_], m[b, r * 4 + s_, o, ty, tx, v])
-                                          for r in range(4) for s_ in range(4)
-                                          if _WINO_AT[u][r] * _WINO_AT[q][s_] != 0]))
-        return _select((y % 2) * 2 + x % 2, exprs)
+        ty, tx = y // m, x // m
+        yy = _sandwich(at, lambda r, s_: mt[b, r * alpha + s_, o, ty, tx, v], alpha)
+        return _select((y % m) * m + x % m, [yy[u][q] for u in range(m) for q in range(m)])
 
-    out = te.compute(_i64(n, cob, 2 * th, 2 * tw, ob), y_fn, name=WINO_Y_BLOCK)
-    if (2 * th, 2 * tw) != (oh, ow):
+    out = te.compute(_i64(n, cob, m * th, m * tw, ob), y_fn, name=WINO_Y_BLOCK)
+    if (m * th, m * tw) != (oh, ow):
         full = out
         out = te.compute(_i64(n, cob, oh, ow, ob), lambda b, o, y, x, v: full[b, o, y, x, v], name="cachefit_nchwc_crop")
     func = te.create_prim_func([data, weight, out])
@@ -733,14 +753,15 @@ class _LayoutMutator(PyExprMutator):  # pylint: disable=too-many-instance-attrib
         """A 3x3 stride-1 convolution as Winograd F(2x2, 3x3) (:func:`conv2d_winograd_func`), its
         weight transformed (and a batch norm folded) by one weight pack."""
         n, ci, cib, cb_in, h, w, co, cob, ob = dims
-        _, ocr, _ = choose_tile(-(-oshape[3] // 2), cob)  # the GEMMs' register tile (NCHWcConvRule)
-        pack = self._add_func(("wino_pack", co, ci, cb_in, ob, ocr, eps, scaled),
-                              lambda: winograd_weight_func(co, ci, cb_in, ob, ocr, fold_eps=eps, fold_scaled=scaled),
+        m = winograd_tile(oshape[2], oshape[3])
+        _, ocr, _ = choose_tile(-(-oshape[3] // m), cob)  # the GEMMs' register tile (NCHWcConvRule)
+        pack = self._add_func(("wino_pack", co, ci, cb_in, ob, ocr, m, eps, scaled),
+                              lambda: winograd_weight_func(co, ci, cb_in, ob, ocr, m, fold_eps=eps, fold_scaled=scaled),
                               "cachefit_pack_wino_weight")
         wp = self.builder_.emit(relax.call_tir(
-            pack, wargs, relax.TensorType([16, cob // ocr, cib, cb_in, ocr * ob], "float32")))
-        key = ("wino", n, cib, cb_in, h, w, cob, ob, ocr, *padding)
-        gv = self._add_func(key, lambda: conv2d_winograd_func(n, cib, cb_in, h, w, cob, ob, padding, ocr),
+            pack, wargs, relax.TensorType([(m + 2) ** 2, cob // ocr, cib, cb_in, ocr * ob], "float32")))
+        key = ("wino", n, cib, cb_in, h, w, cob, ob, ocr, m, *padding)
+        gv = self._add_func(key, lambda: conv2d_winograd_func(n, cib, cb_in, h, w, cob, ob, padding, ocr, m),
                             "cachefit_conv2d_winograd")
         return self.builder_.emit(relax.call_tir(
             gv, [x.var, wp], relax.TensorType([n, cob, oshape[2], oshape[3], ob], "float32")))
@@ -955,8 +976,10 @@ class NCHWcConvRule(dlight.ScheduleRule):
         # output transform (+ epilogue): 2x2 outputs of a tile unrolled
         yb = sch.get_sblock(WINO_Y_BLOCK)
         b, o, yy, xx, v = sch.get_loops(yb)
-        yo, yi = sch.split(yy, [None, 2])
-        xo, xi = sch.split(xx, [None, 2])
+        alpha = int(round(int(sch.get(sch.get_loops(sch.get_sblock(WINO_M_BLOCK))[1]).extent) ** 0.5))
+        m = alpha - 2
+        yo, yi = sch.split(yy, [None, m])
+        xo, xi = sch.split(xx, [None, m])
         sch.reorder(b, o, yo, xo, yi, xi, v)
         sch.unroll(yi)
         sch.unroll(xi)
@@ -986,7 +1009,7 @@ class NCHWcConvRule(dlight.ScheduleRule):
         sch.vectorize(v)
         if cb <= 16:
             sch.unroll(ri)
-        work = 16 * ext[0] * cob * ext[3] * tw * ob * ext[6] * cb
+        work = ext[1] * ext[0] * cob * ext[3] * tw * ob * ext[6] * cb
         self._parallel(sch, [b, e, oo, ty], threads, work)
         sch.decompose_reduction(mb, rc)
         # input transform: the 16 elements of a tile unrolled over shared loads
