@@ -472,6 +472,7 @@ def _calls_after_front(model, prepack: bool, threads: int = 1):
         (40, 24, 12, 0, 1),    # channels not a multiple of 16 (zero-padded), no padding (10x10 out)
         (32, 48, 16, 1, 2),    # F(4x4, 3x3) (a 16x16 output), two threads
         (32, 32, 20, 1, 1),    # F(4x4, 3x3), 5x5 tiles
+        (16, 32, 27, 1, 1),    # F(4x4, 3x3) on one input block, 27x27 cropped from 28x28
     ],
 )
 def test_winograd_conv_matches_onnxruntime(cin, cout, size, pad, threads):
@@ -517,10 +518,12 @@ def test_winograd_only_for_3x3_stride_1_with_two_channel_blocks():
     assert not winograd_eligible(3, 3, (1, 1), (2, 2), 2, 16, 16, 14, 14)
     assert not winograd_eligible(1, 1, (1, 1), (1, 1), 2, 16, 16, 14, 14)
     assert not winograd_eligible(3, 3, (1, 1), (1, 1), 2, 16, 16, 7, 7)
-    assert not winograd_eligible(3, 3, (1, 1), (1, 1), 1, 16, 16, 55, 55)
+    assert not winograd_eligible(3, 3, (1, 1), (1, 1), 1, 16, 16, 14, 14)  # one input block and F(2x2)
+    assert winograd_eligible(3, 3, (1, 1), (1, 1), 1, 16, 16, 55, 55)      # one input block and F(4x4)
     assert not winograd_eligible(3, 3, (1, 1), (1, 1), 3, 1, 16, 56, 56)  # an RGB stem read as 1-channel blocks
-    # F(4x4, 3x3) for sides that are multiples of 4 (16 and more), F(2x2, 3x3) otherwise
-    assert [winograd_tile(s, s) for s in (56, 28, 16, 14, 13, 12, 8)] == [4, 4, 4, 2, 2, 2, 2]
+    # F(4x4, 3x3) for sides of 16 or more that round up to multiples of 4 with at most 8 % more
+    # outputs, F(2x2, 3x3) otherwise
+    assert [winograd_tile(s, s) for s in (56, 55, 28, 27, 16, 14, 13, 12, 8)] == [4, 4, 4, 4, 4, 2, 2, 2, 2]
     assert winograd_tile(28, 14) == 2
     # and in a compiled chain: the stride-2 convolution stays direct, the stride-1 one goes Winograd
     model = _conv_chain(32, 32, 14, 3, 2, 1, mid=32)
