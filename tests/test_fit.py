@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from relax_fixtures import HeadsLeave
 
 from cachefit.errors import CachefitError
 from cachefit.fit import (
@@ -21,8 +22,6 @@ from cachefit.fit import (
 )
 from cachefit.partition.records import LayerRecord
 from cachefit.passes.quantize_weights import dequantize_array
-from tvm.script import ir as I
-from tvm.script import relax as R
 
 # ---------------------------------------------------------------------------------------------
 # plain Python
@@ -485,36 +484,12 @@ def test_layers_without_heads_never_get_a_head_rung(three):
     assert all(lf.heads_before is None for lf in rep.layers)
 
 
-@I.ir_module
-class _HeadsLeaveTheLayer:
-    """Layer 0 splits heads and returns the [B, H, S, D] tensor: the head tracer cannot follow it."""
-
-    @R.function(private=True)
-    def layer_0(x: R.Tensor((1, 4, 8), "float32"), wq: R.Tensor((8, 8), "float32")) -> R.Tensor((1, 2, 4, 4), "float32"):
-        R.func_attr({"cachefit.layer": 0, "cachefit.layer_name": "layers.0"})
-        with R.dataflow():
-            q = R.matmul(x, wq)
-            h = R.reshape(q, R.shape([1, 4, 2, 4]))
-            gv = R.permute_dims(h, axes=[0, 2, 1, 3])
-            R.output(gv)
-        return gv
-
-    @R.function
-    def main(x: R.Tensor((1, 4, 8), "float32"), wq: R.Tensor((8, 8), "float32")) -> R.Tensor((1, 2, 4, 4), "float32"):
-        R.func_attr({"num_input": 1})
-        cls = _HeadsLeaveTheLayer
-        with R.dataflow():
-            gv = cls.layer_0(x, wq)
-            R.output(gv)
-        return gv
-
-
 def test_heads_that_cannot_be_followed_get_no_head_rung():
     """A layer whose attention PruneWeights cannot follow has no head rung (0 units) and the reason,
     which --fit auto puts in the report's notes, instead of failing."""
     from cachefit.fit import layer_structure
 
-    mlp, units, why = layer_structure(_HeadsLeaveTheLayer, 0)
+    mlp, units, why = layer_structure(HeadsLeave, 0)
     assert (mlp, units) == (False, 0) and "layer layers.0" in why and "leaves the layer" in why
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tvm
+from relax_fixtures import HeadsLeave
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
@@ -483,30 +484,6 @@ def test_exported_models_heads_are_pruned(analyzed, name, units, kept_rows):
     new = sum(r.weight_bytes for r in layer_records(run_pass(AnnotateFootprint(), mod)))
     attn = sum(int(np.prod(a.params[n].shape)) * 4 for t in atts for n, _, _ in t.weights)
     assert old - new == attn // 2
-
-
-@I.ir_module
-class HeadsLeave:
-    """The heads are split and the [B, H, S, D] tensor is the layer's output: not followed."""
-
-    @R.function(private=True)
-    def layer_0(x: R.Tensor((1, 4, 8), "float32"), wq: R.Tensor((8, 8), "float32")) -> R.Tensor((1, 2, 4, 4), "float32"):
-        R.func_attr({"cachefit.layer": 0, "cachefit.layer_name": "layers.0"})
-        with R.dataflow():
-            q = R.matmul(x, wq)
-            h = R.reshape(q, R.shape([1, 4, 2, 4]))
-            gv = R.permute_dims(h, axes=[0, 2, 1, 3])
-            R.output(gv)
-        return gv
-
-    @R.function
-    def main(x: R.Tensor((1, 4, 8), "float32"), wq: R.Tensor((8, 8), "float32")) -> R.Tensor((1, 2, 4, 4), "float32"):
-        R.func_attr({"num_input": 1})
-        cls = HeadsLeave
-        with R.dataflow():
-            gv = cls.layer_0(x, wq)
-            R.output(gv)
-        return gv
 
 
 def test_heads_that_cannot_be_followed_are_refused_by_name():
