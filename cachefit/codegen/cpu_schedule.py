@@ -868,14 +868,7 @@ def _insert_prefetch(func: tirx.PrimFunc, pf: _PanelPrefetch) -> tirx.PrimFunc:
     passes = sub * pf.m_tiles
     per_k = -(-(p * pf.kc) // passes)  # elements of the next panel to fetch per k-loop iteration
     line = max(1, 64 // pf.elem)
-    i64 = str(buf.shape[0].ty)
-
-    def c(v):
-        return tirx.const(v, i64)
-
-    def cast(v):
-        return v if str(v.ty) == i64 else tirx.Cast(i64, v)
-
+    c, cast = _index_arith(buf)
     jo, io, k = cast(pf.jo), cast(pf.io), cast(pf.k)
     if pf.thread is not None:
         share = max(1, pf.tiles_per_thread // sub)  # panels per thread
@@ -887,30 +880,41 @@ def _insert_prefetch(func: tirx.PrimFunc, pf: _PanelPrefetch) -> tirx.PrimFunc:
     calls = []
     for t in range(0, per_k, line):
         r = tirx.min(base + c(t), c(kk * p - 1))
-        addr = tirx.address_of(tirx.BufferLoad(buf, [nxt, tirx.floordiv(r, c(p)), tirx.floormod(r, c(p))]))
-        # llvm.prefetch(address, read, locality 2 (L2 and out), data cache)
-        calls.append(tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", addr, tirx.const(0, "int32"),
-                                                         tirx.const(2, "int32"), tirx.const(1, "int32"))))
+        calls.append(_prefetch_call(buf, [nxt, tirx.floordiv(r, c(p)), tirx.floormod(r, c(p))]))
+    return _prepend_to_loop(func, pf.k, calls)
+
+
+def _index_arith(buf):
+    """``(c, cast)`` for index arithmetic in the type of ``buf``'s indices: ``c(v)`` a constant,
+    ``cast(v)`` the expression ``v`` in that type."""
+    i64 = str(buf.shape[0].ty)
+
+    def c(v):
+        return tirx.const(v, i64)
+
+    def cast(v):
+        return v if str(v.ty) == i64 else tirx.Cast(i64, v)
+
+    return c, cast
+
+
+def _prefetch_call(buf, idx):
+    """``llvm.prefetch`` (read, locality 2: into L2 and out, data cache) of ``buf[idx]``."""
+    addr = tirx.address_of(tirx.BufferLoad(buf, idx))
+    return tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", addr, tirx.const(0, "int32"),
+                                               tirx.const(2, "int32"), tirx.const(1, "int32")))
+
+
+def _prepend_to_loop(func: tirx.PrimFunc, var, calls: list) -> tirx.PrimFunc:
+    """``func`` with ``calls`` at the start of the body of the loop over ``var``."""
 
     def visit(node, mutator):
-        if isinstance(node, tirx.For) and node.loop_var.same_as(pf.k):
+        if isinstance(node, tirx.For) and node.loop_var.same_as(var):
             return tirx.For(node.loop_var, node.min, node.extent, node.kind, tirx.SeqStmt(calls + [node.body]),
                             node.thread_binding, node.annotations)
         return mutator.default_mutate(node)
 
     return tvm_ffi.structural_mutate(func, ((tirx.For, visit),))
-
-
-def _prefetch_call(buf, flat, i64: str):
-    """``llvm.prefetch`` (read, into L2 and out) of element ``flat`` of the panels ``buf`` counted
-    in memory order."""
-    _, kk, p = (int(d) for d in buf.shape)
-    idx = [tirx.floordiv(flat, tirx.const(kk * p, i64)),
-           tirx.floormod(tirx.floordiv(flat, tirx.const(p, i64)), tirx.const(kk, i64)),
-           tirx.floormod(flat, tirx.const(p, i64))]
-    addr = tirx.address_of(tirx.BufferLoad(buf, idx))
-    return tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", addr, tirx.const(0, "int32"),
-                                               tirx.const(2, "int32"), tirx.const(1, "int32")))
 
 
 def _insert_stream_prefetch(func: tirx.PrimFunc, pf: _PanelPrefetch) -> tirx.PrimFunc:
@@ -920,14 +924,7 @@ def _insert_stream_prefetch(func: tirx.PrimFunc, pf: _PanelPrefetch) -> tirx.Pri
     next panel at the end of one, never past the share)."""
     buf = pf.buf
     _, kk, p = (int(d) for d in buf.shape)
-    i64 = str(buf.shape[0].ty)
-
-    def c(v):
-        return tirx.const(v, i64)
-
-    def cast(v):
-        return v if str(v.ty) == i64 else tirx.Cast(i64, v)
-
+    c, cast = _index_arith(buf)
     jo, io, ko = cast(pf.jo), cast(pf.io), cast(pf.k)
     share = pf.tiles_per_thread if pf.thread is not None else int(buf.shape[0])
     start = cast(pf.thread) * c(share * kk * p) if pf.thread is not None else c(0)
@@ -935,16 +932,13 @@ def _insert_stream_prefetch(func: tirx.PrimFunc, pf: _PanelPrefetch) -> tirx.Pri
     slice_ = -(-chunk // pf.m_tiles)
     line = max(1, 64 // pf.elem)
     off = (jo * c(kk) + (ko + c(pf.dist)) * c(pf.kc)) * c(p) + io * c(slice_)
-    calls = [_prefetch_call(buf, start + tirx.min(off + c(t), c(share * kk * p - 1)), i64)
-             for t in range(0, slice_, line)]
-
-    def visit(node, mutator):
-        if isinstance(node, tirx.For) and node.loop_var.same_as(pf.io):
-            return tirx.For(node.loop_var, node.min, node.extent, node.kind, tirx.SeqStmt(calls + [node.body]),
-                            node.thread_binding, node.annotations)
-        return mutator.default_mutate(node)
-
-    return tvm_ffi.structural_mutate(func, ((tirx.For, visit),))
+    calls = []
+    for t in range(0, slice_, line):
+        flat = start + tirx.min(off + c(t), c(share * kk * p - 1))  # in memory order
+        calls.append(_prefetch_call(buf, [tirx.floordiv(flat, c(kk * p)),
+                                          tirx.floormod(tirx.floordiv(flat, c(p)), c(kk)),
+                                          tirx.floormod(flat, c(p))]))
+    return _prepend_to_loop(func, pf.io, calls)
 
 
 def _vectorize_tile(sch: s_tir.Schedule, block, lanes: int) -> None:
