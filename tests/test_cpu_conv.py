@@ -126,21 +126,14 @@ def _conv_chain(cin, cout, size, kernel, stride, pad, seed=0, mid=None):
     return g.model()
 
 
-def _blocked_calls(model, threads=1):
-    """Names of the call_tir targets in ``main`` after the CPU pipeline's front passes."""
+def _blocked_calls(model, threads=1, prepack=False):
+    """Names of the call_tir targets in ``main`` after the CPU pipeline's passes (up to scheduled
+    TIR), and the module."""
     mod, _ = _import(model)
     target = host_llvm_target(LLVM)
     with target:
-        low = tvm.transform.Sequential(cpu_passes(target, CPUSpec.for_target(target, threads)))(mod)
-    names = []
-    call_tir = tvm.ir.Op.get("relax.call_tir")
-
-    def visit(e):
-        if isinstance(e, relax.Call) and e.op.same_as(call_tir):
-            names.append(e.args[0].name_hint)
-
-    relax.analysis.post_order_visit(low["main"].body, visit)
-    return names, low
+        low = tvm.transform.Sequential(cpu_passes(target, CPUSpec.for_target(target, threads), prepack=prepack))(mod)
+    return _main_call_names(low), low
 
 
 def test_choose_tile_fits_registers_and_the_problem():
@@ -449,19 +442,7 @@ def test_batchnorm_without_prepack_stays_a_per_channel_epilogue(net, channels, c
 
 
 def _calls_after_front(model, prepack: bool, threads: int = 1):
-    mod, _ = _import(model)
-    target = host_llvm_target(LLVM)
-    with target:
-        low = tvm.transform.Sequential(cpu_passes(target, CPUSpec.for_target(target, threads), prepack=prepack))(mod)
-    names = []
-    call_tir = tvm.ir.Op.get("relax.call_tir")
-
-    def visit(e):
-        if isinstance(e, relax.Call) and e.op.same_as(call_tir):
-            names.append(e.args[0].name_hint)
-
-    relax.analysis.post_order_visit(low["main"].body, visit)
-    return names
+    return _blocked_calls(model, threads, prepack)[0]
 
 
 @pytest.mark.parametrize(

@@ -100,6 +100,23 @@ def choose_tile(ow: int, cob: int, max_acc: int = 16) -> tuple[int, int, int]:
     return best
 
 
+def _pad_input(data, shape, pt: int, pl: int, hp: int, wp: int, dtype):
+    """``data`` (``[n, c, h, w, cb]``) zero-padded to ``hp x wp`` rows / columns with ``pt`` / ``pl``
+    before (the kernel's ``PAD_BLOCK``), or ``data`` itself when nothing is added."""
+    n, cib, h, w, cb = shape
+    if not (pt or pl or hp != h or wp != w):
+        return data
+
+    def pad_fn(b, c, y, x, i):
+        inside = tvm.tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w)
+        return tirx.if_then_else(
+            inside,
+            data[b, c, tvm.te.max(tvm.te.min(y - pt, h - 1), 0), tvm.te.max(tvm.te.min(x - pl, w - 1), 0), i],
+            tirx.const(0, dtype))
+
+    return te.compute(_i64(n, cib, hp, wp, cb), pad_fn, name=PAD_BLOCK)
+
+
 def conv2d_nchwc_func(n, cib, cb, h, w, cob, ob, kh, kw, strides, padding, dilation, owp, dtype="float32"):
     """``out[b, o, y, x, v] = sum_{c, ry, rx, i} xpad[b, c, y*sh + ry*dh, x*sw + rx*dw, i] *
     wp[o, c, ry, rx, i, v]`` with ``x`` up to ``owp`` (>= the real width; the extra columns are
@@ -114,17 +131,7 @@ def conv2d_nchwc_func(n, cib, cb, h, w, cob, ob, kh, kw, strides, padding, dilat
     wpad = max(w + pl + pr, wp_need)
     data = te.placeholder(_i64(n, cib, h, w, cb), dtype, name="data")
     weight = te.placeholder(_i64(cob, cib, kh, kw, cb, ob), dtype, name="weight")
-    needs_pad = bool(pt or pl or pb or pr or wpad != w)
-    if needs_pad:
-        def pad_fn(b, c, y, x, i):
-            inside = tvm.tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w)
-            return tirx.if_then_else(
-                inside,
-                data[b, c, tvm.te.max(tvm.te.min(y - pt, h - 1), 0), tvm.te.max(tvm.te.min(x - pl, w - 1), 0), i],
-                tirx.const(0, dtype))
-        src = te.compute(_i64(n, cib, hp, wpad, cb), pad_fn, name=PAD_BLOCK)
-    else:
-        src = data
+    src = _pad_input(data, (n, cib, h, w, cb), pt, pl, hp, wpad, dtype)
     rc = te.reduce_axis(_i64(0, cib), name="rc")
     ry = te.reduce_axis(_i64(0, kh), name="ry")
     rx = te.reduce_axis(_i64(0, kw), name="rx")
@@ -144,15 +151,9 @@ def conv2d_nchwc_func(n, cib, cb, h, w, cob, ob, kh, kw, strides, padding, dilat
     return func.with_attr({"op_pattern": _OUT_EWISE_FUSABLE, "tirx.noalias": True})
 
 
-def pack_weight_func(co, ci, kh, kw, cb, ob, dtype="float32", fold_eps=None, fold_scaled=True):
-    """``OIHW`` -> ``[CO / ob, CI / cb, KH, KW, cb, ob]`` (a pure re-layout, marked as a weight pack;
-    channel counts that are not a multiple of the block are padded with zero weights).
-
-    fold_eps: with an epsilon, the pack also folds a following inference batch norm's scale into
-              the weight (``w[o] * gamma[o] / sqrt(var[o] + eps)``, as
-              :func:`cachefit.codegen.cpu_legalize.bn_fold_weight_func`): arguments
-              ``(w, gamma, var)``, or ``(w, var)`` when ``fold_scaled`` is False.
-    """
+def _weight_inputs(co, ci, kh, kw, dtype, fold_eps, fold_scaled):
+    """The placeholders of a weight pack (``w``, and ``gamma`` / ``var`` with a batch-norm fold)
+    and ``value(oc, ic, y, x)``: the weight with the fold's scale applied."""
     w = te.placeholder(_i64(co, ci, kh, kw), dtype, name="w")
     extra = []
     if fold_eps is not None:
@@ -167,6 +168,20 @@ def pack_weight_func(co, ci, kh, kw, cb, ob, dtype="float32", fold_eps=None, fol
             v = v * (gamma[oc] * s if fold_scaled else s)
         return v
 
+    return [w, *extra], value
+
+
+def pack_weight_func(co, ci, kh, kw, cb, ob, dtype="float32", fold_eps=None, fold_scaled=True):
+    """``OIHW`` -> ``[CO / ob, CI / cb, KH, KW, cb, ob]`` (a pure re-layout, marked as a weight pack;
+    channel counts that are not a multiple of the block are padded with zero weights).
+
+    fold_eps: with an epsilon, the pack also folds a following inference batch norm's scale into
+              the weight (``w[o] * gamma[o] / sqrt(var[o] + eps)``, as
+              :func:`cachefit.codegen.cpu_legalize.bn_fold_weight_func`): arguments
+              ``(w, gamma, var)``, or ``(w, var)`` when ``fold_scaled`` is False.
+    """
+    inputs, value = _weight_inputs(co, ci, kh, kw, dtype, fold_eps, fold_scaled)
+
     def body(o, c, y, x, i, v):
         oc, ic = o * ob + v, c * cb + i
         if co % ob == 0 and ci % cb == 0:
@@ -176,7 +191,7 @@ def pack_weight_func(co, ci, kh, kw, cb, ob, dtype="float32", fold_eps=None, fol
 
     packed = te.compute(_i64(_blocks(co, ob), _blocks(ci, cb), kh, kw, cb, ob), body,
                         name="cachefit_pack_conv_weight")
-    func = te.create_prim_func([w, *extra, packed])
+    func = te.create_prim_func([*inputs, packed])
     return func.with_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, WEIGHT_PACK_ATTR: True})
 
 
@@ -265,19 +280,7 @@ def winograd_weight_func(co, ci, cb, ob, ocr=1, m=2, dtype="float32", fold_eps=N
     :func:`pack_weight_func` does."""
     g_mat = _WINO[m][1]
     alpha = m + 2
-    w = te.placeholder(_i64(co, ci, 3, 3), dtype, name="w")
-    extra = []
-    if fold_eps is not None:
-        gamma = te.placeholder(_i64(co), dtype, name="gamma") if fold_scaled else None
-        var = te.placeholder(_i64(co), dtype, name="var")
-        extra = ([gamma] if fold_scaled else []) + [var]
-
-    def value(oc, ic, y, x):
-        v = w[oc, ic, y, x]
-        if fold_eps is not None:
-            s = 1.0 / te.sqrt(var[oc] + tirx.const(fold_eps, dtype))
-            v = v * (gamma[oc] * s if fold_scaled else s)
-        return v
+    inputs, value = _weight_inputs(co, ci, 3, 3, dtype, fold_eps, fold_scaled)
 
     def transformed(oc, ic):
         # the alpha x alpha elements of G g G^T for one (oc, ic), as expressions
@@ -306,7 +309,7 @@ def winograd_weight_func(co, ci, cb, ob, ocr=1, m=2, dtype="float32", fold_eps=N
 
     packed = te.compute(_i64(alpha * alpha, _blocks(co, ob) // ocr, _blocks(ci, cb), cb, ocr * ob), body,
                         name="cachefit_pack_wino_weight")
-    func = te.create_prim_func([w, *extra, packed])
+    func = te.create_prim_func([*inputs, packed])
     return func.with_attr({"op_pattern": _OPAQUE, "tirx.noalias": True, WEIGHT_PACK_ATTR: True})
 
 
@@ -328,16 +331,7 @@ def conv2d_winograd_func(n, cib, cb, h, w, cob, ob, padding, ocr=1, m=2, dtype="
     data = te.placeholder(_i64(n, cib, h, w, cb), dtype, name="data")
     weight = te.placeholder(_i64(alpha * alpha, cob // ocr, cib, cb, ocr * ob), dtype, name="weight")
     hp, wp = m * th + 2, m * tw + 2
-    if pt or pl or pb or pr or hp != h or wp != w:
-        def pad_fn(b, c, y, x, i):
-            inside = tvm.tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w)
-            return tirx.if_then_else(
-                inside,
-                data[b, c, tvm.te.max(tvm.te.min(y - pt, h - 1), 0), tvm.te.max(tvm.te.min(x - pl, w - 1), 0), i],
-                tirx.const(0, dtype))
-        src = te.compute(_i64(n, cib, hp, wp, cb), pad_fn, name=PAD_BLOCK)
-    else:
-        src = data
+    src = _pad_input(data, (n, cib, h, w, cb), pt, pl, hp, wp, dtype)
 
     def v_fn(b, e, c, ty, tx, i):
         vv = _sandwich(bt, lambda a, bb: src[b, c, ty * m + a, tx * m + bb, i], alpha)
@@ -776,6 +770,36 @@ class _LayoutMutator(PyExprMutator):  # pylint: disable=too-many-instance-attrib
 # ---------------------------------------------------------------------------------------------
 
 
+def _inline_around(sch, first: str, last: str):
+    """Inline the element-wise blocks before block ``first`` (the input's prologue, into the
+    padding or the kernel) and the chain after block ``last`` into its final block. Returns
+    ``(ok, epilogue)``: ``ok`` False when what follows ``last`` is not one spatial block;
+    ``epilogue`` that block (or None)."""
+    blocks = _root_blocks(sch)
+    at = [sch.get(b).name_hint for b in blocks].index(first)
+    for blk in reversed(blocks[:at]):
+        if sch.get(blk).name_hint == PAD_BLOCK:
+            continue
+        try:
+            sch.compute_inline(blk)
+        except Exception:  # pylint: disable=broad-except
+            pass
+
+    def tail():
+        now = _root_blocks(sch)
+        return now[[sch.get(b).name_hint for b in now].index(last) + 1:]
+
+    for blk in tail()[:-1]:
+        try:
+            sch.compute_inline(blk)
+        except Exception:  # pylint: disable=broad-except
+            pass
+    after = tail()
+    if len(after) > 1 or any(_is_reduction(sch, b) for b in after):
+        return False, None
+    return True, (after[0] if after else None)
+
+
 def _root_blocks(sch):
     return list(sch.get_child_blocks(sch.get_sblock("root")))
 
@@ -821,30 +845,9 @@ class NCHWcConvRule(dlight.ScheduleRule):
             except Exception:  # pylint: disable=broad-except
                 return None
             return self._winograd(sch)
-        blocks = _root_blocks(sch)
-        names = [sch.get(b).name_hint for b in blocks]
-        at = names.index(CONV_BLOCK)
-        # prologue: element-wise producers of the input inline into the padding (or the conv)
-        for blk in reversed(blocks[:at]):
-            if sch.get(blk).name_hint == PAD_BLOCK:
-                continue
-            try:
-                sch.compute_inline(blk)
-            except Exception:  # pylint: disable=broad-except
-                pass
-        # epilogue: the chain inlines into its last block
-        after = _root_blocks(sch)
-        after = after[[sch.get(b).name_hint for b in after].index(CONV_BLOCK) + 1:]
-        for blk in after[:-1]:
-            try:
-                sch.compute_inline(blk)
-            except Exception:  # pylint: disable=broad-except
-                pass
-        after = _root_blocks(sch)
-        after = after[[sch.get(b).name_hint for b in after].index(CONV_BLOCK) + 1:]
-        if len(after) > 1 or any(_is_reduction(sch, b) for b in after):
+        ok, epi = _inline_around(sch, CONV_BLOCK, CONV_BLOCK)
+        if not ok:
             return None
-        epi = after[0] if after else None
         loops = sch.get_loops(conv)
         if len(loops) != 9:
             return None
@@ -900,11 +903,7 @@ class NCHWcConvRule(dlight.ScheduleRule):
             if epi is not None:
                 sch.reverse_compute_at(epi, row_loop, preserve_unit_loops=True)
                 _vec_inner(sch, sch.get_loops(epi)[-1], lanes)
-            sch.unroll(oi)
-            sch.unroll(xi)
-            sch.vectorize(v)
-            if cb <= 16:
-                sch.unroll(ri)
+            _register_tile(sch, oi, xi, v, ri, cb)
             self._parallel(sch, outer, threads, work)
             # the partial sums stay in the output buffer: with the tile's addresses invariant in
             # the innermost reduction loop and noalias inputs, LLVM keeps them in registers there
@@ -923,14 +922,8 @@ class NCHWcConvRule(dlight.ScheduleRule):
                 eloops = sch.get_loops(epi)
                 _vec_inner(sch, eloops[-1], lanes)
             else:
-                cw = sch.cache_write(conv, 0, "local")
-                sch.reverse_compute_at(cw, xo, preserve_unit_loops=True)
-                _vec_inner(sch, sch.get_loops(cw)[-1], lanes)
-            sch.unroll(oi)
-            sch.unroll(xi)
-            sch.vectorize(v)
-            if cb <= 16:
-                sch.unroll(ri)
+                _local_accumulators(sch, conv, xo, lanes)
+            _register_tile(sch, oi, xi, v, ri, cb)
             self._parallel(sch, outer, threads, work)
             sch.decompose_reduction(conv, rc)
         # padding: its own pass, vectorised along the channel block, parallel over channel blocks
@@ -956,31 +949,15 @@ class NCHWcConvRule(dlight.ScheduleRule):
         x as pixels, output-channel vectors); the output transform with the epilogue inlined."""
         lanes = self.spec.lanes("float32")
         threads = self.spec.threads
-        blocks = _root_blocks(sch)
-        names = [sch.get(b).name_hint for b in blocks]
-        first = names.index(PAD_BLOCK) if PAD_BLOCK in names else names.index(WINO_V_BLOCK)
-        for blk in reversed(blocks[:first]):
-            try:
-                sch.compute_inline(blk)
-            except Exception:  # pylint: disable=broad-except
-                pass
-        after = _root_blocks(sch)
-        after = after[[sch.get(b).name_hint for b in after].index(WINO_Y_BLOCK) + 1:]
-        for blk in after[:-1]:
-            try:
-                sch.compute_inline(blk)
-            except Exception:  # pylint: disable=broad-except
-                pass
-        after = _root_blocks(sch)
-        after = after[[sch.get(b).name_hint for b in after].index(WINO_Y_BLOCK) + 1:]
-        if len(after) > 1 or any(_is_reduction(sch, b) for b in after):
+        ok, epi = _inline_around(sch, WINO_V_BLOCK, WINO_Y_BLOCK)
+        if not ok:
             return None
-        epi = None
-        if after:
+        if epi is not None:
             try:
-                sch.reverse_compute_inline(after[0])
+                sch.reverse_compute_inline(epi)
+                epi = None
             except Exception:  # pylint: disable=broad-except
-                epi = after[0]  # an odd size's crop (+ epilogue): its own vectorised pass
+                pass  # an output size's crop (+ epilogue): its own vectorised pass
         # output transform (+ epilogue): 2x2 outputs of a tile unrolled
         yb = sch.get_sblock(WINO_Y_BLOCK)
         b, o, yy, xx, v = sch.get_loops(yb)
@@ -1009,14 +986,8 @@ class NCHWcConvRule(dlight.ScheduleRule):
         oo, oi = sch.split(o, [None, ocr])
         xo, xi = sch.split(tx, [None, owt])
         sch.reorder(b, e, oo, ty, xo, rc, ri, oi, xi, v)
-        cw = sch.cache_write(mb, 0, "local")
-        sch.reverse_compute_at(cw, xo, preserve_unit_loops=True)
-        _vec_inner(sch, sch.get_loops(cw)[-1], lanes)
-        sch.unroll(oi)
-        sch.unroll(xi)
-        sch.vectorize(v)
-        if cb <= 16:
-            sch.unroll(ri)
+        _local_accumulators(sch, mb, xo, lanes)
+        _register_tile(sch, oi, xi, v, ri, cb)
         work = ext[1] * ext[0] * cob * ext[3] * tw * ob * ext[6] * cb
         self._parallel(sch, [b, e, oo, ty], threads, work)
         sch.decompose_reduction(mb, rc)
@@ -1045,6 +1016,23 @@ class NCHWcConvRule(dlight.ScheduleRule):
         except Exception:  # pylint: disable=broad-except
             pass
         return sch
+
+
+def _register_tile(sch, oi, xi, v, ri, cb: int) -> None:
+    """The register tile: ``ocr`` output-channel vectors x ``owt`` pixels unrolled, the channel
+    vector vectorised, the reduction over a channel block unrolled."""
+    sch.unroll(oi)
+    sch.unroll(xi)
+    sch.vectorize(v)
+    if cb <= 16:
+        sch.unroll(ri)
+
+
+def _local_accumulators(sch, block, at, lanes: int) -> None:
+    """Accumulate ``block`` in a local tile written back (vectorised) under loop ``at``."""
+    cw = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(cw, at, preserve_unit_loops=True)
+    _vec_inner(sch, sch.get_loops(cw)[-1], lanes)
 
 
 def _vec_inner(sch, loop, lanes: int) -> None:
