@@ -291,6 +291,31 @@ class _GiveUp(Exception):
     """The frontier search met a case it leaves to the dynamic programme (see ``_frontier_fewest``)."""
 
 
+def _hole(p: int, t: int, depth: int, lam: int, a: int, key, smaller, member, fits, yes, no, parent) -> bool:
+    """Whether ``f[p] <= t`` for a *hole* ``p`` of a frontier search (:func:`_frontier_fewest`,
+    :func:`_frontier_fewest_multi`): some undominated cut of ``S_{t-1}`` in ``[lam, a]`` that
+    ``member(cut, t - 1, depth + 1)`` admits has ``fits(cut, p)``; records the answer in
+    ``yes`` / ``parent`` or ``no``.
+
+    Scans down from ``a`` over the suffix minima of ``key`` (the dominance order; ``smaller`` its
+    previous-smaller table) among the members: a later member no larger in ``key`` dominates.
+    """
+    m = INF
+    while a >= lam:
+        ka = key[a]
+        if ka >= m:
+            a = smaller[a]  # every cut after smaller[a] and before a has key >= key[a] >= m
+            continue
+        if member(a, t - 1, depth + 1):
+            if fits(a, p):
+                yes[p], parent[p] = yes[a] + 1, a
+                return True
+            m = ka
+        a -= 1
+    no[p] = t
+    return False
+
+
 def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, varied: GroupCost | None):
     """Exact fewest groups covering layers ``start .. end-1`` for one bound, level by level.
 
@@ -412,22 +437,16 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
         lam = left_reach(p, win)
         a = min(p - 1, g[t - 1])
         budget -= a - lam + 1
-        m = INF
-        while a >= lam:
-            xa = x[a]
-            if xa >= m:
-                a = smaller[a]  # every cut after smaller[a] and before a has x >= x[a] >= m
-                continue
-            if member(a, t - 1, depth + 1):
-                v = cost(a, p)
-                if v <= bnd:
-                    yes[p], parent[p] = yes[a] + 1, a
-                    return True
-                if track and v < leap:
-                    leap = v
-                m = xa
-            a -= 1
-        no[p] = t
+        return _hole(p, t, depth, lam, a, x, smaller, member, fits, yes, no, parent)
+
+    def fits(a: int, p: int) -> bool:
+        """Whether group ``[a, p)`` is within the bound (a refusal feeds the leap)."""
+        nonlocal leap
+        v = cost(a, p)
+        if v <= bnd:
+            return True
+        if track and v < leap:
+            leap = v
         return False
 
     t = 0
@@ -753,20 +772,7 @@ def _frontier_fewest_multi(bounds: Sequence[Bound], start: int, end: int, limit:
         lam = left_reach(p, win)
         a = min(p - 1, g[t - 1])
         budget -= a - lam + 1
-        m = INF
-        while a >= lam:
-            ka = key[a]
-            if ka >= m:
-                a = smaller[a]
-                continue
-            if member(a, t - 1, depth + 1):
-                if allowed(a, p):
-                    yes[p], parent[p] = yes[a] + 1, a
-                    return True
-                m = ka
-            a -= 1
-        no[p] = t
-        return False
+        return _hole(p, t, depth, lam, a, key, smaller, member, allowed, yes, no, parent)
 
     t = 0
     hint = win = 1
