@@ -36,13 +36,14 @@ def _scaled_error(got, want):
 
 
 def _unpartitioned(analysis, inputs_in_order):
-    """The layered module's main, compiled whole (same compiler pipeline as the stages) and run."""
+    """The layered module's main, compiled whole (same compiler pipeline as the stages: weights
+    pre-packed at compile time, as ``build_artifact`` does) and run."""
     mod = analysis.mod
-    ex = compile_stage(relax.transform.InlinePrivateFunctions()(mod), "llvm")
-    vm = relax.VirtualMachine(ex, tvm.cpu())
+    compiled = compile_stage(relax.transform.InlinePrivateFunctions()(mod), "llvm", prepack=True)
+    vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
     main = mod["main"]
     n_in = int(main.attrs["num_input"])
-    weights = [tvm.runtime.tensor(np.asarray(analysis.params[p.name])) for p in main.params[n_in:]]
+    weights = compiled.pack([np.asarray(analysis.params[p.name]) for p in main.params[n_in:]])
     res = vm["main"](*[tvm.runtime.tensor(a) for a in inputs_in_order], *weights)
     return [res.numpy()] if isinstance(res, tvm.runtime.Tensor) else [r.numpy() for r in res]
 
