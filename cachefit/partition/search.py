@@ -629,9 +629,11 @@ def _frontier_fewest_multi(bounds: Sequence[Bound], start: int, end: int, limit:
     :func:`_shared_order` replaces ``x`` and its previous-smaller table in the scans.
 
     Only comparisons with the ``varied`` bound feed the leap: a fixed bound refuses the same
-    groups whatever the varied bound is. Fixed bounds are tested first and a varied core's reach
-    is searched only up to the fixed bounds' reach, so that refusals which decided nothing do not
-    lower the leap. Raises :class:`_GiveUp` on the same work budget as the one-bound search.
+    groups whatever the varied bound is. The varied bound is tested first (stage times are the
+    cheap queries) and the fixed bounds' reaches are searched within the varied one's; a refusal
+    by the varied bound lowers the leap only where every fixed bound allows the group, so that
+    refusals which decided nothing do not lower it. Raises :class:`_GiveUp` on the same work
+    budget as the one-bound search.
     """
     key, smaller = order
     fixed = [(c, lim) for c, lim in bounds if c is not varied]
