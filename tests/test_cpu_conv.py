@@ -378,11 +378,7 @@ def test_batchnorm_after_conv_is_folded_into_the_packed_weights():
 
 def test_batchnorm_after_a_lone_conv_is_folded_on_the_nchw_path():
     """A lone convolution (NCHW path) followed by BN takes the folded weight and shift too."""
-    g = _Graph(16, 10, seed=12)
-    g.conv(32, 3, 1, 1, bias=False)
-    g.bn()
-    g.op("Relu")
-    model = g.model()
+    model = _lone_conv_bn_net()
     low = _front(model, prepack=True)
     names = _main_call_names(low)
     assert sum("conv2d_direct" in n for n in names) == 1
@@ -396,6 +392,7 @@ def test_batchnorm_after_a_lone_conv_is_folded_on_the_nchw_path():
 
 
 def _lone_conv_bn_net():
+    """conv (no bias) + BN + relu alone: the NCHW path."""
     g = _Graph(16, 10, seed=12)
     g.conv(32, 3, 1, 1, bias=False)
     g.bn()
