@@ -460,3 +460,80 @@ def test_stored_bn_fold_equals_numpy_folding_and_outputs_agree():
     want = plain(*[tvm.runtime.tensor(a) for a in (x, w, beta, gamma, mean, var)]).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert np.abs(want).max() > 0.1
+
+
+def _scalar_weight_module() -> tvm.IRModule:
+    """main(x, w, s) = (x @ w) * s: a matmul weight (packed into panels) and a 0-d weight."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 16), "float32"))
+    w = relax.Var("w", relax.TensorType((16, 16), "float32"))
+    s = relax.Var("s", relax.TensorType((), "float32"))
+    with bb.function("main", [x, w, s], {"num_input": 1}):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.multiply(relax.op.matmul(x, w), s))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_scalar_weight_keeps_its_rank_through_pack():
+    """pack() hands a 0-d weight over as a 0-d tensor (``np.ascontiguousarray`` would make it
+    ``(1,)``, which the compiled function rejects) and a non-contiguous weight by value; main on
+    the packed weights computes ``(x @ w) * s``."""
+    compiled = compile_relax(_scalar_weight_module(), LLVM, threads=1, prepack=True)
+    assert [(p.pack is None, p.shape) for p in compiled.params()] == [(False, (1, 16, 16)), (True, ())]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 16)).astype("float32")
+    w = np.asfortranarray(rng.standard_normal((16, 16)).astype("float32"))
+    s = np.array(1.5, dtype="float32")
+    packed = compiled.pack([w, s])
+    assert [tuple(t.shape) for t in packed] == [(1, 16, 16), ()]
+    got = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](tvm.runtime.tensor(x), *packed).numpy()
+    np.testing.assert_allclose(got, (x @ w) * s, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_refuses_weights_the_module_was_not_compiled_for():
+    """A weight of another shape than the one main takes it with, or a missing weight, is a
+    ShapeError naming the function and the numbers, not a VM error at call time."""
+    from cachefit.errors import ShapeError
+
+    compiled = compile_relax(_scalar_weight_module(), LLVM, threads=1, prepack=True)
+    w = np.zeros((16, 16), "float32")
+    with pytest.raises(ShapeError, match=r"main: weight #1 .* is \(1,\) float32, the compiled function takes \(\)"):
+        compiled.pack([w, np.zeros(1, "float32")])
+    with pytest.raises(ShapeError, match="main: 1 weights given, the module was compiled for 2"):
+        compiled.pack([w])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bert_dynamo.onnx", "gpt2_dynamo.onnx"])
+def test_whole_exported_transformer_compiles_with_prepack(name):
+    """An exported transformer's whole layered module (not split by prepare_stage; its scalar
+    weights such as the attention scale included) compiled with prepack=True and run on
+    ``pack(original weights)`` matches onnxruntime within 1e-5 of the output's scale."""
+    from pathlib import Path
+
+    from cachefit.analysis import analyze_onnx
+    from cachefit.codegen import compile_stage
+    from cachefit.compiler import reference_outputs
+
+    path = Path(__file__).parent / "data" / name
+    analysis = analyze_onnx(path)
+    mod = relax.transform.InlinePrivateFunctions()(analysis.mod)
+    main = mod["main"]
+    n_in = int(main.attrs["num_input"])
+    compiled = compile_stage(mod, "llvm", prepack=True)
+    layout = compiled.params()
+    assert any(p.pack for p in layout) and any(p.pack is None and p.shape == () for p in layout)
+    packed = compiled.pack([analysis.params[p.name] for p in main.params[n_in:]])
+    rng = np.random.default_rng(0)
+    inputs = {p.name: rng.integers(0, 50, [int(d) for d in p.ty.shape]).astype(str(p.ty.dtype))
+              for p in main.params[:n_in]}
+    res = relax.VirtualMachine(compiled.executable, tvm.cpu())["main"](
+        *[tvm.runtime.tensor(a) for a in inputs.values()], *packed)
+    got = [res.numpy()] if isinstance(res, tvm.runtime.Tensor) else [r.numpy() for r in res]
+    want = list(reference_outputs(path, inputs).values())
+    assert len(got) == len(want)
+    for g, r in zip(got, want):
+        assert g.shape == r.shape
+        err = float(np.abs(g.astype("float64") - r).max() / np.abs(r).max())
+        assert err <= 1e-5, f"{name}: error {err:.2e} vs onnxruntime"

@@ -38,6 +38,8 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..errors import ShapeError
+
 log = logging.getLogger(__name__)
 
 #: PrimFunc attribute that marks a pure function of weights (re-layout, fold; the contract above)
@@ -284,19 +286,49 @@ class CompiledModule:
 
     def pack(self, weights: Sequence, func: str = "main") -> list:
         """The weights ``func`` takes, computed from its original weights (numpy arrays or tensors),
-        as ``tvm.runtime.Tensor`` on the CPU, in parameter order."""
-        tensors = [w if isinstance(w, tvm.runtime.Tensor) else tvm.runtime.tensor(np.ascontiguousarray(w))
-                   for w in weights]
-        if self.layouts.get(func) is None:
+        as ``tvm.runtime.Tensor`` on the CPU, in parameter order. Each weight keeps its rank (a
+        scalar weight stays 0-d). Raises :class:`~cachefit.errors.ShapeError` when the weights do
+        not match what ``func`` was compiled for (count, or shape of a weight it takes as given)."""
+        tensors = [_as_tensor(w) for w in weights]
+        layout = self.layouts.get(func)
+        if layout is None:
             return tensors
+        n_weights = 1 + max((i for p in layout for i in p.sources), default=-1)
+        if len(tensors) != n_weights:
+            raise ShapeError(f"{func}: {len(tensors)} weights given, the module was compiled for {n_weights} "
+                             "(pass the function's original weights, in parameter order)")
+        for k, p in enumerate(layout):
+            if p.pack is None:
+                _check_shape(func, k, p, tensors[p.source], "weight")
         if self._vm is None:
             self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
-        out = self._vm[func + TRANSFORM_SUFFIX](*tensors)
-        return list(out)
+        out = list(self._vm[func + TRANSFORM_SUFFIX](*tensors))
+        for k, (p, t) in enumerate(zip(layout, out)):
+            _check_shape(func, k, p, t, "packed weight")
+        return out
 
     def export_library(self, path, *args, **kwargs):
         """``executable.export_library`` (the stage library)."""
         return self.executable.export_library(path, *args, **kwargs)
+
+
+def _as_tensor(w) -> tvm.runtime.Tensor:
+    """``w`` as a CPU tensor of the same shape (``np.ascontiguousarray`` alone would turn a 0-d
+    array into shape ``(1,)``, which a function taking a scalar weight rejects)."""
+    if isinstance(w, tvm.runtime.Tensor):
+        return w
+    arr = np.asarray(w)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    return tvm.runtime.tensor(arr)
+
+
+def _check_shape(func: str, k: int, p: PackedParam, tensor, what: str) -> None:
+    shape = tuple(int(d) for d in tensor.shape)
+    if shape != tuple(p.shape) or str(tensor.dtype) != p.dtype:
+        raise ShapeError(f"{func}: {what} #{k} (from original weight #{p.source}) is {shape} {tensor.dtype}, "
+                         f"the compiled function takes {tuple(p.shape)} {p.dtype}; pass the original weights "
+                         "with their shapes as the module was compiled for")
 
 
 # ---------------------------------------------------------------------------------------------
