@@ -796,47 +796,13 @@ def fit_analysis(analysis, *, cache=None, hardware=None, fit=None, quantize=None
     return new, fit_report
 
 
-def fit_and_plan(model, *, input_shapes=None, batch: int | None = None, dtype: str | None = None,
-                 cache: str | int | None = None, hardware=None, strategy: str = "greedy", devices: int | None = None,
-                 footprint: str = "exact", layout: str | None = None, allow_spill: bool = False,
-                 layers: int | None = None, layer_boundaries: Sequence[str] | None = None,
-                 analysis=None, progress: Callable[[str], None] | None = None, **fit_kwargs):
-    """``cachefit plan``: :func:`cachefit.planning.plan_model` (a :class:`~cachefit.planning.PlanReport`)
-    after the fit options of ``cachefit compile`` that change a footprint (:data:`FIT_KWARGS`: ``fit``,
-    ``quantize``, ``group_size``, ``prune``, ``max_prune``, ``max_prune_heads``, ``micro_batch``,
-    ``prune_heads``, ``quantize_int8_weights``), applied as compile applies them (:func:`fit_analysis`), so that the
-    plan's per-layer bytes are the ones compile plans with. A layer that ``fit="auto"`` leaves over
-    the capacity is reported (the planner then refuses it unless ``allow_spill``).
+def fit_and_plan(model, **kwargs):
+    """``cachefit plan``: :func:`cachefit.planning.plan_model` with the same keyword arguments (kept
+    for its callers). ``plan_model`` applies the fit options of ``cachefit compile`` that change a
+    footprint (:data:`FIT_KWARGS`) as compile applies them (:func:`fit_analysis`) before planning."""
+    from .planning import plan_model
 
-    ``quantize_calibration`` is refused: GPTQ calibration changes the rounded weight values, never a
-    byte of a footprint, so the plan would be the plan without it (after running the float model on
-    the calibration batches for nothing)."""
-    unknown = sorted(set(fit_kwargs) - set(FIT_KWARGS))
-    if unknown:
-        raise TypeError(f"fit_and_plan() got unexpected keyword arguments {unknown}")
-    if fit_kwargs.get("quantize_calibration") is not None:
-        raise CachefitError(f"--calibrate {fit_kwargs['quantize_calibration']}: GPTQ calibration changes the "
-                            "rounded weight values, not a byte of any footprint, so the plan is the same without it: "
-                            "leave --calibrate out of cachefit plan (cachefit compile takes it)")
-    from .planning import plan_model, resolve_capacity
-
-    check_fit_kwargs(**fit_kwargs)
-    resolve_capacity(cache, hardware)   # a bad --cache / --hardware fails before the model is read
-    fit_report = None
-    if wants_fit(**fit_kwargs):
-        if analysis is None:
-            from .analysis import analyze_onnx
-
-            analysis = analyze_onnx(model, input_shapes=input_shapes, batch=batch, dtype=dtype, layers=layers,
-                                    layer_boundaries=layer_boundaries)
-        analysis, fit_report = fit_analysis(analysis, cache=cache, hardware=hardware, footprint=footprint,
-                                            layers=layers, layer_boundaries=layer_boundaries,
-                                            allow_spill=allow_spill, progress=progress, **fit_kwargs)
-    report = plan_model(model, input_shapes=input_shapes, batch=batch, dtype=dtype, cache=cache, hardware=hardware,
-                        strategy=strategy, devices=devices, footprint=footprint, layout=layout,
-                        allow_spill=allow_spill, layers=layers, layer_boundaries=layer_boundaries, analysis=analysis)
-    report.fit = fit_report
-    return report
+    return plan_model(model, **kwargs)
 
 
 def _calibrate(analysis, calibration, progress) -> tuple[dict, int]:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import CachefitError, PlanError
 from .partition import Plan, make_plan
@@ -115,20 +113,36 @@ def plan_model(
     layers: int | None = None,
     layer_boundaries: Sequence[str] | None = None,
     analysis: "ModelAnalysis | None" = None,
-    fit: str | None = None,
-    quantize: str | None = None,
-    group_size: int | None = None,
-    prune: float = 0.0,
-    max_prune: float = 0.5,
-    micro_batch: int | str | None = None,
+    progress: Callable[[str], None] | None = None,
+    **fit_kwargs,
 ) -> PlanReport:
-    """Analyse a model (unless ``analysis`` is given) and partition it.
+    """Analyse a model (unless ``analysis`` is given) and partition it: the library form of
+    ``cachefit plan``.
 
-    ``fit``/``quantize``/``prune``/``micro_batch`` first make oversized layers fit
-    (:func:`cachefit.fit.fit_model`: ``fit="auto"`` escalates INT8, INT4, pruning up to
-    ``max_prune``, a smaller micro-batch per layer over capacity; ``"none"`` only reports); the
-    plan is then made on the rewritten layers and the report says what was applied."""
-    cap, hw = resolve_capacity(cache, hardware)
+    ``fit_kwargs`` are the fit options of ``cachefit plan`` / ``cachefit compile``
+    (:data:`cachefit.fit.FIT_KWARGS`: ``fit``, ``quantize``, ``group_size``, ``prune``, ``max_prune``,
+    ``max_prune_heads``, ``micro_batch``, ``prune_heads``, ``quantize_int8_weights``). They first make
+    oversized layers fit through :func:`cachefit.fit.fit_analysis`, the step ``cachefit compile`` runs
+    (``fit="auto"`` escalates INT8, INT4, MLP pruning up to ``max_prune``, head pruning up to
+    ``max_prune_heads``, a smaller micro-batch per layer over capacity; ``"none"`` only reports), so
+    the per-layer bytes are the ones compile plans with; the plan is then made on the rewritten
+    layers and ``report.fit`` says what was applied. Bad values are refused (a CachefitError naming
+    the flag) before the model is read. ``quantize_calibration`` is refused: GPTQ calibration
+    changes the rounded weight values, never a byte of a footprint. An ``analysis`` that already went
+    through :func:`~cachefit.fit.fit_analysis` (as ``compile_model`` does) is planned as given when
+    no fit option is passed. ``progress`` gets the fit report's table.
+    """
+    from .fit import FIT_KWARGS, check_fit_kwargs, fit_analysis, wants_fit
+
+    unknown = sorted(set(fit_kwargs) - set(FIT_KWARGS))
+    if unknown:
+        raise TypeError(f"plan_model() got unexpected keyword arguments {unknown}")
+    if fit_kwargs.get("quantize_calibration") is not None:
+        raise CachefitError(f"--calibrate {fit_kwargs['quantize_calibration']}: GPTQ calibration changes the "
+                            "rounded weight values, not a byte of any footprint, so the plan is the same without it: "
+                            "leave --calibrate out of cachefit plan (cachefit compile takes it)")
+    check_fit_kwargs(**fit_kwargs)
+    cap, hw = resolve_capacity(cache, hardware)  # a bad --cache / --hardware fails before the model is read
     if layout is not None and strategy != "layout":
         if strategy not in ("greedy", "balanced"):
             raise PlanError(
@@ -142,12 +156,10 @@ def plan_model(
         analysis = analyze_onnx(model, input_shapes=input_shapes, batch=batch, dtype=dtype, layers=layers,
                                 layer_boundaries=layer_boundaries)
     fit_report = None
-    if fit is not None or (quantize or "none") != "none" or prune or micro_batch is not None:
-        from .fit import fit_model
-
-        analysis, fit_report = fit_model(analysis, cap, mode=fit or "none", quantize=quantize, group_size=group_size,
-                                         prune=prune, max_prune=max_prune, micro_batch=micro_batch,
-                                         footprint=footprint, layers=layers, layer_boundaries=layer_boundaries)
+    if wants_fit(**fit_kwargs):
+        analysis, fit_report = fit_analysis(analysis, cache=cache, hardware=hardware, footprint=footprint,
+                                            layers=layers, layer_boundaries=layer_boundaries,
+                                            allow_spill=allow_spill, progress=progress, **fit_kwargs)
     cost_model = None
     if strategy == "min-time":
         from .perf.costmodel import CostModel

@@ -354,3 +354,19 @@ def test_plan_bad_fit_values_name_the_flag(small_dense_file, args, msg):
     res = CliRunner().invoke(cli_main, ["plan", str(small_dense_file), *args])
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit)
     assert res.stderr.startswith("cachefit: error: ") and msg in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("args,kwargs", [
+    (["--prune-heads", "0.25"], dict(prune_heads=0.25)),
+    (["--quantize", "int4", "--int8-weights", "*fc2*"], dict(quantize="int4", quantize_int8_weights=["*fc2*"])),
+])
+def test_plan_model_agrees_with_the_cli(small_dense_file, args, kwargs):
+    """The library call ``plan_model(path, prune_heads=0.25)`` (or INT4 with INT8 weights) reports
+    what ``cachefit plan --prune-heads 0.25`` reports: per-layer bytes, the fit and the stages."""
+    from cachefit.planning import plan_model
+
+    cli = plan_json(small_dense_file, "--cache", "50MB", *args)
+    lib = json.loads(json.dumps(plan_model(small_dense_file, cache="50MB", **kwargs).to_dict()))
+    assert [{k: x[k] for k in _BYTES} for x in lib["layers"]] == [{k: x[k] for k in _BYTES} for x in cli["layers"]]
+    assert lib["fit"] == cli["fit"] and lib["partitions"] == cli["partitions"]
+    assert lib["fit"]["layers"][0]["applied"]

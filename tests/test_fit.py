@@ -533,3 +533,50 @@ def test_exported_gpt2_head_rungs(analyzed):
         assert rep.layers[i].bytes_after == layer_bytes(want[i]) == layer_bytes(new.layers[i])
     assert rep.layers[0].applied == [] and rep.layers[-1].applied == []
     assert new.params["transformer_h_0_attn_c_attn_weight_int4"].shape[1] == 3 * 48
+
+
+# ---------------------------------------------------------------------------------------------
+# planning.plan_model: the library form of `cachefit plan`, through the shared fit step
+# ---------------------------------------------------------------------------------------------
+
+
+def test_plan_model_prune_heads_and_int8_weights_plan_the_fit_analysis_bytes(small_dense):
+    """``plan_model(..., prune_heads=0.25)`` and ``plan_model(..., quantize="int4",
+    quantize_int8_weights=[...])`` plan, per layer, the bytes of ``fit_analysis`` (what
+    ``compile_model`` plans with), and ``fit_and_plan`` gives the same report."""
+    from cachefit.fit import fit_analysis, fit_and_plan
+    from cachefit.planning import plan_model
+
+    plain = plan_model(None, cache="50MB", analysis=small_dense)
+    assert plain.fit is None
+    for opts in (dict(prune_heads=0.25), dict(quantize="int4", quantize_int8_weights=["*fc2*"])):
+        rep = plan_model(None, cache="50MB", analysis=small_dense, **opts)
+        want, want_fit = fit_analysis(small_dense, cache="50MB", **opts)
+        got = [(r.weight_bytes, r.total_bytes) for r in rep.analysis.layers]
+        assert got == [(r.weight_bytes, r.total_bytes) for r in want.layers]
+        assert all(g[0] < p.weight_bytes for g, p in zip(got, plain.analysis.layers))
+        assert rep.fit.to_dict() == want_fit.to_dict()
+        other = fit_and_plan(None, cache="50MB", analysis=small_dense, **opts)
+        assert [r.total_bytes for r in other.analysis.layers] == [r.total_bytes for r in rep.analysis.layers]
+        assert other.plan.groups == rep.plan.groups
+    rep = plan_model(None, cache="50MB", analysis=small_dense, prune_heads=0.25)
+    assert rep.fit.prune_heads == 0.25
+    assert [lf.applied for lf in rep.fit.layers] == [["prune heads 25% (4 -> 3)"]] * 2
+    assert rep.to_dict()["fit"]["prune_heads"] == 0.25
+
+
+def test_plan_model_refuses_bad_fit_options_before_reading_the_model(tmp_path):
+    """Bad fit values, ``quantize_calibration`` and unknown keywords are refused before the model is
+    read (the path does not exist: reading it would fail differently)."""
+    from cachefit.planning import plan_model
+
+    missing = tmp_path / "missing.onnx"
+    for kwargs, msg in [(dict(prune_heads=1.0), "--prune-heads 1.0 is not a fraction"),
+                        (dict(max_prune_heads=-0.5), "--max-prune-heads -0.5 is not a fraction"),
+                        (dict(quantize="int8", quantize_int8_weights=["*fc*"]), "keeps weights at INT8"),
+                        (dict(quantize_calibration=4), "--calibrate 4: GPTQ calibration"),
+                        (dict(cache="0MB"), "--cache must be positive")]:
+        with pytest.raises(CachefitError, match=msg):
+            plan_model(missing, **kwargs)
+    with pytest.raises(TypeError, match="prune_head"):
+        plan_model(missing, prune_head=0.25)
