@@ -8,7 +8,11 @@ FLOPs (a multiply-add is 2):
 
 * ``matmul`` ``[..., M, K] x [..., K, N]``: ``2 * prod(out) * K``;
 * ``nn.conv1d/2d/3d``: ``2 * prod(out) * prod(weight.shape[1:])`` (``Cin/groups * kernel``);
-  ``conv*_transpose``: ``2 * prod(input) * prod(weight.shape[1:])``;
+  ``conv*_transpose``: ``2 * prod(input) * prod(weight.shape[1:])``; on a CPU target
+  (``target="llvm"``), a ``conv2d`` that cachefit's CPU codegen runs as Winograd F(m x m, 3x3)
+  (:func:`winograd_conv`): the multiplications of its ``alpha^2`` GEMMs,
+  ``2 * alpha^2 * N * tiles * Cin * Cout`` with ``alpha = m + 2`` and ``tiles`` the output
+  rounded up to whole ``m x m`` tiles (see "Winograd" below);
 * ``nn.attention`` ``q[B,S,H,D], k[B,T,H,D], v[B,T,H,Dv]``: ``2*B*H*S*T*(D + Dv)`` + softmax;
 * ``einsum``: ``2 * prod(every index's extent)`` for two operands;
 * element-wise ops: 1 per output element, except the per-element costs in ``_PER_ELEMENT``
@@ -25,6 +29,24 @@ Kernels: ``layer_kernels(func, mod)`` lists what the compiled code runs for a fu
 other kernels by class and element count, epilogue ops fused into the kernel before them);
 ``module_kernels(mod)`` does it for every layer of a layered module. The per-kernel cost model
 (``CostModel(kernels=...)``) times them with a calibrated kernel table.
+
+Winograd: ``cachefit compile`` for an llvm target (with prepack, as it always builds CPU stages)
+runs a 3x3 stride-1 undilated ``conv2d`` as Winograd F(4x4, 3x3) or F(2x2, 3x3) where
+:func:`cachefit.codegen.cpu_conv.winograd_eligible` says so (:class:`~cachefit.codegen.cpu_conv.BlockConvLayout`
+decides; the tile ``m`` is :func:`~cachefit.codegen.cpu_conv.winograd_tile`'s). :func:`winograd_conv` asks
+those same functions (one source of truth) with what the layout pass would pass them. For a
+CPU target, such a convolution counts its GEMMs' FLOPs (above) and, as kernels, three: the input
+transform (``alpha^2 * N * tiles * Cin`` elements written: an element-wise kernel), the
+``alpha^2`` GEMMs ``[N * tiles, Cin] x [Cin, Cout]`` (a batched matmul) and the output transform
+(``prod(out)`` elements written, an element-wise kernel into which the epilogue fuses, with the
+``alpha^2 * N * tiles * Cout`` GEMM outputs it reads as one more fused element-wise op). The
+transforms are memory passes over buffers 2.25x (F(4x4)) to 4x (F(2x2)) the size of the input
+and output: timed alone (``bench/winograd.py``, 10 layers, one thread) the kernels ran 1.6-2.6x
+the time of their GEMMs alone at the calibrated matmul rates, 1.0-1.8x the time of the three
+kernels above (the direct kernels: 1.0-1.5x the time of their implicit GEMM). Their
+arithmetic (336 + 210 operations per tile and channel for F(4x4), 32 + 24 for F(2x2): under 5 %
+of the GEMMs' from 64 channels up, up to 18 % at 16) is left out of the FLOPs. CUDA targets,
+``target=None`` and every other convolution keep the direct count.
 """
 
 from __future__ import annotations
@@ -136,11 +158,84 @@ def _einsum_flops(subscripts: str, operands) -> int:
     return 2 * int(math.prod(extent.values())) if len(lhs) > 1 else int(math.prod(extent.values()))
 
 
-def op_flops(call) -> tuple[int, bool]:
-    """(FLOPs of one operator call, whether the operator is known)."""
+#: target kinds whose convolutions run as cachefit's CPU codegen compiles them (Winograd where eligible)
+CPU_TARGETS = ("llvm", "cpu")
+#: float32 vector lanes assumed for a CPU target when none are given (AVX-512: 16; AVX2: 8)
+DEFAULT_CPU_LANES = 16
+
+
+def _target_kind(target) -> str | None:
+    """``"llvm"``, ``"cuda"``, ... of a target name, a ``{"kind": ...}`` dict or a ``tvm.target.Target``."""
+    if target is None:
+        return None
+    if isinstance(target, str):
+        return target
+    if isinstance(target, dict):
+        return str(target.get("kind"))
+    kind = getattr(target, "kind", None)
+    return str(getattr(kind, "name", kind)) if kind is not None else None
+
+
+def winograd_conv(call, target=None, lanes: int = DEFAULT_CPU_LANES) -> int | None:
+    """``m`` when cachefit's CPU codegen runs this ``relax.nn.conv2d`` call as Winograd F(m x m, 3x3)
+    for ``target`` (a CPU target with ``lanes`` float32 lanes), else None (the direct kernel: a CUDA
+    target, ``target=None``, any other operator or convolution).
+
+    The layout pass (:class:`cachefit.codegen.cpu_conv.BlockConvLayout`, run when the target has 8
+    lanes or more) takes a convolution with one group, NCHW / OIHW layouts, static float32 shapes and
+    at least ``lanes / 2`` output channels; its input is channel-blocked by ``lanes`` when it has at
+    least ``lanes`` channels (fewer: an RGB-like input read in blocks of one channel). The Winograd
+    decision is then :func:`~cachefit.codegen.cpu_conv.winograd_eligible` and the tile
+    :func:`~cachefit.codegen.cpu_conv.winograd_tile`, called here as the pass calls them. Not seen
+    from one call: the pass converts a region of convolutions only with at least two of them (a
+    CNN's chained convolutions; a lone convolution in a stage keeps the direct kernel), and an
+    input of ``lanes / 2`` to ``lanes`` channels produced by a blocked convolution is blocked too
+    (taken here as an NCHW input)."""
+    if _target_kind(target) not in CPU_TARGETS or int(lanes) < 8:
+        return None
+    if getattr(call.op, "name", None) != "relax.nn.conv2d" or len(call.args) != 2:
+        return None
+    a = call.attrs
+    data, weight = call.args
+    ds, ws, os_ = _shape(data.ty), _shape(weight.ty), _shape(call.ty)
+    if ds is None or ws is None or os_ is None or len(ds) != 4 or len(ws) != 4 or len(os_) != 4:
+        return None
+    out_dtype = str(a.out_dtype)
+    if (int(a.groups) != 1 or a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW"
+            or str(data.ty.dtype) != "float32" or str(weight.ty.dtype) != "float32"
+            or out_dtype not in ("", "void", "float32", "None") or ws[0] < int(lanes) // 2):
+        return None
+    # one source of truth: the predicate and the tile of cachefit's CPU codegen
+    from ..codegen.cpu_conv import winograd_eligible, winograd_tile  # pylint: disable=import-outside-toplevel
+
+    lanes = int(lanes)
+    cb_in = lanes if ds[1] >= lanes else 1
+    cib = -(-ds[1] // cb_in)
+    strides = [int(x) for x in a.strides]
+    dilation = [int(x) for x in a.dilation]
+    if not winograd_eligible(ws[2], ws[3], strides, dilation, cib, cb_in, lanes, os_[2], os_[3]):
+        return None
+    return int(winograd_tile(os_[2], os_[3]))
+
+
+def _winograd_dims(call, m: int) -> tuple[int, int, int, int]:
+    """(alpha^2, N * tiles, Cin, Cout) of a conv2d run as Winograd F(m x m, 3x3)."""
+    n, ci = _shape(call.args[0].ty)[:2]
+    _, co, oh, ow = _shape(call.ty)
+    return (m + 2) ** 2, n * (-(-oh // m)) * (-(-ow // m)), ci, co
+
+
+def op_flops(call, target=None, lanes: int = DEFAULT_CPU_LANES) -> tuple[int, bool]:
+    """(FLOPs of one operator call, whether the operator is known). ``target`` (``"llvm"``,
+    ``"cuda"``, a ``tvm.target.Target``; None: the operator's own count) decides how a convolution
+    that cachefit's CPU codegen runs as Winograd is counted (:func:`winograd_conv`)."""
     name = call.op.name
     out = call.ty
     args = list(call.args)
+    m = winograd_conv(call, target, lanes) if target is not None and name == "relax.nn.conv2d" else None
+    if m is not None:
+        a2, tiles, ci, co = _winograd_dims(call, m)
+        return 2 * a2 * tiles * ci * co, True
     if name == "relax.matmul":
         a = _shape(args[0].ty)
         if a is None:
@@ -185,10 +280,13 @@ _ELEMENTWISE = {f"relax.{n}" for n in (
     "clip", "masked_fill", "atan", "atan2")}
 
 
-def count_function(func, mod=None, *, num_input: int | None = None) -> OpCount:
+def count_function(func, mod=None, *, num_input: int | None = None, target=None,
+                   lanes: int = DEFAULT_CPU_LANES) -> OpCount:
     """FLOPs and bytes moved of ``func`` (a ``relax.Function``); calls to other functions of ``mod``
     are counted through their bodies. ``num_input`` (default: the ``num_input`` attribute, else all
-    parameters are activations) tells which parameters are weights."""
+    parameters are activations) tells which parameters are weights. ``target`` (None: the
+    operators' own counts; ``"llvm"``: convolutions that cachefit's CPU codegen runs as Winograd
+    count the multiplications their kernel does, see :func:`winograd_conv`; ``"cuda"``: direct)."""
     from tvm import ir, relax
 
     if num_input is None:
@@ -211,7 +309,7 @@ def count_function(func, mod=None, *, num_input: int | None = None) -> OpCount:
                 callee = mod[value.op]
                 if isinstance(callee, relax.Function):
                     # the callee's weight parameters are the arguments that are our weights
-                    sub = count_function(callee, mod, num_input=len(callee.params))
+                    sub = count_function(callee, mod, num_input=len(callee.params), target=target, lanes=lanes)
                     wread = sum(_tensor_bytes(a.ty) for a in value.args if a in weights)
                     total = total + OpCount(sub.flops, sub.bytes_moved, wread, sub.unknown_ops)
                 else:  # a PrimFunc called directly
@@ -229,7 +327,7 @@ def count_function(func, mod=None, *, num_input: int | None = None) -> OpCount:
                 total = total + OpCount(0, read + _tensor_bytes(value.ty), wread)
                 unknown.add(name)
                 continue
-            flops, known = op_flops(value)
+            flops, known = op_flops(value, target, lanes)
             if not known:
                 unknown.add(name)
             total = total + _count_io(value, weights, flops)
@@ -283,13 +381,23 @@ def kernel_class(name: str) -> str:
     return "elementwise"
 
 
-def _matmul_kernels(call) -> list:
-    """KernelSpecs of a matmul-like op (two for ``nn.attention``, plus its softmax)."""
+def _matmul_kernels(call, target=None, lanes: int = DEFAULT_CPU_LANES) -> list:
+    """KernelSpecs of a matmul-like op (two for ``nn.attention``, plus its softmax; three for a
+    convolution run as Winograd on ``target``: input transform, GEMMs, output transform)."""
     from .costmodel import KernelSpec
 
     name = call.op.name
     args = list(call.args)
     out = _shape(call.ty) or []
+    m = winograd_conv(call, target, lanes) if name == "relax.nn.conv2d" else None
+    if m is not None:
+        a2, tiles, ci, co = _winograd_dims(call, m)
+        # input transform (writes V), the alpha^2 GEMMs, output transform (reads M, writes the output;
+        # the epilogue fuses into it)
+        return [KernelSpec("elementwise", elements=float(a2 * tiles * ci)),
+                KernelSpec("matmul", m=tiles, n=co, k=ci, batch=a2, rows_in_m=True),
+                KernelSpec("elementwise", elements=float(_numel(call.ty)),
+                           fused=(("elementwise", float(a2 * tiles * co)),))]
     if name == "relax.matmul":
         a, b = _shape(args[0].ty), _shape(args[1].ty)
         if not a or not b or not out:
@@ -325,7 +433,8 @@ def _matmul_kernels(call) -> list:
     return [KernelSpec("matmul", m=side, n=side, k=side, batch=1, rows_in_m=True)]
 
 
-def layer_kernels(func, mod=None, *, num_weights: int | None = None) -> tuple:
+def layer_kernels(func, mod=None, *, num_weights: int | None = None, target="llvm",
+                  lanes: int = DEFAULT_CPU_LANES) -> tuple:
     """The kernels of a Relax function as cachefit's CPU pipeline fuses them, as
     :class:`~cachefit.perf.costmodel.KernelSpec` s, in binding order.
 
@@ -336,7 +445,9 @@ def layer_kernels(func, mod=None, *, num_weights: int | None = None) -> tuple:
     free; ops that only transform weights (a transposed or cast weight) fuse into their consumer as
     a prologue and cost nothing. Calls to other functions of ``mod`` are expanded in place.
     ``num_weights`` (default: the ``cachefit.num_weights`` attribute, else 0) counts the trailing
-    parameters that are weights.
+    parameters that are weights. ``target`` / ``lanes``: the CPU the stages are compiled for (a
+    3x3 convolution that its codegen runs as Winograd is three kernels, see :func:`winograd_conv`;
+    ``target=None`` or ``"cuda"``: every convolution one implicit GEMM).
     """
     from tvm import ir, relax
 
@@ -371,7 +482,7 @@ def layer_kernels(func, mod=None, *, num_weights: int | None = None) -> tuple:
             if isinstance(value.op, ir.GlobalVar):
                 callee = mod[value.op] if mod is not None else None
                 if isinstance(callee, relax.Function):
-                    kernels.extend(layer_kernels(callee, mod, num_weights=0))
+                    kernels.extend(layer_kernels(callee, mod, num_weights=0, target=target, lanes=lanes))
                 elif _numel(value.ty):
                     kernels.append(KernelSpec("elementwise", elements=_numel(value.ty)))
                 continue
@@ -397,7 +508,7 @@ def layer_kernels(func, mod=None, *, num_weights: int | None = None) -> tuple:
                 continue
             n = _numel(value.ty)
             if kind == "matmul":
-                specs = _matmul_kernels(value)
+                specs = _matmul_kernels(value, target, lanes)
                 if specs:
                     kernels.extend(specs)
                     producer[var] = len(kernels) - 1
@@ -427,10 +538,11 @@ def layer_kernels(func, mod=None, *, num_weights: int | None = None) -> tuple:
     return tuple(kernels)
 
 
-def module_kernels(mod) -> dict:
+def module_kernels(mod, *, target="llvm", lanes: int = DEFAULT_CPU_LANES) -> dict:
     """Layer name -> :class:`~cachefit.perf.costmodel.KernelProfile` for every ``layer_i`` function of
     a layered module (docs/layered-ir.md), at the module's batch (``cachefit.batch``, else 1): what
-    ``CostModel(kernels=...)`` takes."""
+    ``CostModel(kernels=...)`` takes. ``target`` / ``lanes`` as in :func:`layer_kernels` (the
+    default: cachefit's CPU stages on a 16-lane AVX-512 core, what a calibrated kernel table times)."""
     from ..passes import layering
     from .costmodel import KernelProfile
 
@@ -441,5 +553,5 @@ def module_kernels(mod) -> dict:
     for gv, fn in layering.layer_functions(mod):
         attrs = fn.attrs
         name = str(attrs["cachefit.layer_name"]) if "cachefit.layer_name" in attrs else gv.name_hint
-        out[name] = KernelProfile(batch=batch, kernels=layer_kernels(fn, mod))
+        out[name] = KernelProfile(batch=batch, kernels=layer_kernels(fn, mod, target=target, lanes=lanes))
     return out
