@@ -205,7 +205,8 @@ def winograd_conv(call, target=None, lanes: int = DEFAULT_CPU_LANES) -> int | No
             or str(data.ty.dtype) != "float32" or str(weight.ty.dtype) != "float32"
             or out_dtype not in ("", "void", "float32", "None") or ws[0] < int(lanes) // 2):
         return None
-    # one source of truth: the predicate and the tile of cachefit's CPU codegen
+    # one source of truth: the predicate and the tile cachefit's CPU codegen decides with (imported
+    # from codegen until they move to a module outside it that both import: data flows one way)
     from ..codegen.cpu_conv import winograd_eligible, winograd_tile  # pylint: disable=import-outside-toplevel
 
     lanes = int(lanes)
