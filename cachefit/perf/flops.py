@@ -2,7 +2,8 @@
 
 ``count_function(func, mod)`` walks the function's bindings (and, through ``mod``, the private
 functions it calls, such as the ``layer_i`` functions of the layered IR) and returns an
-:class:`OpCount`. The footprint analysis fills ``LayerRecord.flops`` and ``bytes_moved`` from it.
+:class:`OpCount`. (``LayerRecord.flops`` comes from the footprint analysis,
+:mod:`cachefit.passes.annotate_footprint`, which counts with its own rules: direct convolutions.)
 
 FLOPs (a multiply-add is 2):
 
