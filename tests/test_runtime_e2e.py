@@ -81,7 +81,7 @@ def test_reference_models_k_stages(preset, tmp_path):
     from cachefit import models
 
     path = models.export(preset, tmp_path / f"{preset}.onnx")
-    check_model(path, [2, 3, 4], tmp_path)
+    check_model(path, [2, 3, 4], tmp_path, baseline_prepack=True)
 
 
 def _exported():
@@ -93,7 +93,7 @@ def _exported():
 @pytest.mark.parametrize("name", _exported())
 def test_exported_transformers_k_stages(name, tmp_path):
     ks = [2, 3, 4] if name == "gpt2_legacy.onnx" else [2]
-    check_model(DATA / name, ks, tmp_path)
+    check_model(DATA / name, ks, tmp_path, baseline_prepack=True)
 
 
 @pytest.mark.slow
