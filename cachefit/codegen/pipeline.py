@@ -32,6 +32,7 @@ from .cpu_legalize import (
     SumOfStackToAdd,
     make_conv2d_legalizer,
 )
+from .concat_views import ConcatIntoStorage, legalize_concat
 from .cpu_schedule import CPUSpec, ScheduleCPU
 from .prepack import CompiledModule, LiftWeightPacks, PackMatmulWeights, packed_layouts
 
@@ -114,7 +115,8 @@ def cpu_front_passes(target: tvm.target.Target, spec: CPUSpec, prepack: bool = F
         + ([PackMatmulWeights(lanes)] if prepack else [])
         # legalize, conv2d as im2col + GEMM
         + [
-            relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": make_conv2d_legalizer(lanes)}),
+            relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d": make_conv2d_legalizer(lanes),
+                                                                "relax.concat": legalize_concat}),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
         ]
@@ -147,6 +149,19 @@ def cpu_back_passes(target: tvm.target.Target, spec: CPUSpec, tuning_records: st
     )
 
 
+def cpu_finalize_passes(target: tvm.target.Target) -> list:
+    """TVM's finalize passes (memory planning to VM code) with the copies of concatenations
+    whose producers can write into the output removed after the plan (:mod:`.concat_views`)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu  # pylint: disable=import-outside-toplevel
+
+    out = []
+    for p in cpu.finalize_passes(target):
+        out.append(p)
+        if p.info.name == "StaticPlanBlockMemory":
+            out.append(ConcatIntoStorage())
+    return out
+
+
 def cpu_passes(target: tvm.target.Target, spec: CPUSpec, tuning_records: str | None = None,
                prepack: bool = False) -> list:
     """The phases of the CPU pipeline up to scheduled TIR (before dataflow lowering)."""
@@ -173,7 +188,7 @@ def cpu_pipeline(target: tvm.target.Target, threads: int | None = None, tuning_r
             mod = tvm.transform.Sequential(front)(mod)
             if layouts is not None:
                 layouts.update(packed_layouts(mod))
-            seq = tvm.transform.Sequential(back + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            seq = tvm.transform.Sequential(back + cpu.dataflow_lower_passes(target) + cpu_finalize_passes(target))
             return seq(mod)
 
     return _pipeline
