@@ -174,29 +174,49 @@ def test_sizes_all_strategies_optimal(inst):
 
 
 # ---------------------------------------------------------------- layer records
+# The strategies record_instances draws from, built once: building them inside the draw (a new
+# st.integers / st.lists per field and layer) cost a third of the data generation, which is most
+# of these tests' time. The same strategies in the same order: the same instances.
+_POOL_NAMES = [f"p{i}" for i in range(4)]
+_PARAM_NAMES = st.lists(st.sampled_from(_POOL_NAMES), max_size=2, unique=True)
+_UP_TO = {hi: st.integers(0, hi) for hi in (10, 30, 200, 250, 1000)}
+_MODES = st.sampled_from(["exact", "exact", "sum"])
+_STRATEGIES: dict = {}  # (lo, hi) -> st.integers(lo, hi), for the bounds that vary by call or by n
+_DEVICES: dict = {}  # n -> none or 1..n+2
+
+
+def _ints(lo: int, hi: int):
+    if (lo, hi) not in _STRATEGIES:
+        _STRATEGIES[lo, hi] = st.integers(lo, hi)
+    return _STRATEGIES[lo, hi]
+
+
 @st.composite
 def record_instances(draw, max_n=8, boundary=(0, 40)):
-    n = draw(st.integers(1, max_n))
-    pool = {f"p{i}": draw(st.integers(0, 30)) for i in range(4)}
+    n = draw(_ints(1, max_n))
+    pool = {name: draw(_UP_TO[30]) for name in _POOL_NAMES}
+    io = _ints(*boundary)
     layers = []
     for i in range(n):
-        names = draw(st.lists(st.sampled_from(sorted(pool)), max_size=2, unique=True))
+        names = draw(_PARAM_NAMES)
         params = {k: pool[k] for k in names}
-        private = draw(st.integers(0, 30))
+        private = draw(_UP_TO[30])
         layers.append(LayerRecord(
             name=f"layers.{i}",
             weight_bytes=sum(params.values()) + private,
-            activation_bytes=draw(st.integers(0, 30)),
-            buffer_bytes=draw(st.integers(0, 10)),
-            in_bytes=draw(st.integers(*boundary)),
-            out_bytes=draw(st.integers(*boundary)),
+            activation_bytes=draw(_UP_TO[30]),
+            buffer_bytes=draw(_UP_TO[10]),
+            in_bytes=draw(io),
+            out_bytes=draw(io),
             params=params,
-            flops=draw(st.integers(0, 1000)),
-            bytes_moved=draw(st.integers(0, 200)),
+            flops=draw(_UP_TO[1000]),
+            bytes_moved=draw(_UP_TO[200]),
         ))
-    capacity = draw(st.integers(0, 250))
-    devices = draw(st.one_of(st.none(), st.integers(1, n + 2)))
-    mode = draw(st.sampled_from(["exact", "exact", "sum"]))
+    capacity = draw(_UP_TO[250])
+    if n not in _DEVICES:
+        _DEVICES[n] = st.one_of(st.none(), st.integers(1, n + 2))
+    devices = draw(_DEVICES[n])
+    mode = draw(_MODES)
     allow_spill = draw(st.booleans())
     return layers, capacity, devices, mode, allow_spill
 
@@ -346,20 +366,24 @@ def test_records_small_boundaries_n12(inst):
     assert max([0, *resident]) == brute.balanced(k)
 
 
+_SHARED_NAMES = [f"w{i}" for i in range(6)]
+_SHARED_PARAM_NAMES = st.lists(st.sampled_from(_SHARED_NAMES), max_size=4, unique=True)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.data())
 def test_footprint_oracle_matches_direct_many_shared_params(data):
     """FootprintCost.cost(a, b) equals the direct footprint for every group, including models
     where many parameters are shared (the merge-sort-tree path of the repeat sums)."""
-    n = data.draw(st.integers(1, 30))
-    pool = {f"w{i}": data.draw(st.integers(0, 50)) for i in range(6)}
+    n = data.draw(_ints(1, 30))
+    pool = {name: data.draw(_ints(0, 50)) for name in _SHARED_NAMES}
     layers = []
     for i in range(n):
-        names = data.draw(st.lists(st.sampled_from(sorted(pool)), max_size=4, unique=True))
+        names = data.draw(_SHARED_PARAM_NAMES)
         params = {k: pool[k] for k in names}
         layers.append(LayerRecord(
-            f"l{i}", sum(params.values()) + data.draw(st.integers(0, 9)), data.draw(st.integers(0, 40)),
-            data.draw(st.integers(0, 5)), data.draw(st.integers(0, 20)), data.draw(st.integers(0, 20)), params,
+            f"l{i}", sum(params.values()) + data.draw(_ints(0, 9)), data.draw(_ints(0, 40)),
+            data.draw(_ints(0, 5)), data.draw(_ints(0, 20)), data.draw(_ints(0, 20)), params,
         ))
     cost = FootprintCost(layers)
     # The monotonicity check on numpy arrays and on Python integers agree.
@@ -370,8 +394,9 @@ def test_footprint_oracle_matches_direct_many_shared_params(data):
         assert cost._check_monotone_py(ws, own, cost._dup.repeats) == cost.monotone
     for a in range(n):
         for b in range(a + 1, n + 1):
-            assert cost.cost(a, b) == brute_footprint(layers[a:b], "exact")
-            assert cost.core(a, b) == brute_footprint(layers[a:b], "exact") - layers[a].in_bytes - layers[b - 1].out_bytes
+            want = brute_footprint(layers[a:b], "exact")  # once per group: both checks compare with it
+            assert cost.cost(a, b) == want
+            assert cost.core(a, b) == want - layers[a].in_bytes - layers[b - 1].out_bytes
     if cost.monotone:
         for a in range(n):
             for b in range(a + 1, n + 1):

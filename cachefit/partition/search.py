@@ -410,7 +410,7 @@ def _frontier_fewest(bound: Bound, start: int, end: int, limit: int | None, vari
 
     def member(p: int, t: int, depth: int) -> bool:
         """Whether ``f[p] <= t`` (``t`` at most the current level)."""
-        nonlocal leap, budget, win
+        nonlocal leap, budget
         known = yes.get(p)
         if known is not None and known <= t:
             return True
@@ -751,7 +751,7 @@ def _frontier_fewest_multi(bounds: Sequence[Bound], start: int, end: int, limit:
 
     def member(p: int, t: int, depth: int) -> bool:
         """Whether ``f[p] <= t`` (``t`` at most the current level)."""
-        nonlocal budget, win
+        nonlocal budget
         known = yes.get(p)
         if known is not None and known <= t:
             return True
