@@ -44,6 +44,8 @@ WEIGHT_PACK_ATTR = "cachefit.weight_pack"
 BN_FOLD_ATTR = "cachefit.bn_fold_eps"
 CONV_BLOCK = "cachefit_nchwc_conv"
 PAD_BLOCK = "cachefit_nchwc_pad"
+#: the crop of a 1x1 convolution computed over flattened pixels (conv2d_nchwc_func(flat=True))
+FLAT_CROP_BLOCK = "cachefit_nchwc_flat_crop"
 
 # relax op patterns (tvm/relax/op_attr_types.h)
 _INJECTIVE = 2
@@ -117,10 +119,18 @@ def _pad_input(data, shape, pt: int, pl: int, hp: int, wp: int, dtype):
     return te.compute(_i64(n, cib, hp, wp, cb), pad_fn, name=PAD_BLOCK)
 
 
-def conv2d_nchwc_func(n, cib, cb, h, w, cob, ob, kh, kw, strides, padding, dilation, owp, dtype="float32"):
+def conv2d_nchwc_func(n, cib, cb, h, w, cob, ob, kh, kw, strides, padding, dilation, owp, dtype="float32",
+                      flat=False):
     """``out[b, o, y, x, v] = sum_{c, ry, rx, i} xpad[b, c, y*sh + ry*dh, x*sw + rx*dw, i] *
     wp[o, c, ry, rx, i, v]`` with ``x`` up to ``owp`` (>= the real width; the extra columns are
-    computed into a scratch row and dropped)."""
+    computed into a scratch row and dropped).
+
+    flat: a 1x1, stride-1, unpadded convolution computed over the ``h * w`` pixels as one row of
+    ``owp`` (>= ``h * w``) columns: a register tile then never straddles a row end, so a 13x13
+    output is 170 columns of 5 rather than 13 rows of 15 (the padded columns read the last pixel
+    and are dropped by :data:`FLAT_CROP_BLOCK`)."""
+    if flat:
+        return _conv2d_flat_func(n, cib, cb, h, w, cob, ob, owp, dtype)
     sh, sw = strides
     pt, pl, pb, pr = padding
     dh, dw = dilation
@@ -147,6 +157,42 @@ def conv2d_nchwc_func(n, cib, cb, h, w, cob, ob, kh, kw, strides, padding, dilat
         out = te.compute(_i64(n, cob, oh, ow, ob), lambda b, o, y, x, v: conv[b, o, y, x, v], name="cachefit_nchwc_crop")
     else:
         out = conv
+    func = te.create_prim_func([data, weight, out])
+    return func.with_attr({"op_pattern": _OUT_EWISE_FUSABLE, "tirx.noalias": True})
+
+
+def flat_conv_ok(kh: int, kw: int, strides, padding, dilation, oh: int, ow: int, cob: int) -> bool:
+    """Whether a blocked convolution runs over flattened pixels (``conv2d_nchwc_func(flat=True)``):
+    1x1, stride 1, no padding, several rows, and a row width the register tile does not divide
+    (:func:`choose_tile` pads it) while the flattened pixels waste less."""
+    if (kh, kw) != (1, 1) or list(strides) != [1, 1] or any(padding) or list(dilation) != [1, 1] or oh < 2:
+        return False
+    _, _, owp = choose_tile(ow, cob)
+    _, _, pp = choose_tile(oh * ow, cob)
+    return owp > ow and pp < oh * owp
+
+
+def _conv2d_flat_func(n, cib, cb, h, w, cob, ob, pp, dtype):
+    hw = h * w
+    data = te.placeholder(_i64(n, cib, h, w, cb), dtype, name="data")
+    weight = te.placeholder(_i64(cob, cib, 1, 1, cb, ob), dtype, name="weight")
+    rc = te.reduce_axis(_i64(0, cib), name="rc")
+    ry = te.reduce_axis(_i64(0, 1), name="ry")
+    rx = te.reduce_axis(_i64(0, 1), name="rx")
+    ri = te.reduce_axis(_i64(0, cb), name="ri")
+    last = tirx.const(hw - 1, "int64")
+
+    def pixel(x):
+        return te.min(x, last) if pp > hw else x
+
+    conv = te.compute(
+        _i64(n, cob, 1, pp, ob),
+        lambda b, o, y, x, v: te.sum(
+            data[b, rc, pixel(x) // w + ry, pixel(x) % w + rx, ri] * weight[o, rc, ry, rx, ri, v],
+            axis=[rc, ry, rx, ri]),
+        name=CONV_BLOCK,
+    )
+    out = te.compute(_i64(n, cob, h, w, ob), lambda b, o, y, x, v: conv[b, o, 0, y * w + x, v], name=FLAT_CROP_BLOCK)
     func = te.create_prim_func([data, weight, out])
     return func.with_attr({"op_pattern": _OUT_EWISE_FUSABLE, "tirx.noalias": True})
 
@@ -738,10 +784,11 @@ class _LayoutMutator(PyExprMutator):  # pylint: disable=too-many-instance-attrib
         wp = self.builder_.emit(relax.call_tir(
             pack, wargs, relax.TensorType([cob, cib, kh, kw, cb_in, ob], "float32")))
         ow = oshape[3]
-        _, _, owp = choose_tile(ow, cob)
-        key = ("conv", n, cib, cb_in, h, w, cob, ob, kh, kw, *strides, *padding, *dilation, owp)
+        flat = flat_conv_ok(kh, kw, strides, padding, dilation, oshape[2], ow, cob)
+        _, _, owp = choose_tile(oshape[2] * ow if flat else ow, cob)
+        key = ("conv", n, cib, cb_in, h, w, cob, ob, kh, kw, *strides, *padding, *dilation, owp, flat)
         gv = self._add_func(key, lambda: conv2d_nchwc_func(n, cib, cb_in, h, w, cob, ob, kh, kw,
-                                                           strides, padding, dilation, owp),
+                                                           strides, padding, dilation, owp, flat=flat),
                             "cachefit_conv2d_nchwc")
         return self.builder_.emit(relax.call_tir(
             gv, [x.var, wp], relax.TensorType([n, cob, oshape[2], oshape[3], ob], "float32")))
@@ -845,6 +892,7 @@ class NCHWcConvRule(dlight.ScheduleRule):
             except Exception:  # pylint: disable=broad-except
                 return None
             return self._winograd(sch)
+        flat = any(sch.get(blk).name_hint == FLAT_CROP_BLOCK for blk in _root_blocks(sch))
         ok, epi = _inline_around(sch, CONV_BLOCK, CONV_BLOCK)
         if not ok:
             return None
@@ -868,7 +916,10 @@ class NCHWcConvRule(dlight.ScheduleRule):
         cib, kh, kw, cb = ext[5], ext[6], ext[7], ext[8]
         in_bytes = cib * cb * (oh * 1) * owp * 4 * max(1, kh)  # about the input read per channel block
         w_bytes = cob * ob * cib * cb * kh * kw * 4
-        rows_outer = in_bytes > self.spec.l2_bytes // 2 and w_bytes <= self.spec.l2_bytes // 2
+        # a convolution over flattened pixels (one row: conv2d_nchwc_func(flat=True)) is cropped
+        # back to rows after the kernel: its epilogue goes at a channel slab (or the row), never at
+        # a register tile, so it takes the chunked order below even with a single chunk
+        rows_outer = not flat and in_bytes > self.spec.l2_bytes // 2 and w_bytes <= self.spec.l2_bytes // 2
         # the weights one tile reads (ocr vectors x all input channels x taps) pass through L1
         # once per tile: with many input channels they come from L2 for every few pixels. Then
         # the input channels are split in chunks whose weights stay in L1 while every tile of
@@ -888,7 +939,12 @@ class NCHWcConvRule(dlight.ScheduleRule):
             fits = [d for d in range(1, cib) if cib % d == 0 and d * w_chunk <= self.spec.l1_bytes // 2]
             rcc = max(fits) if fits else 1
         work = ext[0] * cob * oh * owp * ob * cib * kh * kw * cb
-        if rcc < cib:
+        if flat and epi is not None:
+            # the epilogue iterates over the flattened pixels too: it then reads the kernel's
+            # scratch at its own index, a region reverse_compute_at can place
+            width = int(sch.get(sch.get_loops(epi)[3]).extent)
+            sch.transform_block_layout(epi, lambda b_, o_, y_, x_, v_: (b_, o_, y_ * width + x_, v_))
+        if rcc < cib or flat:
             rco, rci = sch.split(rc, [None, rcc])
             if rows_outer:
                 sch.reorder(b, y, oo, rco, xo, rci, ry, rx, ri, oi, xi, v)
@@ -896,7 +952,8 @@ class NCHWcConvRule(dlight.ScheduleRule):
             elif slab_outer:
                 sch.reorder(b, oo, rco, y, xo, rci, ry, rx, ri, oi, xi, v)
                 n_outer = int(sch.get(b).extent) * int(sch.get(oo).extent)
-                outer, row_loop = ([b, oo] if n_outer >= 2 * threads else [y]), oo
+                # few slabs: the row (a flattened one: its tiles) in parallel
+                outer, row_loop = ([b, oo] if n_outer >= 2 * threads else ([y, xo] if flat else [y])), oo
             else:
                 sch.reorder(b, oo, y, rco, xo, rci, ry, rx, ri, oi, xi, v)
                 outer, row_loop = [b, oo, y], y
