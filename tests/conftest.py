@@ -66,6 +66,36 @@ def analyzed() -> Callable:
     return get
 
 
+@pytest.fixture(scope="session")
+def compiled_artifact(tmp_path_factory) -> Callable[..., Path]:
+    """``compiled_artifact(name, devices)`` -> the artifact folder of ``compile_model(name, target="llvm",
+    cache="1GB", strategy="balanced", devices=devices)``, compiled once per session for each (name,
+    devices) and shared by every test that asks for it (``name`` as in :func:`model_source`; presets
+    are exported to a file first, as ``cachefit compile`` users have them). Compiling is most of the
+    cost of tests that run artifacts, so tests must treat the folder as read-only: copy it
+    (``shutil.copytree``) before changing any file."""
+    from cachefit.compiler import compile_model
+
+    cache: dict = {}
+
+    def get(name: str, devices: int) -> Path:
+        key = (name, devices)
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"artifact_{name.replace('.', '_')}_k{devices}")
+            if name.startswith("light_") or name.endswith(".onnx"):
+                src = model_source(name)
+            else:
+                from cachefit.models import export
+
+                src = export(name, root / f"{name}.onnx")
+            compile_model(src, target="llvm", out_dir=root / "art", cache="1GB", strategy="balanced",
+                          devices=devices)
+            cache[key] = root / "art"
+        return cache[key]
+
+    return get
+
+
 def make_onnx_model(
     nodes: Sequence[onnx.NodeProto],
     inputs: Sequence[tuple[str, int, Sequence[int | str] | None]],

@@ -1,7 +1,7 @@
 """The C++ runtime (cachefit/runtime/cpp): built with CMake, checked against the Python runtime.
 
-The build and the artifacts are made once per module (a dense reference model in 3 CPU stages and the
-legacy GPT-2 export in 2). Tests that need them are skipped, with the reason printed as a warning, only
+The build is made once per module, the artifacts once per session (conftest's ``compiled_artifact``: a
+dense reference model in 3 CPU stages and the legacy GPT-2 export in 2). Tests that need them are skipped, with the reason printed as a warning, only
 when no C++ compiler or no CMake is installed; a missing JSON library or TVM is a failure.
 """
 
@@ -24,8 +24,6 @@ from click.testing import CliRunner
 
 from cachefit.cli import main as cli_main
 from cachefit.runtime.cpp_config import CPP_DIR, cpp_build_config
-
-DATA = Path(__file__).parent / "data"
 
 
 # --- build --------------------------------------------------------------------------------------
@@ -76,25 +74,21 @@ def _assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None
 # --- artifacts ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dense_artifact(tmp_path_factory) -> Path:
-    from cachefit.compiler import compile_model
-    from cachefit.models import export
+# The artifacts come from conftest's session cache (compile_model(..., cache="1GB", strategy="balanced",
+# devices=k)), shared with any other test file that runs the same model in as many stages; tests
+# copy them (_copy) before changing a file.
 
-    root = tmp_path_factory.mktemp("cpp_dense")
-    export("dense-tiny", root / "dense.onnx")
-    out = root / "art"
-    compile_model(root / "dense.onnx", target="llvm", out_dir=out, cache="1GB", strategy="balanced", devices=3)
+
+@pytest.fixture(scope="module")
+def dense_artifact(compiled_artifact) -> Path:
+    out = compiled_artifact("dense-tiny", 3)
     assert len(json.loads((out / "manifest.json").read_text())["stages"]) == 3
     return out
 
 
 @pytest.fixture(scope="module")
-def gpt2_artifact(tmp_path_factory) -> Path:
-    from cachefit.compiler import compile_model
-
-    out = tmp_path_factory.mktemp("cpp_gpt2") / "art"
-    compile_model(DATA / "gpt2_legacy.onnx", target="llvm", out_dir=out, cache="1GB", strategy="balanced", devices=2)
+def gpt2_artifact(compiled_artifact) -> Path:
+    out = compiled_artifact("gpt2_legacy.onnx", 2)
     assert len(json.loads((out / "manifest.json").read_text())["stages"]) == 2
     return out
 
