@@ -512,3 +512,26 @@ def test_tune_relax_writes_records_compile_reads(tmp_path):
     (tmp_path / RECORDS_FILE).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(CachefitError, match="not a cachefit tuning file"):
         compile_relax(mod, LLVM, tuning_records=str(tmp_path))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mean_over_rows_and_columns_is_vectorised_along_the_lanes(threads):
+    """A mean over the rows and columns of an NCHWc tensor (global average pooling) reduces with
+    the channel block's 16 lanes as the vector (the row-reduction rule would read one strided
+    scalar at a time), and matches numpy."""
+    x = relax.Var("x", relax.TensorType((1, 5, 13, 13, 16), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.mean(x, axis=[2, 3], keepdims=True)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    low = _scheduled(mod, threads)
+    (func,) = [f for _, f in low.functions_items() if isinstance(f, tirx.PrimFunc)]
+    vec = []
+    tvm_ffi.structural_walk(func.body, (tirx.For, lambda f: vec.append(f) if f.kind == tirx.ForKind.VECTORIZED else None),
+                            order="post")
+    update = [f for f in vec if "red" in str(f.body) and "T.init" not in str(f.body)]
+    assert update and all(int(f.extent) == 16 for f in update)
+    a = np.random.default_rng(0).standard_normal((1, 5, 13, 13, 16)).astype("float32")
+    np.testing.assert_allclose(_run_vm(mod, [a], threads), a.mean(axis=(2, 3), keepdims=True), rtol=1e-5, atol=1e-6)

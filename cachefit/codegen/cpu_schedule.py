@@ -1014,6 +1014,20 @@ def _schedule_reduction_block(sch: s_tir.Schedule, block, spec: CPUSpec) -> None
     _parallel_prefix(sch, s_loops, spec.threads, work)
 
 
+def _innermost_axis_kept(block) -> bool:
+    """Whether a reduction block stores along the same spatial iterator its input's innermost
+    axis is read with (the reduction runs over outer axes only)."""
+    store = block.body
+    if not isinstance(store, tirx.BufferStore) or not store.indices:
+        return False
+    last = store.indices[-1]
+    spatial = {iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.DataPar}
+    if not isinstance(last, tirx.Var) or last not in spatial:
+        return False
+    return any(isinstance(ld.indices[-1], tirx.Var) and ld.indices[-1].same_as(last)
+               for ld in _loads(store.value) if ld.buffer.name != store.buffer.name and ld.indices)
+
+
 class ReductionRule(dlight.ScheduleRule):
     """Softmax / layer norm / RMS norm: row reductions followed by element-wise blocks.
 
@@ -1034,6 +1048,11 @@ class ReductionRule(dlight.ScheduleRule):
         if infos is None or len(infos) < 2:
             return None
         if all(bi.is_injective() for bi in infos) or not infos[-1].is_injective():
+            return None
+        # a reduction over outer axes whose innermost axis stays (a mean over the rows and columns
+        # of an NCHWc tensor: the lanes of the channel block) is vectorised along that axis by the
+        # fallback's root-level reduction schedule; rows here would read it one strided scalar at a time
+        if any(not bi.is_injective() and _innermost_axis_kept(sch.get(bi.block_rv)) for bi in infos):
             return None
         lead = None
         for bi in infos:
