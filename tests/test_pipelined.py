@@ -415,3 +415,16 @@ def test_run_while_workers_are_running_goes_through_them(tmp_path_factory):
     np.testing.assert_array_equal(got, want)
     for r in rest:
         np.testing.assert_array_equal(r, want)
+
+
+def test_check_request_keeps_a_scalar_input_0d_and_makes_strided_ones_contiguous():
+    """A 0-d input (a scalar the model takes, e.g. a temperature) reaches the stage as 0-d (it
+    was made (1,) before, which the VM rejects); a strided batched input becomes contiguous."""
+    from cachefit.runtime.pipelined import BatchLayout, check_request
+
+    descs = [{"name": "x", "shape": [2, 3], "dtype": "float32"}, {"name": "t", "shape": [], "dtype": "float32"}]
+    layout = BatchLayout(rows=2, batched_inputs=(True, False), batched_outputs=(True,))
+    x = np.arange(12, dtype="float32").reshape(2, 6)[:, ::2]
+    arrays, rows = check_request({"x": x, "t": np.float32(0.5)}, descs, layout)
+    assert rows == 2 and arrays[1].shape == () and arrays[1] == np.float32(0.5)
+    assert arrays[0].flags.c_contiguous and np.array_equal(arrays[0], x)

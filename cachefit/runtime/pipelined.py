@@ -176,7 +176,8 @@ def check_request(inputs: Mapping[str, np.ndarray], descs: Sequence[dict], layou
         elif list(arr.shape) != shape:
             raise InputError(f"input {name!r} has shape {list(arr.shape)}, the model expects {shape} "
                              "(it carries no batch dimension; recompile with --input-shapes for other shapes)")
-        arrays.append(np.ascontiguousarray(arr))
+        # a copy only when needed: np.ascontiguousarray would also make a 0-d input 1-d
+        arrays.append(arr if arr.flags.c_contiguous else np.ascontiguousarray(arr))
     return arrays, (rows if rows is not None else layout.rows)
 
 
