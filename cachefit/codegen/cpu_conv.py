@@ -916,9 +916,8 @@ class NCHWcConvRule(dlight.ScheduleRule):
         cib, kh, kw, cb = ext[5], ext[6], ext[7], ext[8]
         in_bytes = cib * cb * (oh * 1) * owp * 4 * max(1, kh)  # about the input read per channel block
         w_bytes = cob * ob * cib * cb * kh * kw * 4
-        # a convolution over flattened pixels (one row: conv2d_nchwc_func(flat=True)) is cropped
-        # back to rows after the kernel: its epilogue goes at a channel slab (or the row), never at
-        # a register tile, so it takes the chunked order below even with a single chunk
+        # a convolution over flattened pixels (one row: conv2d_nchwc_func(flat=True)) never puts
+        # its rows outside the channel blocks (it has one)
         rows_outer = not flat and in_bytes > self.spec.l2_bytes // 2 and w_bytes <= self.spec.l2_bytes // 2
         # the weights one tile reads (ocr vectors x all input channels x taps) pass through L1
         # once per tile: with many input channels they come from L2 for every few pixels. Then
@@ -941,10 +940,11 @@ class NCHWcConvRule(dlight.ScheduleRule):
         work = ext[0] * cob * oh * owp * ob * cib * kh * kw * cb
         if flat and epi is not None:
             # the epilogue iterates over the flattened pixels too: it then reads the kernel's
-            # scratch at its own index, a region reverse_compute_at can place
+            # result at its own index, a region reverse_compute_at can place at a tile or a slab
+            # (at rows and columns, the region of a flat tile is not a rectangle)
             width = int(sch.get(sch.get_loops(epi)[3]).extent)
             sch.transform_block_layout(epi, lambda b_, o_, y_, x_, v_: (b_, o_, y_ * width + x_, v_))
-        if rcc < cib or flat:
+        if rcc < cib:
             rco, rci = sch.split(rc, [None, rcc])
             if rows_outer:
                 sch.reorder(b, y, oo, rco, xo, rci, ry, rx, ri, oi, xi, v)
@@ -952,8 +952,7 @@ class NCHWcConvRule(dlight.ScheduleRule):
             elif slab_outer:
                 sch.reorder(b, oo, rco, y, xo, rci, ry, rx, ri, oi, xi, v)
                 n_outer = int(sch.get(b).extent) * int(sch.get(oo).extent)
-                # few slabs: the row (a flattened one: its tiles) in parallel
-                outer, row_loop = ([b, oo] if n_outer >= 2 * threads else ([y, xo] if flat else [y])), oo
+                outer, row_loop = ([b, oo] if n_outer >= 2 * threads else [y]), oo
             else:
                 sch.reorder(b, oo, y, rco, xo, rci, ry, rx, ri, oi, xi, v)
                 outer, row_loop = [b, oo, y], y
@@ -972,7 +971,8 @@ class NCHWcConvRule(dlight.ScheduleRule):
                 outer = [b, y, oo]
             else:
                 sch.reorder(b, oo, y, xo, rc, ry, rx, ri, oi, xi, v)
-                outer = [b, oo, y]
+                # a flattened row: its tiles are the parallel work too
+                outer = [b, oo, y, xo] if flat else [b, oo, y]
             if epi is not None:
                 sch.set_scope(conv, 0, "local")
                 sch.reverse_compute_at(epi, xo, preserve_unit_loops=True)
