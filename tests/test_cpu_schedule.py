@@ -518,8 +518,10 @@ def test_tune_relax_writes_records_compile_reads(tmp_path):
 def test_mean_over_rows_and_columns_is_vectorised_along_the_lanes(threads):
     """A mean over the rows and columns of an NCHWc tensor (global average pooling) reduces with
     the channel block's 16 lanes as the vector (the row-reduction rule would read one strided
-    scalar at a time), and matches numpy."""
-    x = relax.Var("x", relax.TensorType((1, 5, 13, 13, 16), "float32"))
+    scalar at a time), runs its channel blocks in parallel with two threads (the loop is made
+    parallel before the init is split off, which would forbid it), and matches numpy."""
+    shape = (1, 8, 32, 32, 16)
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         with bb.dataflow():
@@ -533,5 +535,6 @@ def test_mean_over_rows_and_columns_is_vectorised_along_the_lanes(threads):
                             order="post")
     update = [f for f in vec if "red" in str(f.body) and "T.init" not in str(f.body)]
     assert update and all(int(f.extent) == 16 for f in update)
-    a = np.random.default_rng(0).standard_normal((1, 5, 13, 13, 16)).astype("float32")
+    assert (tirx.ForKind.PARALLEL in _loop_kinds(func)) is (threads == 2)
+    a = np.random.default_rng(0).standard_normal(shape).astype("float32")
     np.testing.assert_allclose(_run_vm(mod, [a], threads), a.mean(axis=(2, 3), keepdims=True), rtol=1e-5, atol=1e-6)

@@ -1002,14 +1002,16 @@ def _schedule_reduction_block(sch: s_tir.Schedule, block, spec: CPUSpec) -> None
             so, si = sch.split(inner_s, [None, vec_len])
             sch.reorder(*s_loops[:-1], so, *r_loops, si)
             sch.vectorize(si)
-            sch.decompose_reduction(block, r_loops[0])
+            # parallel before the init is split off: a loop over an update block without its
+            # init cannot be made parallel (the pools stayed on one thread)
             _parallel_prefix(sch, s_loops[:-1] + [so], spec.threads, work)
+            sch.decompose_reduction(block, r_loops[0])
             return
         if vec_len:
             sch.reorder(*s_loops[:-1], *r_loops, inner_s)
             sch.vectorize(inner_s)
-            sch.decompose_reduction(block, r_loops[0])
             _parallel_prefix(sch, s_loops[:-1], spec.threads, work)
+            sch.decompose_reduction(block, r_loops[0])
             return
     _parallel_prefix(sch, s_loops, spec.threads, work)
 
