@@ -538,3 +538,17 @@ def test_mean_over_rows_and_columns_is_vectorised_along_the_lanes(threads):
     assert (tirx.ForKind.PARALLEL in _loop_kinds(func)) is (threads == 2)
     a = np.random.default_rng(0).standard_normal(shape).astype("float32")
     np.testing.assert_allclose(_run_vm(mod, [a], threads), a.mean(axis=(2, 3), keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+def test_row_softmax_keeps_the_row_reduction_schedule():
+    """A softmax over the last axis (its reductions read the innermost axis: not a reduction over
+    outer axes) stays with the row-reduction rule: vector partial sums (rfactor) per row."""
+    x = relax.Var("x", relax.TensorType((8, 256), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.softmax(x, axis=-1)))
+        bb.emit_func_output(out)
+    low = _scheduled(bb.get(), 1)
+    (func,) = [f for _, f in low.functions_items() if isinstance(f, tirx.PrimFunc)]
+    assert "_rf" in func.script()

@@ -1027,7 +1027,7 @@ def _innermost_axis_kept(block) -> bool:
     if not isinstance(last, tirx.Var) or last not in spatial:
         return False
     return any(isinstance(ld.indices[-1], tirx.Var) and ld.indices[-1].same_as(last)
-               for ld in _loads(store.value) if ld.buffer.name != store.buffer.name and ld.indices)
+               for ld in _loads(store.value) if not ld.source.same_as(store.buffer) and ld.indices)
 
 
 class ReductionRule(dlight.ScheduleRule):
