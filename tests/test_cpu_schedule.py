@@ -385,11 +385,18 @@ def test_grouped_conv_falls_back_to_topi():
         pytest.param(lambda: ref.small_convnet(), id="small-convnet"),
     ],
 )
-def test_models_match_onnxruntime(build):
+def test_models_match_onnxruntime(build, caplog):
     """MLPs, GPT-2 / Llama style attention blocks (layer norm, RMS norm, softmax, GELU, SiLU) and a
-    small conv net (conv + batch norm + residual + pooling + Gemm) agree with onnxruntime."""
+    small conv net (conv + batch norm + residual + pooling + Gemm) agree with onnxruntime, and no
+    schedule rule raised on their kernels (a raising rule falls back to the next one silently:
+    correct, slower)."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="cachefit.codegen.cpu_schedule")
     got, want = _run_onnx_both(build())
     assert _rel_err(got, want) < RTOL
+    failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert not failures, failures
 
 
 def test_two_threads_same_numbers():
