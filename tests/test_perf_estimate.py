@@ -362,3 +362,24 @@ def test_time_balanced_fallback_honours_overlap(seed):
                for t in range(1, k + 1) for cuts in itertools.combinations(range(1, n), t - 1))
     est = estimate_pipeline(layers, groups, model, tokens_per_microbatch=4)
     assert est.bottleneck_s == pytest.approx(best, rel=1e-9)
+
+
+def test_estimate_model_resolves_a_named_hardware_once(tiny_onnx, monkeypatch):
+    """A hardware given by name is looked up once per estimate (for ``cpu`` each lookup reads the
+    calibration file), and the estimate equals the one with the resolved Hardware passed in."""
+    import cachefit.perf.estimate as est
+    import cachefit.perf.hardware as hwmod
+
+    calls = []
+    real = hwmod.get_hardware
+
+    def counting(name, *args, **kw):
+        calls.append(name)
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(hwmod, "get_hardware", counting)
+    monkeypatch.setattr(est, "get_hardware", counting)
+    by_name = est.estimate_model(tiny_onnx, hardware="h100", devices=2)
+    assert calls == ["h100"]
+    given = est.estimate_model(tiny_onnx, hardware=real("h100"), devices=2)
+    assert by_name.to_dict() == given.to_dict()
