@@ -105,7 +105,9 @@ def test_light_zoo_cnns_k_stages(name, tmp_path):
 
     path = tmp_path / f"{name}.onnx"
     onnx.save(light_model(name), str(path))
-    check_model(path, [2, 3, 4] if name == "squeezenet" else [2], tmp_path, baseline_prepack=True)
+    # squeezenet at 2 and 4 stages (each k is a whole compile, ~40 s; 3 stages are exercised by
+    # the reference models and gpt2_legacy); the larger CNNs at 2
+    check_model(path, [2, 4] if name == "squeezenet" else [2], tmp_path, baseline_prepack=True)
 
 
 def _model_path(name: str, tmp_path: Path) -> Path:
