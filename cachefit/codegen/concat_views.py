@@ -179,7 +179,7 @@ def _rewrite_block(block, marked: set, result: relax.Expr):
             u = uses.get(r, [])
             writers = [j for j, how in u if how == "out"]
             others = [(j, how) for j, how in u if how != "out" and j != i]
-            if len(writers) != 1 or others or writers[0] >= i or (i, "in") not in u:
+            if len(writers) != 1 or others or writers[0] >= i:
                 ok = False
                 break
             writer = bindings[writers[0]].value

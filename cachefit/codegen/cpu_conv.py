@@ -173,6 +173,8 @@ def flat_conv_ok(kh: int, kw: int, strides, padding, dilation, oh: int, ow: int,
 
 
 def _conv2d_flat_func(n, cib, cb, h, w, cob, ob, pp, dtype):
+    # the loop nest of the row kernel (b, o, y, x, v | c, ry, rx, i) with one row of pp pixels and
+    # unit taps, so that NCHWcConvRule schedules both alike
     hw = h * w
     data = te.placeholder(_i64(n, cib, h, w, cb), dtype, name="data")
     weight = te.placeholder(_i64(cob, cib, 1, 1, cb, ob), dtype, name="weight")
