@@ -51,15 +51,26 @@ def _unpartitioned(analysis, inputs_in_order, prepack: bool = False):
     return [res.numpy()] if isinstance(res, tvm.runtime.Tensor) else [r.numpy() for r in res]
 
 
-def check_model(path: Path, ks, tmp_path: Path, input_shapes=None, baseline_prepack: bool = False):
+# (model, k) whose artifact other test files compile with the same arguments (test_cpp_runtime):
+# taken from conftest's session cache instead of compiled again
+_SHARED = {("dense-tiny", 3), ("gpt2_legacy.onnx", 2)}
+
+
+def check_model(path: Path, ks, tmp_path: Path, input_shapes=None, baseline_prepack: bool = False,
+                shared=None, name: str | None = None):
+    """``shared``: conftest's ``compiled_artifact``, used for the (``name``, k) in :data:`_SHARED`."""
     analysis = analyze_onnx(path, input_shapes=input_shapes)
     baseline = None
     for k in ks:
-        out = tmp_path / f"k{k}"
-        result = compile_model(path, target="llvm", out_dir=out, cache="1GB", strategy="balanced", devices=k,
-                               input_shapes=input_shapes, analysis=analysis)
+        if shared is not None and (name, k) in _SHARED and input_shapes is None:
+            out = shared(name, k)
+        else:
+            out = tmp_path / f"k{k}"
+            result = compile_model(path, target="llvm", out_dir=out, cache="1GB", strategy="balanced", devices=k,
+                                   input_shapes=input_shapes, analysis=analysis)
+            assert result.report.plan.devices_used == k
         manifest = json.loads((out / "manifest.json").read_text())
-        assert len(manifest["stages"]) == k == result.report.plan.devices_used
+        assert len(manifest["stages"]) == k
         pipe = rt.load(out)
         inputs = _inputs(pipe)
         got = pipe.run(inputs)
@@ -77,11 +88,11 @@ def check_model(path: Path, ks, tmp_path: Path, input_shapes=None, baseline_prep
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["dense-tiny", "moe-tiny"])
-def test_reference_models_k_stages(preset, tmp_path):
+def test_reference_models_k_stages(preset, tmp_path, compiled_artifact):
     from cachefit import models
 
     path = models.export(preset, tmp_path / f"{preset}.onnx")
-    check_model(path, [2, 3, 4], tmp_path, baseline_prepack=True)
+    check_model(path, [2, 3, 4], tmp_path, baseline_prepack=True, shared=compiled_artifact, name=preset)
 
 
 def _exported():
@@ -91,9 +102,9 @@ def _exported():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _exported())
-def test_exported_transformers_k_stages(name, tmp_path):
+def test_exported_transformers_k_stages(name, tmp_path, compiled_artifact):
     ks = [2, 3, 4] if name == "gpt2_legacy.onnx" else [2]
-    check_model(DATA / name, ks, tmp_path, baseline_prepack=True)
+    check_model(DATA / name, ks, tmp_path, baseline_prepack=True, shared=compiled_artifact, name=name)
 
 
 @pytest.mark.slow
